@@ -1,0 +1,188 @@
+//! The artifact cache: components compiled once, loaded by every worker.
+//!
+//! Compiling the script guest with Cranelift takes seconds and ~100 MB;
+//! loading a compiled artifact takes under a millisecond. So the manager
+//! compiles a component once (never inside a worker) and keeps the
+//! artifact in a private directory, keyed on the component's SHA-256, the
+//! wasmtime version and the engine's compatibility hash. Loading an
+//! artifact runs native code, so the directory must be writable by its
+//! owner only: malt creates it 0700 and refuses one that is not.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+
+use crate::error::{Error, Result};
+
+/// The wasmtime this crate is built with (pinned in Cargo.toml).
+pub(crate) const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Environment variable that overrides the cache directory.
+pub const CACHE_DIR_ENV: &str = "MALT_CACHE_DIR";
+
+/// The compiling engine, made once per process.
+fn engine() -> Result<&'static Engine> {
+    static ENGINE: OnceLock<std::result::Result<Engine, String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            Engine::new(&crate::host::wasm::engine_config()).map_err(|e| format!("{e:#}"))
+        })
+        .as_ref()
+        .map_err(|e| Error::Component(format!("cannot create the wasm engine: {e}")))
+}
+
+/// The cache directory: `$MALT_CACHE_DIR`, else `$XDG_CACHE_HOME/malt`,
+/// else `~/.cache/malt`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(CACHE_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("malt");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache").join("malt"),
+        // SAFETY: geteuid has no preconditions.
+        None => std::env::temp_dir().join(format!("malt-{}", unsafe { libc::geteuid() })),
+    }
+}
+
+/// Creates the cache directory if needed and checks that only its owner
+/// (this user) can write it.
+fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("cannot create the cache directory {}", dir.display()), e))?;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::Component(format!(
+            "the cache directory {} belongs to another user (uid {}); refusing to load artifacts from it",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            Error::io(format!("cannot make {} private", dir.display()), e)
+        })?;
+    }
+    Ok(())
+}
+
+/// Hex SHA-256 of a component.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn compatibility_key(engine: &Engine) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    WASMTIME_VERSION.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Checks that `bytes` look like a component, with a clear message when not.
+pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(Error::Component(format!(
+            "{what} is not a WebAssembly file (no \\0asm header)"
+        )));
+    }
+    // Bytes 4..8: a core module has version 1, layer 0; a component has
+    // layer 1.
+    if bytes[6..8] == [0, 0] {
+        return Err(Error::Component(format!(
+            "{what} is a core WebAssembly module, not a component; build it for \
+             wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+        )));
+    }
+    Ok(())
+}
+
+/// Artifacts known to be in the cache, by component hash.
+fn known() -> &'static Mutex<HashMap<String, PathBuf>> {
+    static KNOWN: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    KNOWN.get_or_init(Default::default)
+}
+
+/// Returns the path of the compiled artifact for a component, compiling
+/// it first if the cache does not have it. Blocking: call it off the
+/// async runtime.
+pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str) -> Result<PathBuf> {
+    if let Some(path) = known().lock().unwrap_or_else(|e| e.into_inner()).get(sha256) {
+        return Ok(path.clone());
+    }
+    let engine = engine()?;
+    let dir = cache_dir();
+    let path = dir.join(format!("{sha256}-{}.cwasm", compatibility_key(engine)));
+    if !path.exists() {
+        private_dir(&dir)?;
+        compile_into(engine, bytes, &path, what)?;
+    }
+    known()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(sha256.to_string(), path.clone());
+    Ok(path)
+}
+
+/// Compiles under a file lock, so that concurrent managers compile a
+/// component once, and publishes the artifact with an atomic rename.
+fn compile_into(engine: &Engine, bytes: &[u8], path: &Path, what: &str) -> Result<()> {
+    let lock_path = path.with_extension("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
+    lock.lock()
+        .map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
+    if path.exists() {
+        return Ok(());
+    }
+    check_component(bytes, what)?;
+    let compiled = engine
+        .precompile_component(bytes)
+        .map_err(|e| Error::Component(format!("cannot compile {what}: {e:#}")))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &compiled)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(format!("cannot write the artifact {}", path.display()), e)
+        })?;
+    let _ = std::fs::remove_file(&lock_path);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_header_check() {
+        assert!(check_component(b"hello world", "x").is_err());
+        let core = b"\0asm\x01\0\0\0";
+        let err = check_component(core, "x").unwrap_err().to_string();
+        assert!(err.contains("core WebAssembly module"), "{err}");
+        assert!(check_component(b"\0asm\x0d\0\x01\0", "x").is_ok());
+    }
+}

@@ -1,0 +1,107 @@
+//! Run code in isolated workers, and drive them with Malt's API.
+//!
+//! malt is [Malt.jl](https://github.com/JuliaPluto/Malt.jl) rebuilt in Rust:
+//! a **manager** (your program) starts **workers**, calls functions and
+//! evaluates code in them, gets values or remote errors back, interrupts
+//! them, stops and kills them. A worker is a separate OS process running a
+//! **guest**:
+//!
+//! - a *wasm worker* runs a WebAssembly component (wasmtime) inside its own
+//!   host process: untrusted code meets two walls, the wasm sandbox and
+//!   the process, plus a memory cap, a call timeout and interrupts that
+//!   always work (a guest that ignores one is killed and reset);
+//! - the default guest is the built-in **script guest** ([Rhai]), embedded
+//!   in malt, so evaluating code works out of the box.
+//!
+//! [Rhai]: https://rhai.rs
+//!
+//! # Concepts
+//!
+//! **Calls and evals.** [`Worker::remote_call`] calls a function the guest
+//! defines, by name, with serde-typed arguments (a tuple) and result.
+//! [`Worker::remote_eval`] evaluates source code in the guest's persistent
+//! session: variables and functions defined by one eval are there for the
+//! next. As in Malt each comes in four flavors: `remote_call` (returns a
+//! [`CallHandle`] already sent; await it), `remote_call_fetch` (waits for
+//! the value), `remote_call_wait` (waits, no value) and `remote_do` (sends,
+//! no reply at all). Many requests may be in flight; the guest runs them
+//! one at a time, in order.
+//!
+//! **Values** cross every boundary as MessagePack: anything `Serialize`
+//! goes in, anything `DeserializeOwned` comes out. A value that does not
+//! fit the requested type is an [`Error::Decode`], not a panic.
+//!
+//! **Errors.** An error raised by guest code comes back as
+//! [`Error::Remote`] with the guest's message ([`RemoteException`]). A
+//! worker that is gone fails every pending and later request with
+//! [`Error::TerminatedWorker`], detected at once (end of stream or process
+//! exit).
+//!
+//! **Interrupts** come in two tiers. [`Worker::interrupt`] first asks the
+//! guest to stop (the script guest checks every ~1000 operations, and
+//! blocking built-ins like `sleep` return at once): the request fails with
+//! `Interrupted { state_lost: false }` and the session is intact. A guest
+//! that does not stop within the grace period is killed (epoch
+//! interruption) and restarted fresh: `Interrupted { state_lost: true }`.
+//! Either way the worker keeps running.
+//!
+//! **Worker channels** ([`Worker::worker_channel`]) are named queues kept
+//! by the worker's host, shared by the manager and the guest, and usable
+//! while the guest is busy.
+//!
+//! **Output.** What the guest prints reaches the manager's stdout/stderr,
+//! each line prefixed with the worker; or, with output monitoring off, is
+//! handed to the caller ([`Worker::take_output`]). It travels as protocol
+//! frames, so printing can never corrupt the protocol.
+//!
+//! **Lifetime.** A worker dies with its manager: its host exits when the
+//! protocol stream closes and, on Linux, on the manager's death signal.
+//! [`Worker::stop`] shuts it down gracefully (escalating to SIGTERM and
+//! SIGKILL), [`Worker::kill`] at once; dropping the [`Worker`] kills it.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), malt::Error> {
+//! use malt::Worker;
+//!
+//! let w = Worker::script().spawn().await?;
+//! w.remote_eval_wait("fn add(a, b) { a + b }").await?;
+//! let three: i64 = w.remote_call_fetch("add", (1, 2)).await?;
+//! assert_eq!(three, 3);
+//!
+//! let err = w.remote_eval_fetch::<()>(r#"throw "boom""#).await.unwrap_err();
+//! assert!(err.to_string().contains("boom"));
+//! w.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # The host program
+//!
+//! A worker's host process is the `malt` binary in host mode. malt finds it
+//! via [`WorkerBuilder::host_program`], else `$MALT_HOST_PROGRAM`, else the
+//! running program if it is `malt`, else a `malt` next to the running
+//! program (or one directory up), else `malt` on `PATH`. Any program can be
+//! its own host by calling [`host::main_if_host`] first thing in `main`.
+//!
+//! Compiled components are cached in `$MALT_CACHE_DIR` (default
+//! `~/.cache/malt`), a directory only its owner may write.
+
+mod cache;
+mod channel;
+mod error;
+pub mod host;
+mod output;
+mod process;
+pub mod protocol;
+mod worker;
+
+pub use cache::{CACHE_DIR_ENV, cache_dir};
+pub use channel::WorkerChannel;
+pub use error::{Error, Limit, RemoteException, Result};
+pub use output::{OutputChunk, Stream, WorkerOutput};
+pub use process::HOST_PROGRAM_ENV;
+pub use worker::{
+    CallHandle, DEFAULT_INTERRUPT_GRACE, DEFAULT_MEMORY_LIMIT, DEFAULT_SPAWN_TIMEOUT, Worker,
+    WorkerBuilder,
+};

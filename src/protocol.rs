@@ -1,0 +1,293 @@
+//! The framed protocol between a manager and a worker's host.
+//!
+//! One duplex byte stream per worker (the host process's stdin and stdout).
+//! Every message is a frame: a 4-byte little-endian length, then that many
+//! bytes of MessagePack encoding one [`ToHost`] or [`FromHost`] message.
+//! The length is capped on both sides ([`DEFAULT_MAX_FRAME`] unless
+//! configured), so a garbage length can never make either side allocate
+//! without bound.
+//!
+//! The conversation:
+//!
+//! 1. the manager sends [`ToHost::Init`] with the worker's configuration;
+//! 2. the host answers [`FromHost::Hello`] once the guest is instantiated,
+//!    or [`FromHost::Fatal`] (and exits) if it cannot start;
+//! 3. then requests and replies flow, matched by id. Guest output travels
+//!    as [`FromHost::Output`] frames, never raw on the stream.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; the host refuses a manager that speaks another.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default cap on one frame, in bytes (both directions).
+pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
+
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 4;
+
+/// What the manager wants back from a call or eval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyMode {
+    /// The value (`remote_call`, `remote_call_fetch`).
+    Value,
+    /// Only success or failure (`remote_call_wait`).
+    Ack,
+    /// Nothing at all; failures are reported on the worker's stderr (`remote_do`).
+    None,
+}
+
+/// One directory the guest may see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirGrant {
+    /// Path on the host machine.
+    pub host: String,
+    /// Path the guest sees.
+    pub guest: String,
+    /// Whether the guest may only read.
+    pub read_only: bool,
+}
+
+/// Configuration the manager sends in [`ToHost::Init`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostConfig {
+    /// Protocol version the manager speaks.
+    pub version: u32,
+    /// Human name of the worker, used in the host's own diagnostics.
+    pub name: String,
+    /// The guest to run.
+    pub guest: GuestSpec,
+    /// Cap on the guest's linear memory, in bytes.
+    pub memory_limit: u64,
+    /// Time a guest gets to stop cooperatively before it is killed.
+    pub interrupt_grace: Duration,
+    /// Wall-clock limit of one call or eval, if any.
+    pub call_timeout: Option<Duration>,
+    /// Cap on one frame in either direction.
+    pub max_frame: usize,
+    /// Environment variables the guest sees.
+    pub env: Vec<(String, String)>,
+    /// Directories the guest sees.
+    pub dirs: Vec<DirGrant>,
+}
+
+/// Which guest a host runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestSpec {
+    /// A precompiled wasm component (an artifact from malt's cache).
+    Artifact {
+        /// Path of the artifact.
+        path: String,
+    },
+}
+
+/// Messages from the manager to the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToHost {
+    /// First frame: configuration.
+    Init(Box<HostConfig>),
+    /// Call a guest function. `args` is a MessagePack array.
+    Call {
+        id: u64,
+        name: String,
+        #[serde(with = "serde_bytes")]
+        args: Vec<u8>,
+        reply: ReplyMode,
+    },
+    /// Evaluate code in the guest's session.
+    Eval {
+        id: u64,
+        code: String,
+        reply: ReplyMode,
+    },
+    /// Interrupt the request now running (if any).
+    Interrupt,
+    /// Create a worker channel unless it exists; replies with no value.
+    ChannelOpen { id: u64, name: String, capacity: u32 },
+    /// Append a value to a channel; replies once it is in the queue.
+    ChannelPut {
+        id: u64,
+        name: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Take a value from a channel; replies once there is one.
+    ChannelTake { id: u64, name: String },
+    /// Whether a take would not block; replies with a MessagePack bool.
+    ChannelIsReady { id: u64, name: String },
+    /// Shut down now.
+    Stop,
+}
+
+/// Which of the guest's output streams a chunk comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stream {
+    /// The guest's standard output.
+    Stdout,
+    /// The guest's standard error.
+    Stderr,
+}
+
+/// Which worker limit a request hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Limit {
+    /// The guest's linear memory cap.
+    Memory,
+    /// A frame or value larger than the frame cap.
+    FrameSize,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Limit::Memory => "memory limit",
+            Limit::FrameSize => "frame size limit",
+        })
+    }
+}
+
+/// Why a request failed, as the host reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Failure {
+    /// The guest returned an error.
+    Remote(String),
+    /// The request was interrupted.
+    Interrupted { state_lost: bool },
+    /// The request ran past the call timeout.
+    Timeout { state_lost: bool },
+    /// The guest trapped (panic, unreachable, stack overflow); state was reset.
+    Trap(String),
+    /// A limit was hit.
+    Limit { limit: Limit, message: String },
+    /// The request itself was invalid (e.g. a channel with capacity 0).
+    Invalid(String),
+}
+
+/// Messages from the host to the manager.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromHost {
+    /// The host is ready.
+    Hello { version: u32, kind: String, pid: u32 },
+    /// The answer to a request. `None` when no value was asked for.
+    Reply {
+        id: u64,
+        result: Result<Option<serde_bytes::ByteBuf>, Failure>,
+    },
+    /// A chunk of guest output.
+    Output {
+        stream: Stream,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The host cannot go on; it exits after this frame.
+    Fatal { message: String },
+}
+
+/// A frame could not be read or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended cleanly at a frame boundary.
+    #[error("end of stream")]
+    Eof,
+    /// Reading or writing the stream failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The frame's length is over the cap.
+    #[error("frame of {len} bytes is over the {max} byte cap")]
+    TooLarge { len: usize, max: usize },
+    /// The frame's bytes are not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a message as a frame (header included).
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut buf = vec![0u8; HEADER_LEN];
+    // Writing into a Vec only fails for types serde cannot encode, and
+    // every message type here encodes.
+    rmp_serde::encode::write_named(&mut buf, message).expect("protocol messages always encode");
+    let len = (buf.len() - HEADER_LEN) as u32;
+    buf[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+    buf
+}
+
+/// Decodes a frame body (header excluded).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    rmp_serde::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Reads one frame body from a blocking reader.
+pub fn read_frame(reader: &mut impl Read, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        match reader.read(&mut header[filled..]) {
+            Ok(0) if filled == 0 => return Err(FrameError::Eof),
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// Writes an encoded frame to a blocking writer.
+pub fn write_frame(writer: &mut impl Write, frame: &[u8]) -> io::Result<()> {
+    writer.write_all(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let msg = ToHost::Call {
+            id: 7,
+            name: "add".into(),
+            args: rmp_serde::to_vec(&(1, 2)).unwrap(),
+            reply: ReplyMode::Value,
+        };
+        let frame = encode(&msg);
+        let body = read_frame(&mut &frame[..], DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(decode::<ToHost>(&body).unwrap(), msg);
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        let frame = 1000u32.to_le_bytes();
+        assert!(matches!(
+            read_frame(&mut &frame[..], 10),
+            Err(FrameError::TooLarge { len: 1000, max: 10 })
+        ));
+        let mut short = encode(&ToHost::Stop);
+        short.pop();
+        assert!(matches!(
+            read_frame(&mut &short[..], DEFAULT_MAX_FRAME),
+            Err(FrameError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[][..], DEFAULT_MAX_FRAME),
+            Err(FrameError::Eof)
+        ));
+    }
+
+    #[test]
+    fn garbage_bodies_do_not_decode() {
+        for garbage in [&b"\xff\xff"[..], b"", b"\x93\x01", b"\xc1"] {
+            assert!(decode::<ToHost>(garbage).is_err());
+            assert!(decode::<FromHost>(garbage).is_err());
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Malt's `test/basic.jl`: worker management, calling functions,
+//! evaluating expressions, async calls and `remote_do`.
+
+use std::collections::BTreeMap;
+
+use malt::Error;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Kind, finishes};
+use crate::conformance;
+
+conformance!(
+    worker_management,
+    stop_while_a_call_runs_fails_the_call,
+    calls_on_a_stopped_worker_fail,
+    call_functions,
+    evaluate_expressions_with_persistent_state,
+    async_calls_resolve_in_order,
+    remote_call_wait_and_remote_do,
+    structured_values_round_trip,
+    many_requests_in_flight,
+    workers_are_isolated_from_each_other,
+    no_inherited_environment,
+    env_is_explicit,
+);
+
+async fn worker_management(kind: Kind) {
+    let w = kind.spawn().await;
+    assert!(w.is_running());
+    assert!(w.pid() > 0);
+    assert!(w.stop().await.unwrap(), "stop on a running worker returns true");
+    assert!(!w.is_running());
+    assert!(!w.stop().await.unwrap(), "stop on a stopped worker returns false");
+    assert!(w.wait().await.is_some());
+}
+
+async fn stop_while_a_call_runs_fails_the_call(kind: Kind) {
+    let w = kind.spawn().await;
+    let long = w.remote_eval::<()>("sleep(1000); 1");
+    // Make sure the sleep has started before stopping.
+    w.remote_eval_wait("0").await.ok();
+    let stopped = finishes("stop", w.stop()).await.unwrap();
+    assert!(stopped);
+    let err = finishes("the pending call", long).await.unwrap_err();
+    assert!(err.is_terminated(), "{err:?}");
+}
+
+async fn calls_on_a_stopped_worker_fail(kind: Kind) {
+    let w = kind.spawn().await;
+    w.stop().await.unwrap();
+    let err = w.remote_call_fetch::<i64>("abs", (-1,)).await.unwrap_err();
+    assert!(matches!(err, Error::TerminatedWorker), "{err:?}");
+    assert!(w.remote_eval_fetch::<i64>("1").await.unwrap_err().is_terminated());
+    assert!(w.remote_do("abs", (1,)).unwrap_err().is_terminated());
+    assert!(w.interrupt().await.unwrap_err().is_terminated());
+    assert!(w.worker_channel::<i64>("c", 1).await.unwrap_err().is_terminated());
+}
+
+async fn call_functions(kind: Kind) {
+    let w = kind.spawn().await;
+    // Built-in functions are callable by name...
+    assert_eq!(w.remote_call_fetch::<i64>("abs", (-5,)).await.unwrap(), 5);
+    // ...and so are functions defined by an eval.
+    w.remote_eval_wait("fn add(a, b) { a + b } fn hello() { \"hi\" }")
+        .await
+        .unwrap();
+    assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
+    assert_eq!(w.remote_call_fetch::<f64>("add", (1.5, 2.0)).await.unwrap(), 3.5);
+    assert_eq!(w.remote_call_fetch::<String>("hello", ()).await.unwrap(), "hi");
+    // A single non-tuple argument is one argument.
+    assert_eq!(w.remote_call_fetch::<i64>("abs", -7).await.unwrap(), 7);
+    w.stop().await.unwrap();
+}
+
+async fn evaluate_expressions_with_persistent_state(kind: Kind) {
+    let w = kind.spawn().await;
+    assert_eq!(w.remote_eval_fetch::<i64>("1 + 1").await.unwrap(), 2);
+    w.remote_eval_wait("let x = 40;").await.unwrap();
+    assert_eq!(w.remote_eval_fetch::<i64>("x + 2").await.unwrap(), 42);
+    w.remote_eval_wait("x += 1;").await.unwrap();
+    assert_eq!(w.remote_eval_fetch::<i64>("x").await.unwrap(), 41);
+    // A function may use one defined in an earlier eval.
+    w.remote_eval_wait("fn double(n) { n * 2 }").await.unwrap();
+    w.remote_eval_wait("fn quad(n) { double(double(n)) }").await.unwrap();
+    assert_eq!(w.remote_eval_fetch::<i64>("quad(x)").await.unwrap(), 164);
+    assert_eq!(w.remote_call_fetch::<i64>("quad", (2,)).await.unwrap(), 8);
+    // Unit is nil, which decodes as () or Option::None.
+    w.remote_eval_fetch::<()>("let y = 1;").await.unwrap();
+    assert_eq!(w.remote_eval_fetch::<Option<i64>>("()").await.unwrap(), None);
+    w.stop().await.unwrap();
+}
+
+async fn async_calls_resolve_in_order(kind: Kind) {
+    let w = kind.spawn().await;
+    w.remote_eval_wait("let log = []; fn record(n) { log.push(n); n }")
+        .await
+        .unwrap();
+    // remote_call returns a handle already sent: all three are in flight
+    // before any is awaited, and the guest runs them in arrival order.
+    let a = w.remote_eval::<i64>("sleep(0.05); log.push(1); 1");
+    let b = w.remote_eval::<i64>("log.push(2); 2");
+    let c = w.remote_eval::<Vec<i64>>("log.push(3); log");
+    // Awaiting out of order changes nothing.
+    assert_eq!(c.await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(b.await.unwrap(), 2);
+    assert_eq!(a.await.unwrap(), 1);
+    w.stop().await.unwrap();
+}
+
+async fn remote_call_wait_and_remote_do(kind: Kind) {
+    let w = kind.spawn().await;
+    w.remote_eval_wait("let counter = 0;").await.unwrap();
+    w.remote_eval_wait("fn bump(n) { n + 1 }").await.unwrap();
+    // remote_call_wait waits for the call but brings no value back.
+    w.remote_call_wait("bump", (1,)).await.unwrap();
+    w.remote_eval_wait("counter += 1;").await.unwrap();
+    assert_eq!(w.remote_eval_fetch::<i64>("counter").await.unwrap(), 1);
+    // remote_do returns once sent; requests run in order, so its effect
+    // is visible to the next one.
+    w.remote_do("print", ("from remote_do",)).unwrap();
+    w.remote_eval_wait("counter += 10").await.unwrap();
+    assert_eq!(w.remote_eval_fetch::<i64>("counter").await.unwrap(), 11);
+    // A failing remote_do reports nothing to the caller and does not
+    // disturb the worker.
+    w.remote_do("no_such_function", ()).unwrap();
+    assert_eq!(w.remote_eval_fetch::<i64>("counter").await.unwrap(), 11);
+    // A failing remote_call_wait reports its error.
+    let err = w.remote_call_wait("no_such_function", ()).await.unwrap_err();
+    assert!(err.as_remote().is_some(), "{err:?}");
+    w.stop().await.unwrap();
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Point {
+    x: i64,
+    y: i64,
+    label: String,
+}
+
+async fn structured_values_round_trip(kind: Kind) {
+    let w = kind.spawn().await;
+    w.remote_eval_wait("fn shift(p, d) { p.x += d; p.label += \"!\"; p }")
+        .await
+        .unwrap();
+    let p = Point {
+        x: 1,
+        y: 2,
+        label: "a".into(),
+    };
+    let q: Point = w.remote_call_fetch("shift", (p, 10)).await.unwrap();
+    assert_eq!(
+        q,
+        Point {
+            x: 11,
+            y: 2,
+            label: "a!".into()
+        }
+    );
+    let list: Vec<i64> = w.remote_eval_fetch("[1, 2, 3].map(|v| v * v)").await.unwrap();
+    assert_eq!(list, vec![1, 4, 9]);
+    let map: BTreeMap<String, bool> = w.remote_eval_fetch("#{yes: true, no: false}").await.unwrap();
+    assert_eq!(map.get("yes"), Some(&true));
+    let bytes: serde_bytes::ByteBuf = w
+        .remote_call_fetch("blob", (3, 7))
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), &[7, 7, 7]);
+    let text: String = w.remote_eval_fetch(r#""héllo, wörld""#).await.unwrap();
+    assert_eq!(text, "héllo, wörld");
+    w.stop().await.unwrap();
+}
+
+async fn many_requests_in_flight(kind: Kind) {
+    let w = kind.spawn().await;
+    w.remote_eval_wait("fn sq(n) { n * n }").await.unwrap();
+    let handles: Vec<_> = (0..500i64).map(|i| w.remote_call::<i64>("sq", (i,))).collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let i = i as i64;
+        assert_eq!(h.await.unwrap(), i * i);
+    }
+    w.stop().await.unwrap();
+}
+
+async fn workers_are_isolated_from_each_other(kind: Kind) {
+    let (a, b) = (kind.spawn().await, kind.spawn().await);
+    a.remote_eval_wait("let secret = 1;").await.unwrap();
+    let err = b.remote_eval_fetch::<i64>("secret").await.unwrap_err();
+    assert!(err.as_remote().is_some(), "{err:?}");
+    assert_ne!(a.pid(), b.pid());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+async fn no_inherited_environment(kind: Kind) {
+    // SAFETY: set before any worker of this test starts; tests in this
+    // binary never read it, so a concurrent reader cannot race.
+    unsafe { std::env::set_var("MALT_TEST_MANAGER_ONLY", "leak") };
+    let w = kind.spawn().await;
+    let seen: Option<String> = w.remote_eval_fetch(r#"env("MALT_TEST_MANAGER_ONLY")"#).await.unwrap();
+    assert_eq!(seen, None, "the guest must not see the manager's environment");
+    let home: Option<String> = w.remote_eval_fetch(r#"env("HOME")"#).await.unwrap();
+    assert_eq!(home, None);
+    // Nor does the host process get one.
+    let environ = std::fs::read(format!("/proc/{}/environ", w.pid())).unwrap();
+    assert!(environ.is_empty(), "host environment: {:?}", String::from_utf8_lossy(&environ));
+    w.stop().await.unwrap();
+}
+
+async fn env_is_explicit(kind: Kind) {
+    let w = kind.script().env("GREETING", "hello").spawn().await.unwrap();
+    let seen: Option<String> = w.remote_eval_fetch(r#"env("GREETING")"#).await.unwrap();
+    assert_eq!(seen.as_deref(), Some("hello"));
+    w.stop().await.unwrap();
+}

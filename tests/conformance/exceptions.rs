@@ -1,0 +1,108 @@
+//! Malt's `test/exceptions.jl`: remote failures and their messages.
+
+use malt::Error;
+
+use crate::common::Kind;
+use crate::conformance;
+
+conformance!(
+    thrown_errors_become_remote_exceptions,
+    script_errors_carry_the_guest_message,
+    async_handles_fail_with_the_remote_exception,
+    worker_is_responsive_after_an_error,
+    a_value_that_does_not_decode_is_a_decode_error,
+    values_that_cannot_be_sent_fail_cleanly,
+);
+
+async fn thrown_errors_become_remote_exceptions(kind: Kind) {
+    let w = kind.spawn().await;
+    let err = w
+        .remote_eval_fetch::<()>(r#"throw "it went wrong""#)
+        .await
+        .unwrap_err();
+    let Error::Remote(e) = &err else {
+        panic!("expected a remote exception, got {err:?}")
+    };
+    assert!(e.message.contains("it went wrong"), "{}", e.message);
+    assert_eq!(e.worker, w.name());
+    // Display reads like Malt's.
+    let shown = err.to_string();
+    assert!(shown.starts_with(&format!("Remote exception from {}:", w.name())), "{shown}");
+    assert!(shown.contains("it went wrong"), "{shown}");
+    w.stop().await.unwrap();
+}
+
+async fn script_errors_carry_the_guest_message(kind: Kind) {
+    let w = kind.spawn().await;
+    let cases = [
+        ("undefined_variable + 1", "undefined_variable"),
+        ("let x = ;", "Syntax"),
+        ("1 / 0", "Division by zero"),
+        (r#"no_such_fn(1)"#, "no_such_fn"),
+    ];
+    for (code, expected) in cases {
+        let err = w.remote_eval_fetch::<i64>(code).await.unwrap_err();
+        let remote = err.as_remote().unwrap_or_else(|| panic!("{code}: {err:?}"));
+        assert!(
+            remote.message.to_lowercase().contains(&expected.to_lowercase()),
+            "{code}: {}",
+            remote.message
+        );
+    }
+    let err = w.remote_call_fetch::<i64>("no_such_fn", (1,)).await.unwrap_err();
+    assert!(err.as_remote().unwrap().message.contains("no_such_fn"), "{err}");
+    w.stop().await.unwrap();
+}
+
+async fn async_handles_fail_with_the_remote_exception(kind: Kind) {
+    let w = kind.spawn().await;
+    let handle = w.remote_eval::<i64>(r#"throw "later""#);
+    let ok = w.remote_eval::<i64>("5");
+    // Unlike Malt (TaskFailedException wrapping), the handle yields the
+    // RemoteException itself.
+    let err = handle.await.unwrap_err();
+    assert!(err.as_remote().unwrap().message.contains("later"));
+    assert_eq!(ok.await.unwrap(), 5);
+    w.stop().await.unwrap();
+}
+
+async fn worker_is_responsive_after_an_error(kind: Kind) {
+    let w = kind.spawn().await;
+    w.remote_eval_wait("let kept = 3;").await.unwrap();
+    for _ in 0..3 {
+        assert!(w.remote_eval_fetch::<i64>(r#"throw "x""#).await.is_err());
+    }
+    assert_eq!(w.remote_eval_fetch::<i64>("kept").await.unwrap(), 3);
+    assert!(w.is_running());
+    w.stop().await.unwrap();
+}
+
+async fn a_value_that_does_not_decode_is_a_decode_error(kind: Kind) {
+    let w = kind.spawn().await;
+    let err = w.remote_eval_fetch::<i64>(r#""not a number""#).await.unwrap_err();
+    let Error::Decode { type_name, worker, .. } = &err else {
+        panic!("expected a decode error, got {err:?}")
+    };
+    assert_eq!(*type_name, "i64");
+    assert_eq!(worker, w.name());
+    let err = w.remote_eval_fetch::<Vec<String>>("[1, 2]").await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err:?}");
+    // The worker is unaffected.
+    assert_eq!(w.remote_eval_fetch::<i64>("2").await.unwrap(), 2);
+    w.stop().await.unwrap();
+}
+
+async fn values_that_cannot_be_sent_fail_cleanly(kind: Kind) {
+    let w = kind.spawn().await;
+    // A Rhai closure has no MessagePack form.
+    let err = w.remote_eval_fetch::<i64>("|x| x + 1").await.unwrap_err();
+    let message = &err.as_remote().expect("a remote error").message;
+    assert!(message.contains("cannot send"), "{message}");
+    // A map with a non-string key cannot be a Rhai value.
+    let mut map = std::collections::HashMap::new();
+    map.insert(1u32, 2u32);
+    let err = w.remote_call_fetch::<i64>("len", (map,)).await.unwrap_err();
+    assert!(err.as_remote().is_some(), "{err:?}");
+    assert_eq!(w.remote_eval_fetch::<i64>("1").await.unwrap(), 1);
+    w.stop().await.unwrap();
+}

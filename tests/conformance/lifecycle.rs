@@ -1,0 +1,185 @@
+//! Crash detection, kill, limits that reset a guest, and no orphans.
+
+use std::time::{Duration, Instant};
+
+use malt::{Error, Limit};
+
+use crate::common::{Kind, finishes, test_guest_worker};
+use crate::conformance;
+
+conformance!(
+    sigkill_mid_call_fails_pending_calls,
+    kill_fails_pending_calls,
+    a_guest_that_ignores_the_interrupt_is_reset,
+    a_trap_resets_the_guest,
+    memory_limit_is_enforced,
+    large_values_round_trip,
+    dropping_the_handle_kills_the_worker,
+);
+
+fn process_alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+async fn wait_gone(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if !process_alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
+    let w = kind.spawn().await;
+    let calls: Vec<_> = (0..10).map(|_| w.remote_eval::<()>("sleep(1000)")).collect();
+    w.remote_eval::<()>("0"); // queued behind the sleeps
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // SAFETY: kill(2) on the worker's own pid.
+    unsafe { libc::kill(w.pid() as i32, libc::SIGKILL) };
+    let started = Instant::now();
+    for call in calls {
+        let err = finishes("a pending call", call).await.unwrap_err();
+        assert!(err.is_terminated(), "{err:?}");
+    }
+    eprintln!("pending calls failed {:?} after SIGKILL", started.elapsed());
+    assert!(!w.is_running());
+    assert!(!w.stop().await.unwrap(), "stop on a dead worker returns false");
+    assert!(w.remote_eval_fetch::<i64>("1").await.unwrap_err().is_terminated());
+}
+
+async fn kill_fails_pending_calls(kind: Kind) {
+    let w = kind.spawn().await;
+    let pid = w.pid();
+    let call = w.remote_eval::<()>("loop {}");
+    w.kill();
+    assert!(!w.is_running(), "is_running is false right after kill");
+    assert!(finishes("call", call).await.unwrap_err().is_terminated());
+    assert!(wait_gone(pid).await, "the host process is gone");
+}
+
+async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
+    // The raw guest spins without ever polling for an interrupt: only the
+    // hard tier (a kill after the grace period) can stop it.
+    let w = test_guest_worker(kind)
+        .interrupt_grace(Duration::from_millis(50))
+        .spawn()
+        .await
+        .unwrap();
+    let spinning = w.remote_call::<()>("spin", ());
+    let queued = w.remote_call::<i64>("add", (2, 3));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    w.interrupt().await.unwrap();
+    let err = finishes("the killed request", spinning).await.unwrap_err();
+    assert!(matches!(err, Error::Interrupted { state_lost: true }), "{err:?}");
+    assert_eq!(finishes("queued", queued).await.unwrap(), 5);
+    assert!(w.is_running());
+    // And again: the fresh instance can be killed too.
+    let spinning = w.remote_call::<()>("spin", ());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    w.interrupt().await.unwrap();
+    let err = finishes("the killed request", spinning).await.unwrap_err();
+    assert!(matches!(err, Error::Interrupted { state_lost: true }), "{err:?}");
+    assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
+    w.stop().await.unwrap();
+}
+
+async fn a_trap_resets_the_guest(kind: Kind) {
+    let w = test_guest_worker(kind).monitor_output(false).spawn().await.unwrap();
+    let err = w.remote_call_fetch::<()>("panic", ("guest bug",)).await.unwrap_err();
+    let Error::Trap { message, .. } = &err else {
+        panic!("expected a trap, got {err:?}")
+    };
+    assert!(message.contains("unreachable"), "{message}");
+    assert_eq!(w.remote_call_fetch::<i64>("add", (20, 22)).await.unwrap(), 42);
+    w.stop().await.unwrap();
+}
+
+async fn memory_limit_is_enforced(kind: Kind) {
+    let w = test_guest_worker(kind)
+        .memory_limit(64 << 20)
+        .monitor_output(false)
+        .spawn()
+        .await
+        .unwrap();
+    let err = w.remote_call_fetch::<usize>("alloc", (200,)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::LimitExceeded { limit: Limit::Memory, .. }),
+        "{err:?}"
+    );
+    // Fresh state, responsive, and a small allocation still works.
+    assert_eq!(w.remote_call_fetch::<usize>("alloc", (8,)).await.unwrap(), 8);
+    w.stop().await.unwrap();
+}
+
+async fn large_values_round_trip(kind: Kind) {
+    let w = test_guest_worker(kind).spawn().await.unwrap();
+    let n = 20 << 20;
+    let big: serde_bytes::ByteBuf = w.remote_call_fetch("bytes", (n,)).await.unwrap();
+    assert_eq!(big.len(), n);
+    assert!(big.iter().all(|&b| b == 7));
+    let sent = serde_bytes::ByteBuf::from(vec![9u8; n]);
+    let back: serde_bytes::ByteBuf = w.remote_call_fetch("echo", (sent.clone(),)).await.unwrap();
+    assert_eq!(back, sent);
+    w.stop().await.unwrap();
+}
+
+async fn dropping_the_handle_kills_the_worker(kind: Kind) {
+    let w = kind.spawn().await;
+    let pid = w.pid();
+    drop(w);
+    assert!(wait_gone(pid).await, "the host process outlived its handle");
+}
+
+/// No orphans: a manager killed with SIGKILL takes its workers with it.
+#[tokio::test]
+async fn no_worker_survives_its_manager() {
+    let malt = env!("CARGO_BIN_EXE_malt");
+    let mut manager = tokio::process::Command::new(malt)
+        .args(["eval", "sleep(1000)"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let manager_pid = manager.id().unwrap();
+    // Find the worker host: the manager's child.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let host = loop {
+        if let Some(pid) = children_of(manager_pid).into_iter().next() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the manager started no worker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(process_alive(host));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(manager_pid as i32, libc::SIGKILL) };
+    let _ = manager.wait().await;
+    assert!(wait_gone(host).await, "worker {host} survived its manager");
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name: state, ppid, ...
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}

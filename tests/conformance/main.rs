@@ -1,0 +1,16 @@
+//! The conformance suite: Malt's own test suite (`test/basic.jl`,
+//! `exceptions.jl`, `interrupt.jl`, `stdout.jl`, `starting.jl`) ported to
+//! malt, written once and run on every kind of worker.
+//!
+//! Each behavior is an `async fn(Kind)`; the `conformance!` macro
+//! instantiates it as one `#[tokio::test]` per kind.
+
+mod common;
+
+mod basic;
+mod channels;
+mod exceptions;
+mod interrupt;
+mod lifecycle;
+mod output;
+mod starting;

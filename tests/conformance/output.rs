@@ -1,0 +1,118 @@
+//! Malt's `test/stdout.jl`: guest output reaches the manager.
+
+use malt::Stream;
+
+use crate::common::{Kind, finishes, test_guest_worker};
+use crate::conformance;
+
+conformance!(
+    stdout_and_stderr_reach_the_caller,
+    printing_cannot_corrupt_the_protocol,
+    output_of_a_raw_guest,
+    forwarded_output_is_prefixed,
+);
+
+async fn stdout_and_stderr_reach_the_caller(kind: Kind) {
+    let w = kind.script().monitor_output(false).spawn().await.unwrap();
+    let mut output = w.take_output().expect("output is captured");
+    assert!(w.take_output().is_none(), "output can be taken once");
+    w.remote_eval_wait(r#"print("hello from the guest"); debug("to stderr");"#)
+        .await
+        .unwrap();
+    w.stop().await.unwrap();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    while let Some(chunk) = finishes("output", output.recv()).await {
+        let text = String::from_utf8_lossy(&chunk.data).into_owned();
+        match chunk.stream {
+            Stream::Stdout => stdout.push_str(&text),
+            Stream::Stderr => stderr.push_str(&text),
+        }
+    }
+    assert_eq!(stdout, "hello from the guest\n");
+    assert!(stderr.contains("to stderr"), "{stderr}");
+}
+
+async fn printing_cannot_corrupt_the_protocol(kind: Kind) {
+    let w = kind.script().monitor_output(false).spawn().await.unwrap();
+    let mut output = w.take_output().unwrap();
+    // Text that looks like frames, binary-ish bytes, and lots of it,
+    // interleaved with calls whose values must come back intact.
+    let code = r#"
+        for i in 0..200 {
+            print("\x04\x00\x00\x00\x81\xa5Hello" + i);
+        }
+        print("done");
+        12345
+    "#;
+    for _ in 0..5 {
+        assert_eq!(w.remote_eval_fetch::<i64>(code).await.unwrap(), 12345);
+    }
+    w.stop().await.unwrap();
+    let stdout = output.read_to_string(Stream::Stdout).await;
+    assert_eq!(stdout.matches("done\n").count(), 5);
+    assert_eq!(stdout.lines().count(), 5 * 201);
+}
+
+async fn output_of_a_raw_guest(kind: Kind) {
+    let w = test_guest_worker(kind).monitor_output(false).spawn().await.unwrap();
+    let mut output = w.take_output().unwrap();
+    w.remote_call_wait("print", ("raw guest says hi",)).await.unwrap();
+    w.stop().await.unwrap();
+    assert_eq!(output.read_to_string(Stream::Stdout).await, "raw guest says hi\n");
+}
+
+/// Env var that turns `forwarding_child` into the child side of
+/// `forwarded_output_is_prefixed`.
+const CHILD_ENV: &str = "MALT_TEST_FORWARDING_CHILD";
+
+async fn forwarded_output_is_prefixed(kind: Kind) {
+    // Forwarding writes to this process's real stdout/stderr, so run a
+    // copy of this test binary as a child (running only the child test)
+    // and read what it printed.
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::process::Command::new(exe)
+        .args(["--exact", &format!("output::{kind:?}_child::forwarding_child").to_lowercase()])
+        .args(["--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("forwarded line"))
+        .unwrap_or_else(|| panic!("no forwarded line in:\n{stdout}"));
+    assert!(line.starts_with("[worker "), "{line}");
+    assert!(line.ends_with("] forwarded line"), "{line}");
+    let err_line = stderr
+        .lines()
+        .find(|l| l.contains("forwarded error"))
+        .unwrap_or_else(|| panic!("no forwarded error in:\n{stderr}"));
+    assert!(err_line.starts_with("[worker "), "{err_line}");
+    // No color codes when NO_COLOR is set or not on a terminal.
+    assert!(!stdout.contains('\x1b'));
+}
+
+/// The child side of `forwarded_output_is_prefixed` (does nothing unless
+/// run by it).
+async fn forwarding_child(kind: Kind) {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let w = kind.spawn().await;
+    w.remote_eval_wait(r#"print("forwarded line"); debug("forwarded error")"#)
+        .await
+        .unwrap();
+    w.stop().await.unwrap();
+}
+
+mod wasm_child {
+    #[tokio::test]
+    async fn forwarding_child() {
+        super::forwarding_child(crate::common::Kind::Wasm).await
+    }
+}

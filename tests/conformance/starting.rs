@@ -1,0 +1,85 @@
+//! Malt's `test/starting.jl`: start failures are clear and fast.
+
+use malt::{Error, Worker};
+
+use crate::common::finishes;
+
+fn write_temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("malt-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+async fn spawn_error(builder: malt::WorkerBuilder) -> String {
+    let err = finishes("spawn", builder.spawn()).await.unwrap_err();
+    assert!(matches!(err, Error::Spawn { .. }), "{err:?}");
+    err.to_string()
+}
+
+#[tokio::test]
+async fn missing_module_path() {
+    let msg = spawn_error(Worker::wasm("/no/such/module.wasm")).await;
+    assert!(msg.contains("/no/such/module.wasm"), "{msg}");
+    assert!(msg.contains("No such file"), "{msg}");
+}
+
+#[tokio::test]
+async fn not_wasm_at_all() {
+    let path = write_temp("text.wasm", b"this is not wasm");
+    let msg = spawn_error(Worker::wasm(&path)).await;
+    assert!(msg.contains("not a WebAssembly file"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_core_module_is_not_a_component() {
+    let module = wat::parse_str("(module (func (export \"call\")))").unwrap();
+    let path = write_temp("core.wasm", &module);
+    let msg = spawn_error(Worker::wasm(&path)).await;
+    assert!(msg.contains("core WebAssembly module, not a component"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_component_of_another_world() {
+    let empty = wat::parse_str("(component)").unwrap();
+    let path = write_temp("empty-component.wasm", &empty);
+    let msg = spawn_error(Worker::wasm(&path)).await;
+    assert!(msg.contains("does not implement the malt:worker world"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_component_with_unknown_imports() {
+    let c = wat::parse_str(r#"(component (import "acme:thing/api" (instance)))"#).unwrap();
+    let path = write_temp("imports.wasm", &c);
+    let msg = spawn_error(Worker::wasm(&path)).await;
+    assert!(msg.contains("imports cannot be satisfied"), "{msg}");
+    assert!(msg.contains("acme:thing/api"), "{msg}");
+}
+
+#[tokio::test]
+async fn truncated_component() {
+    let guest = std::fs::read(crate::common::test_guest()).unwrap();
+    let path = write_temp("truncated.wasm", &guest[..guest.len() / 2]);
+    let msg = spawn_error(Worker::wasm(&path)).await;
+    assert!(msg.contains("cannot compile"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_missing_host_program() {
+    let msg = spawn_error(Worker::script().host_program("/no/such/malt")).await;
+    assert!(msg.contains("/no/such/malt"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_host_program_that_is_not_a_host() {
+    // `true` exits at once without speaking the protocol.
+    let msg = spawn_error(Worker::script().host_program("/bin/true")).await;
+    assert!(msg.contains("exited during startup"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_granted_directory_that_does_not_exist() {
+    let msg = spawn_error(Worker::script().dir("/no/such/dir", "data")).await;
+    assert!(msg.contains("/no/such/dir"), "{msg}");
+}
