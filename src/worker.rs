@@ -247,7 +247,7 @@ impl WorkerBuilder {
             stdin
                 .write_all(&protocol::encode(&ToHost::Init(Box::new(config))))
                 .await
-                .map_err(|e| format!("cannot send the configuration: {e}"))?;
+                .map_err(|e| format!("the host process exited during startup ({e})"))?;
             stdin.flush().await.map_err(|e| e.to_string())?;
             match read_message(&mut stdout, 1 << 20).await {
                 Ok(Some(FromHost::Hello { version, .. })) if version == PROTOCOL_VERSION => Ok(()),

@@ -36,9 +36,10 @@ async fn worker_management(kind: Kind) {
 
 async fn stop_while_a_call_runs_fails_the_call(kind: Kind) {
     let w = kind.spawn().await;
-    let long = w.remote_eval::<()>("sleep(1000); 1");
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let long = w.remote_eval::<()>(r#"channel_put("started", 1); sleep(1000); 1"#);
     // Make sure the sleep has started before stopping.
-    w.remote_eval_wait("0").await.ok();
+    assert_eq!(finishes("start", started.take()).await.unwrap(), 1);
     let stopped = finishes("stop", w.stop()).await.unwrap();
     assert!(stopped);
     let err = finishes("the pending call", long).await.unwrap_err();

@@ -42,7 +42,7 @@ async fn wait_gone(pid: u32) -> bool {
 async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
     let w = kind.spawn().await;
     let calls: Vec<_> = (0..10).map(|_| w.remote_eval::<()>("sleep(1000)")).collect();
-    w.remote_eval::<()>("0"); // queued behind the sleeps
+    let queued = w.remote_eval::<()>("0");
     tokio::time::sleep(Duration::from_millis(20)).await;
     // SAFETY: kill(2) on the worker's own pid.
     unsafe { libc::kill(w.pid() as i32, libc::SIGKILL) };
@@ -51,6 +51,7 @@ async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
         let err = finishes("a pending call", call).await.unwrap_err();
         assert!(err.is_terminated(), "{err:?}");
     }
+    assert!(finishes("the queued call", queued).await.unwrap_err().is_terminated());
     eprintln!("pending calls failed {:?} after SIGKILL", started.elapsed());
     assert!(!w.is_running());
     assert!(!w.stop().await.unwrap(), "stop on a dead worker returns false");

@@ -50,7 +50,7 @@ async fn a_component_of_another_world() {
 
 #[tokio::test]
 async fn a_component_with_unknown_imports() {
-    let c = wat::parse_str(r#"(component (import "acme:thing/api" (instance)))"#).unwrap();
+    let c = wat::parse_str(r#"(component (import "acme:thing/api" (instance (export "f" (func)))))"#).unwrap();
     let path = write_temp("imports.wasm", &c);
     let msg = spawn_error(Worker::wasm(&path)).await;
     assert!(msg.contains("imports cannot be satisfied"), "{msg}");

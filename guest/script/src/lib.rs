@@ -87,9 +87,36 @@ fn seconds_to_ms(seconds: f64) -> RhaiResult<u64> {
 }
 
 /// Encodes a script value as MessagePack (maps keep their field names).
+///
+/// Only data crosses: functions, closures and other engine objects are
+/// refused rather than sent as their name, as Rhai's serde support would.
 pub fn encode(value: &Dynamic) -> Result<Vec<u8>, String> {
+    check_sendable(value)?;
     rmp_serde::to_vec_named(value)
         .map_err(|e| format!("cannot send a value of type {}: {e}", value.type_name()))
+}
+
+fn check_sendable(value: &Dynamic) -> Result<(), String> {
+    if value.is_unit()
+        || value.is_bool()
+        || value.is_int()
+        || value.is_float()
+        || value.is_string()
+        || value.is_char()
+        || value.is_blob()
+    {
+        return Ok(());
+    }
+    if let Some(items) = value.read_lock::<rhai::Array>() {
+        return items.iter().try_for_each(check_sendable);
+    }
+    if let Some(map) = value.read_lock::<rhai::Map>() {
+        return map.values().try_for_each(check_sendable);
+    }
+    Err(format!(
+        "cannot send a value of type {}: only data (unit, bool, int, float, string, char, blob, array, map) crosses to the manager",
+        value.type_name()
+    ))
 }
 
 /// Decodes a MessagePack value into a script value.
@@ -159,7 +186,7 @@ impl Session {
         let ast = self
             .engine
             .compile_with_scope(&self.scope, code)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("syntax error: {e}"))?;
         // Functions become part of the session before the code runs, so
         // a script may call a function it defines further down.
         self.functions.combine(ast.clone_functions_only());
