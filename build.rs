@@ -43,11 +43,7 @@ fn main() {
 fn build_guest(manifest_dir: &Path, out_dir: &Path, krate: &str, artifact: &str) -> PathBuf {
     check_target_installed();
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
-    let target_dir = out_dir
-        .ancestors()
-        .nth(4)
-        .unwrap_or(out_dir)
-        .join("guest");
+    let target_dir = out_dir.ancestors().nth(4).unwrap_or(out_dir).join("guest");
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(manifest_dir)

@@ -55,8 +55,12 @@ pub fn cache_dir() -> PathBuf {
 /// Creates the cache directory if needed and checks that only its owner
 /// (this user) can write it.
 fn private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("cannot create the cache directory {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::io(
+            format!("cannot create the cache directory {}", dir.display()),
+            e,
+        )
+    })?;
     let meta = std::fs::metadata(dir)
         .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
     // SAFETY: geteuid has no preconditions.
@@ -69,9 +73,8 @@ fn private_dir(dir: &Path) -> Result<()> {
         )));
     }
     if meta.mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-            Error::io(format!("cannot make {} private", dir.display()), e)
-        })?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("cannot make {} private", dir.display()), e))?;
     }
     Ok(())
 }
@@ -126,7 +129,11 @@ fn known() -> &'static Mutex<HashMap<String, PathBuf>> {
 /// it first if the cache does not have it. Blocking: call it off the
 /// async runtime.
 pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str) -> Result<PathBuf> {
-    if let Some(path) = known().lock().unwrap_or_else(|e| e.into_inner()).get(sha256) {
+    if let Some(path) = known()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(sha256)
+    {
         return Ok(path.clone());
     }
     let engine = engine()?;

@@ -18,7 +18,11 @@ pub struct RemoteException {
 
 impl fmt::Display for RemoteException {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Remote exception from {}:\n\n{}", self.worker, self.message)
+        write!(
+            f,
+            "Remote exception from {}:\n\n{}",
+            self.worker, self.message
+        )
     }
 }
 

@@ -12,7 +12,9 @@ use malt::{Error, Worker, WorkerBuilder};
 /// Run code in sandboxed malt workers.
 #[derive(Parser)]
 #[command(name = "malt", version, about, long_about = None)]
-#[command(after_help = "EXIT CODES:\n  0  success\n  1  the guest raised an error\n  2  usage error\n  3  the worker could not start\n  4  interrupted or timed out\n  5  the worker died or another error")]
+#[command(
+    after_help = "EXIT CODES:\n  0  success\n  1  the guest raised an error\n  2  usage error\n  3  the worker could not start\n  4  interrupted or timed out\n  5  the worker died or another error"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,7 +36,9 @@ struct Sandbox {
 #[derive(Subcommand)]
 enum Command {
     /// Evaluate code in a fresh sandboxed worker and print its value as JSON.
-    #[command(after_help = "EXAMPLES:\n  malt eval 'let x = 20; x * 2 + 2'\n  echo '1 + 1' | malt eval -")]
+    #[command(
+        after_help = "EXAMPLES:\n  malt eval 'let x = 20; x * 2 + 2'\n  echo '1 + 1' | malt eval -"
+    )]
     Eval {
         /// The code; `-` reads it from stdin.
         code: Vec<String>,
@@ -119,7 +123,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot read {}", f.display()))?,
                 (None, [dash]) if dash == "-" => {
                     let mut s = String::new();
-                    std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading stdin")?;
                     s
                 }
                 (None, []) => anyhow::bail!("nothing to evaluate: give CODE, `-` or --file"),
@@ -143,7 +149,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let args = args
                 .iter()
-                .map(|a| serde_json::from_str(a).with_context(|| format!("argument `{a}` is not JSON")))
+                .map(|a| {
+                    serde_json::from_str(a).with_context(|| format!("argument `{a}` is not JSON"))
+                })
                 .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
             let worker = configure(Worker::wasm(guest), &sandbox)?.spawn().await?;
             let value: serde_json::Value = worker.remote_call_fetch(&function, args).await?;
@@ -157,7 +165,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     malt::host::main_if_host();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -84,7 +84,10 @@ fn spawner() -> &'static mpsc::Sender<Job> {
 
 /// Spawns a host process whose stdio are all pipes and whose environment
 /// is empty.
-pub(crate) async fn spawn_host(program: &Path, args: &[OsString]) -> std::io::Result<tokio::process::Child> {
+pub(crate) async fn spawn_host(
+    program: &Path,
+    args: &[OsString],
+) -> std::io::Result<tokio::process::Child> {
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
 

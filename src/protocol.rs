@@ -106,7 +106,11 @@ pub enum ToHost {
     /// Interrupt the request now running (if any).
     Interrupt,
     /// Create a worker channel unless it exists; replies with no value.
-    ChannelOpen { id: u64, name: String, capacity: u32 },
+    ChannelOpen {
+        id: u64,
+        name: String,
+        capacity: u32,
+    },
     /// Append a value to a channel; replies once it is in the queue.
     ChannelPut {
         id: u64,
@@ -171,7 +175,11 @@ pub enum Failure {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromHost {
     /// The host is ready.
-    Hello { version: u32, kind: String, pid: u32 },
+    Hello {
+        version: u32,
+        kind: String,
+        pid: u32,
+    },
     /// The answer to a request. `None` when no value was asked for.
     Reply {
         id: u64,

@@ -212,10 +212,16 @@ impl WorkerBuilder {
             .map_err(|m| spawn_error(m, String::new()))?;
         let mut child = process::spawn_host(&program, &[crate::host::HOST_ARG.into()])
             .await
-            .map_err(|e| spawn_error(format!("cannot run {}: {e}", program.display()), String::new()))?;
+            .map_err(|e| {
+                spawn_error(
+                    format!("cannot run {}: {e}", program.display()),
+                    String::new(),
+                )
+            })?;
         let pid = child.id().unwrap_or(0);
         let mut stdin = child.stdin.take().expect("piped stdin");
-        let mut stdout = BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
+        let mut stdout =
+            BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
         let stderr_tail = Arc::new(Mutex::new(String::new()));
         let (output, captured) = if self.monitor_output {
             (OutputSink::forward(label), None)
@@ -224,10 +230,14 @@ impl WorkerBuilder {
             (sink, Some(rx))
         };
         let output = Arc::new(Mutex::new(output));
+        // Until the host is up, what it writes on stderr belongs in the
+        // spawn error, not in the manager's output.
+        let started = Arc::new(AtomicBool::new(false));
         let stderr_task = tokio::spawn(read_host_stderr(
             child.stderr.take().expect("piped stderr"),
             stderr_tail.clone(),
             output.clone(),
+            started.clone(),
         ));
 
         let config = HostConfig {
@@ -271,10 +281,14 @@ impl WorkerBuilder {
                     message = format!("{message} ({status})");
                 }
             }
-            let tail = stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let tail = stderr_tail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             return Err(spawn_error(message, tail));
         }
 
+        started.store(true, Ordering::Release);
         let name = format!("{label} (pid {pid})");
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
         let (signal_tx, signal_rx) = mpsc::unbounded_channel();
@@ -294,7 +308,12 @@ impl WorkerBuilder {
         });
         tokio::spawn(write_frames(stdin, frames_rx));
         tokio::spawn(read_frames(stdout, inner.clone(), output));
-        tokio::spawn(watch_process(child, signal_rx, exit_tx, Arc::downgrade(&inner)));
+        tokio::spawn(watch_process(
+            child,
+            signal_rx,
+            exit_tx,
+            Arc::downgrade(&inner),
+        ));
         Ok(Worker {
             inner,
             output: Mutex::new(captured),
@@ -339,6 +358,7 @@ async fn read_host_stderr(
     mut stderr: ChildStderr,
     tail: Arc<Mutex<String>>,
     output: Arc<Mutex<OutputSink>>,
+    started: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 8192];
     loop {
@@ -357,10 +377,12 @@ async fn read_host_stderr(
                         tail.drain(..cut);
                     }
                 }
-                output
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(protocol::Stream::Stderr, &buf[..n]);
+                if started.load(Ordering::Acquire) {
+                    output
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .write(protocol::Stream::Stderr, &buf[..n]);
+                }
             }
         }
     }
@@ -368,7 +390,10 @@ async fn read_host_stderr(
 
 /// Writes queued frames to the host, flushing when the queue runs dry so
 /// that pipelined requests go out in few writes.
-async fn write_frames(stdin: tokio::process::ChildStdin, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn write_frames(
+    stdin: tokio::process::ChildStdin,
+    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
     let mut out = tokio::io::BufWriter::with_capacity(64 << 10, stdin);
     while let Some(frame) = frames.recv().await {
         if out.write_all(&frame).await.is_err() {
@@ -526,7 +551,10 @@ impl Inner {
     }
 
     /// Sends a request; the receiver gets its reply.
-    pub(crate) fn request(&self, message: impl FnOnce(u64) -> ToHost) -> Result<oneshot::Receiver<Reply>> {
+    pub(crate) fn request(
+        &self,
+        message: impl FnOnce(u64) -> ToHost,
+    ) -> Result<oneshot::Receiver<Reply>> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = self.frame(&message(id))?;
         let (tx, rx) = oneshot::channel();
@@ -719,7 +747,11 @@ impl Worker {
     /// Calls the guest function `name` with `args` (a tuple, sent as a
     /// MessagePack array; `()` for none) and returns a handle to await for
     /// its value. The request is already sent when this returns.
-    pub fn remote_call<R: DeserializeOwned>(&self, name: &str, args: impl Serialize) -> CallHandle<R> {
+    pub fn remote_call<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        args: impl Serialize,
+    ) -> CallHandle<R> {
         let sent = encode_args(&args).and_then(|args| {
             self.inner.request(|id| ToHost::Call {
                 id,
@@ -732,7 +764,11 @@ impl Worker {
     }
 
     /// Calls the guest function `name` and waits for its value.
-    pub async fn remote_call_fetch<R: DeserializeOwned>(&self, name: &str, args: impl Serialize) -> Result<R> {
+    pub async fn remote_call_fetch<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        args: impl Serialize,
+    ) -> Result<R> {
         self.remote_call(name, args).await
     }
 
@@ -800,7 +836,10 @@ impl Worker {
         if capacity == 0 || capacity > u32::MAX as usize {
             return Err(Error::Invalid {
                 worker: self.inner.name.clone(),
-                message: format!("a worker channel needs a capacity between 1 and {}, got {capacity}", u32::MAX),
+                message: format!(
+                    "a worker channel needs a capacity between 1 and {}, got {capacity}",
+                    u32::MAX
+                ),
             });
         }
         let sent = self.inner.request(|id| ToHost::ChannelOpen {
@@ -881,6 +920,10 @@ impl Worker {
     /// The last bytes the host process itself wrote to stderr (wasmtime
     /// and host diagnostics, not guest output).
     pub fn host_stderr(&self) -> String {
-        self.inner.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .stderr_tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

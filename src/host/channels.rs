@@ -71,7 +71,9 @@ type Map<'a> = MutexGuard<'a, HashMap<String, Chan>>;
 fn entry<'m>(map: &'m mut Map<'_>, name: &str, capacity: usize) -> Result<&'m mut Chan, String> {
     if !map.contains_key(name) {
         if map.len() >= MAX_CHANNELS {
-            return Err(format!("too many worker channels (the limit is {MAX_CHANNELS})"));
+            return Err(format!(
+                "too many worker channels (the limit is {MAX_CHANNELS})"
+            ));
         }
         map.insert(name.to_string(), Chan::new(capacity));
     }

@@ -298,11 +298,7 @@ fn read_loop(
 }
 
 /// Runs requests one at a time, in arrival order.
-fn guest_loop(
-    mut guest: impl Guest,
-    work: Receiver<(u64, Work, ReplyMode)>,
-    shared: &Shared,
-) {
+fn guest_loop(mut guest: impl Guest, work: Receiver<(u64, Work, ReplyMode)>, shared: &Shared) {
     while let Ok((id, work, mode)) = work.recv() {
         shared.control.begin(id);
         let outcome = guest.run(&work);

@@ -204,9 +204,8 @@ impl WasmGuest {
         let pre = linker.instantiate_pre(&component).map_err(|e| {
             e.context("the component's imports cannot be satisfied (does it target the malt:worker world?)")
         })?;
-        let pre = BindingsPre::new(pre).map_err(|e| {
-            e.context("the component does not implement the malt:worker world")
-        })?;
+        let pre = BindingsPre::new(pre)
+            .map_err(|e| e.context("the component does not implement the malt:worker world"))?;
         let config = Arc::new(config.clone());
         let (store, bindings) = instantiate(&engine, &pre, &config, &shared)?;
         Ok(WasmGuest {

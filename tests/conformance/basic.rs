@@ -28,9 +28,15 @@ async fn worker_management(kind: Kind) {
     let w = kind.spawn().await;
     assert!(w.is_running());
     assert!(w.pid() > 0);
-    assert!(w.stop().await.unwrap(), "stop on a running worker returns true");
+    assert!(
+        w.stop().await.unwrap(),
+        "stop on a running worker returns true"
+    );
     assert!(!w.is_running());
-    assert!(!w.stop().await.unwrap(), "stop on a stopped worker returns false");
+    assert!(
+        !w.stop().await.unwrap(),
+        "stop on a stopped worker returns false"
+    );
     assert!(w.wait().await.is_some());
 }
 
@@ -51,10 +57,20 @@ async fn calls_on_a_stopped_worker_fail(kind: Kind) {
     w.stop().await.unwrap();
     let err = w.remote_call_fetch::<i64>("abs", (-1,)).await.unwrap_err();
     assert!(matches!(err, Error::TerminatedWorker), "{err:?}");
-    assert!(w.remote_eval_fetch::<i64>("1").await.unwrap_err().is_terminated());
+    assert!(
+        w.remote_eval_fetch::<i64>("1")
+            .await
+            .unwrap_err()
+            .is_terminated()
+    );
     assert!(w.remote_do("abs", (1,)).unwrap_err().is_terminated());
     assert!(w.interrupt().await.unwrap_err().is_terminated());
-    assert!(w.worker_channel::<i64>("c", 1).await.unwrap_err().is_terminated());
+    assert!(
+        w.worker_channel::<i64>("c", 1)
+            .await
+            .unwrap_err()
+            .is_terminated()
+    );
 }
 
 async fn call_functions(kind: Kind) {
@@ -66,8 +82,14 @@ async fn call_functions(kind: Kind) {
         .await
         .unwrap();
     assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
-    assert_eq!(w.remote_call_fetch::<f64>("add", (1.5, 2.0)).await.unwrap(), 3.5);
-    assert_eq!(w.remote_call_fetch::<String>("hello", ()).await.unwrap(), "hi");
+    assert_eq!(
+        w.remote_call_fetch::<f64>("add", (1.5, 2.0)).await.unwrap(),
+        3.5
+    );
+    assert_eq!(
+        w.remote_call_fetch::<String>("hello", ()).await.unwrap(),
+        "hi"
+    );
     // A single non-tuple argument is one argument.
     assert_eq!(w.remote_call_fetch::<i64>("abs", -7).await.unwrap(), 7);
     w.stop().await.unwrap();
@@ -82,12 +104,17 @@ async fn evaluate_expressions_with_persistent_state(kind: Kind) {
     assert_eq!(w.remote_eval_fetch::<i64>("x").await.unwrap(), 41);
     // A function may use one defined in an earlier eval.
     w.remote_eval_wait("fn double(n) { n * 2 }").await.unwrap();
-    w.remote_eval_wait("fn quad(n) { double(double(n)) }").await.unwrap();
+    w.remote_eval_wait("fn quad(n) { double(double(n)) }")
+        .await
+        .unwrap();
     assert_eq!(w.remote_eval_fetch::<i64>("quad(x)").await.unwrap(), 164);
     assert_eq!(w.remote_call_fetch::<i64>("quad", (2,)).await.unwrap(), 8);
     // Unit is nil, which decodes as () or Option::None.
     w.remote_eval_fetch::<()>("let y = 1;").await.unwrap();
-    assert_eq!(w.remote_eval_fetch::<Option<i64>>("()").await.unwrap(), None);
+    assert_eq!(
+        w.remote_eval_fetch::<Option<i64>>("()").await.unwrap(),
+        None
+    );
     w.stop().await.unwrap();
 }
 
@@ -126,7 +153,10 @@ async fn remote_call_wait_and_remote_do(kind: Kind) {
     w.remote_do("no_such_function", ()).unwrap();
     assert_eq!(w.remote_eval_fetch::<i64>("counter").await.unwrap(), 11);
     // A failing remote_call_wait reports its error.
-    let err = w.remote_call_wait("no_such_function", ()).await.unwrap_err();
+    let err = w
+        .remote_call_wait("no_such_function", ())
+        .await
+        .unwrap_err();
     assert!(err.as_remote().is_some(), "{err:?}");
     w.stop().await.unwrap();
 }
@@ -157,14 +187,17 @@ async fn structured_values_round_trip(kind: Kind) {
             label: "a!".into()
         }
     );
-    let list: Vec<i64> = w.remote_eval_fetch("[1, 2, 3].map(|v| v * v)").await.unwrap();
-    assert_eq!(list, vec![1, 4, 9]);
-    let map: BTreeMap<String, bool> = w.remote_eval_fetch("#{yes: true, no: false}").await.unwrap();
-    assert_eq!(map.get("yes"), Some(&true));
-    let bytes: serde_bytes::ByteBuf = w
-        .remote_call_fetch("blob", (3, 7))
+    let list: Vec<i64> = w
+        .remote_eval_fetch("[1, 2, 3].map(|v| v * v)")
         .await
         .unwrap();
+    assert_eq!(list, vec![1, 4, 9]);
+    let map: BTreeMap<String, bool> = w
+        .remote_eval_fetch("#{yes: true, no: false}")
+        .await
+        .unwrap();
+    assert_eq!(map.get("yes"), Some(&true));
+    let bytes: serde_bytes::ByteBuf = w.remote_call_fetch("blob", (3, 7)).await.unwrap();
     assert_eq!(bytes.as_ref(), &[7, 7, 7]);
     let text: String = w.remote_eval_fetch(r#""héllo, wörld""#).await.unwrap();
     assert_eq!(text, "héllo, wörld");
@@ -174,7 +207,9 @@ async fn structured_values_round_trip(kind: Kind) {
 async fn many_requests_in_flight(kind: Kind) {
     let w = kind.spawn().await;
     w.remote_eval_wait("fn sq(n) { n * n }").await.unwrap();
-    let handles: Vec<_> = (0..500i64).map(|i| w.remote_call::<i64>("sq", (i,))).collect();
+    let handles: Vec<_> = (0..500i64)
+        .map(|i| w.remote_call::<i64>("sq", (i,)))
+        .collect();
     for (i, h) in handles.into_iter().enumerate() {
         let i = i as i64;
         assert_eq!(h.await.unwrap(), i * i);
@@ -197,18 +232,33 @@ async fn no_inherited_environment(kind: Kind) {
     // binary never read it, so a concurrent reader cannot race.
     unsafe { std::env::set_var("MALT_TEST_MANAGER_ONLY", "leak") };
     let w = kind.spawn().await;
-    let seen: Option<String> = w.remote_eval_fetch(r#"env("MALT_TEST_MANAGER_ONLY")"#).await.unwrap();
-    assert_eq!(seen, None, "the guest must not see the manager's environment");
+    let seen: Option<String> = w
+        .remote_eval_fetch(r#"env("MALT_TEST_MANAGER_ONLY")"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen, None,
+        "the guest must not see the manager's environment"
+    );
     let home: Option<String> = w.remote_eval_fetch(r#"env("HOME")"#).await.unwrap();
     assert_eq!(home, None);
     // Nor does the host process get one.
     let environ = std::fs::read(format!("/proc/{}/environ", w.pid())).unwrap();
-    assert!(environ.is_empty(), "host environment: {:?}", String::from_utf8_lossy(&environ));
+    assert!(
+        environ.is_empty(),
+        "host environment: {:?}",
+        String::from_utf8_lossy(&environ)
+    );
     w.stop().await.unwrap();
 }
 
 async fn env_is_explicit(kind: Kind) {
-    let w = kind.script().env("GREETING", "hello").spawn().await.unwrap();
+    let w = kind
+        .script()
+        .env("GREETING", "hello")
+        .spawn()
+        .await
+        .unwrap();
     let seen: Option<String> = w.remote_eval_fetch(r#"env("GREETING")"#).await.unwrap();
     assert_eq!(seen.as_deref(), Some("hello"));
     w.stop().await.unwrap();

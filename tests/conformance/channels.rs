@@ -60,12 +60,21 @@ async fn twice_capacity_through_a_channel(kind: Kind) {
 async fn guest_and_manager_share_a_queue(kind: Kind) {
     let w = kind.spawn().await;
     let ch = w.worker_channel::<String>("words", 4).await.unwrap();
-    w.remote_eval_wait(r#"channel_put("words", "from guest")"#).await.unwrap();
+    w.remote_eval_wait(r#"channel_put("words", "from guest")"#)
+        .await
+        .unwrap();
     assert_eq!(ch.take().await.unwrap(), "from guest");
     ch.put("from manager".into()).await.unwrap();
-    let got: String = w.remote_eval_fetch(r#"channel_take("words")"#).await.unwrap();
+    let got: String = w
+        .remote_eval_fetch(r#"channel_take("words")"#)
+        .await
+        .unwrap();
     assert_eq!(got, "from manager");
-    assert!(!w.remote_eval_fetch::<bool>(r#"channel_is_ready("words")"#).await.unwrap());
+    assert!(
+        !w.remote_eval_fetch::<bool>(r#"channel_is_ready("words")"#)
+            .await
+            .unwrap()
+    );
     w.stop().await.unwrap();
 }
 
@@ -140,6 +149,9 @@ async fn pending_take_fails_when_the_worker_dies(kind: Kind) {
     let take = tokio::spawn(async move { ch.take().await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     w.kill();
-    let err = finishes("the pending take", take).await.unwrap().unwrap_err();
+    let err = finishes("the pending take", take)
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(err.is_terminated(), "{err:?}");
 }

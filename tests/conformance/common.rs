@@ -65,8 +65,19 @@ pub fn test_guest() -> std::path::PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = std::process::Command::new(cargo)
             .current_dir(&root)
-            .args(["build", "--quiet", "--manifest-path", "guest/testing/Cargo.toml"])
-            .args(["--target", "wasm32-wasip2", "--profile", "guest", "--target-dir"])
+            .args([
+                "build",
+                "--quiet",
+                "--manifest-path",
+                "guest/testing/Cargo.toml",
+            ])
+            .args([
+                "--target",
+                "wasm32-wasip2",
+                "--profile",
+                "guest",
+                "--target-dir",
+            ])
             .arg(&target)
             .status()
             .expect("run cargo to build the test guest");

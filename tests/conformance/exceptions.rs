@@ -27,7 +27,10 @@ async fn thrown_errors_become_remote_exceptions(kind: Kind) {
     assert_eq!(e.worker, w.name());
     // Display reads like Malt's.
     let shown = err.to_string();
-    assert!(shown.starts_with(&format!("Remote exception from {}:", w.name())), "{shown}");
+    assert!(
+        shown.starts_with(&format!("Remote exception from {}:", w.name())),
+        "{shown}"
+    );
     assert!(shown.contains("it went wrong"), "{shown}");
     w.stop().await.unwrap();
 }
@@ -44,13 +47,22 @@ async fn script_errors_carry_the_guest_message(kind: Kind) {
         let err = w.remote_eval_fetch::<i64>(code).await.unwrap_err();
         let remote = err.as_remote().unwrap_or_else(|| panic!("{code}: {err:?}"));
         assert!(
-            remote.message.to_lowercase().contains(&expected.to_lowercase()),
+            remote
+                .message
+                .to_lowercase()
+                .contains(&expected.to_lowercase()),
             "{code}: {}",
             remote.message
         );
     }
-    let err = w.remote_call_fetch::<i64>("no_such_fn", (1,)).await.unwrap_err();
-    assert!(err.as_remote().unwrap().message.contains("no_such_fn"), "{err}");
+    let err = w
+        .remote_call_fetch::<i64>("no_such_fn", (1,))
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_remote().unwrap().message.contains("no_such_fn"),
+        "{err}"
+    );
     w.stop().await.unwrap();
 }
 
@@ -79,13 +91,22 @@ async fn worker_is_responsive_after_an_error(kind: Kind) {
 
 async fn a_value_that_does_not_decode_is_a_decode_error(kind: Kind) {
     let w = kind.spawn().await;
-    let err = w.remote_eval_fetch::<i64>(r#""not a number""#).await.unwrap_err();
-    let Error::Decode { type_name, worker, .. } = &err else {
+    let err = w
+        .remote_eval_fetch::<i64>(r#""not a number""#)
+        .await
+        .unwrap_err();
+    let Error::Decode {
+        type_name, worker, ..
+    } = &err
+    else {
         panic!("expected a decode error, got {err:?}")
     };
     assert_eq!(*type_name, "i64");
     assert_eq!(worker, w.name());
-    let err = w.remote_eval_fetch::<Vec<String>>("[1, 2]").await.unwrap_err();
+    let err = w
+        .remote_eval_fetch::<Vec<String>>("[1, 2]")
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Decode { .. }), "{err:?}");
     // The worker is unaffected.
     assert_eq!(w.remote_eval_fetch::<i64>("2").await.unwrap(), 2);

@@ -20,7 +20,10 @@ conformance!(
 /// Waits until the worker is running the request (it set `started`).
 async fn wait_started(w: &malt::Worker, ch: &malt::WorkerChannel<i64>) {
     let _ = w;
-    assert_eq!(finishes("the request to start", ch.take()).await.unwrap(), 1);
+    assert_eq!(
+        finishes("the request to start", ch.take()).await.unwrap(),
+        1
+    );
 }
 
 async fn interrupt_a_busy_loop_keeps_state(kind: Kind) {
@@ -46,8 +49,13 @@ async fn interrupt_a_sleep(kind: Kind) {
     let running = w.remote_eval::<()>(r#"channel_put("started", 1); sleep(1000000)"#);
     wait_started(&w, &started).await;
     w.interrupt().await.unwrap();
-    let err = finishes("the interrupted sleep", running).await.unwrap_err();
-    assert!(matches!(err, Error::Interrupted { state_lost: false }), "{err:?}");
+    let err = finishes("the interrupted sleep", running)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: false }),
+        "{err:?}"
+    );
     assert_eq!(w.remote_eval_fetch::<i64>("1 + 1").await.unwrap(), 2);
     w.stop().await.unwrap();
 }
@@ -60,7 +68,10 @@ async fn interrupt_a_blocked_channel_take(kind: Kind) {
     wait_started(&w, &started).await;
     w.interrupt().await.unwrap();
     let err = finishes("the interrupted take", running).await.unwrap_err();
-    assert!(matches!(err, Error::Interrupted { state_lost: false }), "{err:?}");
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: false }),
+        "{err:?}"
+    );
     assert_eq!(w.remote_eval_fetch::<i64>("3").await.unwrap(), 3);
     w.stop().await.unwrap();
 }
@@ -84,7 +95,10 @@ async fn interrupt_an_idle_worker_is_harmless(kind: Kind) {
     let w = kind.spawn().await;
     w.interrupt().await.unwrap();
     // The next request is not hit by an interrupt aimed at nothing.
-    assert_eq!(w.remote_eval_fetch::<i64>("sleep(0.01); 5").await.unwrap(), 5);
+    assert_eq!(
+        w.remote_eval_fetch::<i64>("sleep(0.01); 5").await.unwrap(),
+        5
+    );
     w.stop().await.unwrap();
 }
 
@@ -108,11 +122,16 @@ async fn call_timeout_stops_a_runaway_call(kind: Kind) {
         .await
         .unwrap();
     w.remote_eval_wait("let kept = 5;").await.unwrap();
-    let err = finishes("timeout", w.remote_eval_fetch::<()>("loop {}")).await.unwrap_err();
+    let err = finishes("timeout", w.remote_eval_fetch::<()>("loop {}"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Timeout), "{err:?}");
     // The cooperative tier stopped it: state is kept.
     assert_eq!(w.remote_eval_fetch::<i64>("kept").await.unwrap(), 5);
     // A short call is unaffected.
-    assert_eq!(w.remote_eval_fetch::<i64>("sleep(0.01); 1").await.unwrap(), 1);
+    assert_eq!(
+        w.remote_eval_fetch::<i64>("sleep(0.01); 1").await.unwrap(),
+        1
+    );
     w.stop().await.unwrap();
 }

@@ -41,7 +41,9 @@ async fn wait_gone(pid: u32) -> bool {
 
 async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
     let w = kind.spawn().await;
-    let calls: Vec<_> = (0..10).map(|_| w.remote_eval::<()>("sleep(1000)")).collect();
+    let calls: Vec<_> = (0..10)
+        .map(|_| w.remote_eval::<()>("sleep(1000)"))
+        .collect();
     let queued = w.remote_eval::<()>("0");
     tokio::time::sleep(Duration::from_millis(20)).await;
     // SAFETY: kill(2) on the worker's own pid.
@@ -51,11 +53,24 @@ async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
         let err = finishes("a pending call", call).await.unwrap_err();
         assert!(err.is_terminated(), "{err:?}");
     }
-    assert!(finishes("the queued call", queued).await.unwrap_err().is_terminated());
+    assert!(
+        finishes("the queued call", queued)
+            .await
+            .unwrap_err()
+            .is_terminated()
+    );
     eprintln!("pending calls failed {:?} after SIGKILL", started.elapsed());
     assert!(!w.is_running());
-    assert!(!w.stop().await.unwrap(), "stop on a dead worker returns false");
-    assert!(w.remote_eval_fetch::<i64>("1").await.unwrap_err().is_terminated());
+    assert!(
+        !w.stop().await.unwrap(),
+        "stop on a dead worker returns false"
+    );
+    assert!(
+        w.remote_eval_fetch::<i64>("1")
+            .await
+            .unwrap_err()
+            .is_terminated()
+    );
 }
 
 async fn kill_fails_pending_calls(kind: Kind) {
@@ -81,7 +96,10 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
     tokio::time::sleep(Duration::from_millis(20)).await;
     w.interrupt().await.unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
-    assert!(matches!(err, Error::Interrupted { state_lost: true }), "{err:?}");
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: true }),
+        "{err:?}"
+    );
     assert_eq!(finishes("queued", queued).await.unwrap(), 5);
     assert!(w.is_running());
     // And again: the fresh instance can be killed too.
@@ -89,19 +107,32 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
     tokio::time::sleep(Duration::from_millis(20)).await;
     w.interrupt().await.unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
-    assert!(matches!(err, Error::Interrupted { state_lost: true }), "{err:?}");
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: true }),
+        "{err:?}"
+    );
     assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
     w.stop().await.unwrap();
 }
 
 async fn a_trap_resets_the_guest(kind: Kind) {
-    let w = test_guest_worker(kind).monitor_output(false).spawn().await.unwrap();
-    let err = w.remote_call_fetch::<()>("panic", ("guest bug",)).await.unwrap_err();
+    let w = test_guest_worker(kind)
+        .monitor_output(false)
+        .spawn()
+        .await
+        .unwrap();
+    let err = w
+        .remote_call_fetch::<()>("panic", ("guest bug",))
+        .await
+        .unwrap_err();
     let Error::Trap { message, .. } = &err else {
         panic!("expected a trap, got {err:?}")
     };
     assert!(message.contains("unreachable"), "{message}");
-    assert_eq!(w.remote_call_fetch::<i64>("add", (20, 22)).await.unwrap(), 42);
+    assert_eq!(
+        w.remote_call_fetch::<i64>("add", (20, 22)).await.unwrap(),
+        42
+    );
     w.stop().await.unwrap();
 }
 
@@ -112,13 +143,25 @@ async fn memory_limit_is_enforced(kind: Kind) {
         .spawn()
         .await
         .unwrap();
-    let err = w.remote_call_fetch::<usize>("alloc", (200,)).await.unwrap_err();
+    let err = w
+        .remote_call_fetch::<usize>("alloc", (200,))
+        .await
+        .unwrap_err();
     assert!(
-        matches!(err, Error::LimitExceeded { limit: Limit::Memory, .. }),
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: Limit::Memory,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // Fresh state, responsive, and a small allocation still works.
-    assert_eq!(w.remote_call_fetch::<usize>("alloc", (8,)).await.unwrap(), 8);
+    assert_eq!(
+        w.remote_call_fetch::<usize>("alloc", (8,)).await.unwrap(),
+        8
+    );
     w.stop().await.unwrap();
 }
 
@@ -177,7 +220,12 @@ fn children_of(parent: u32) -> Vec<u32> {
             continue;
         };
         // Fields after the command name: state, ppid, ...
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
             out.push(pid);
         }

@@ -55,11 +55,20 @@ async fn printing_cannot_corrupt_the_protocol(kind: Kind) {
 }
 
 async fn output_of_a_raw_guest(kind: Kind) {
-    let w = test_guest_worker(kind).monitor_output(false).spawn().await.unwrap();
+    let w = test_guest_worker(kind)
+        .monitor_output(false)
+        .spawn()
+        .await
+        .unwrap();
     let mut output = w.take_output().unwrap();
-    w.remote_call_wait("print", ("raw guest says hi",)).await.unwrap();
+    w.remote_call_wait("print", ("raw guest says hi",))
+        .await
+        .unwrap();
     w.stop().await.unwrap();
-    assert_eq!(output.read_to_string(Stream::Stdout).await, "raw guest says hi\n");
+    assert_eq!(
+        output.read_to_string(Stream::Stdout).await,
+        "raw guest says hi\n"
+    );
 }
 
 /// Env var that turns `forwarding_child` into the child side of
@@ -72,7 +81,10 @@ async fn forwarded_output_is_prefixed(kind: Kind) {
     // and read what it printed.
     let exe = std::env::current_exe().unwrap();
     let out = tokio::process::Command::new(exe)
-        .args(["--exact", &format!("output::{kind:?}_child::forwarding_child").to_lowercase()])
+        .args([
+            "--exact",
+            &format!("output::{kind:?}_child::forwarding_child").to_lowercase(),
+        ])
         .args(["--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
         .env("NO_COLOR", "1")
@@ -87,7 +99,10 @@ async fn forwarded_output_is_prefixed(kind: Kind) {
         .find(|l| l.contains("forwarded line"))
         .unwrap_or_else(|| panic!("no forwarded line in:\n{stdout}"));
     // libtest may print "test name ... " in front of the child's output.
-    let prefixed = line.split("[worker ").nth(1).unwrap_or_else(|| panic!("no prefix: {line}"));
+    let prefixed = line
+        .split("[worker ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no prefix: {line}"));
     let (number, rest) = prefixed.split_once("] ").unwrap();
     assert!(number.parse::<u64>().is_ok(), "{line}");
     assert_eq!(rest, "forwarded line");

@@ -37,7 +37,10 @@ async fn a_core_module_is_not_a_component() {
     let module = wat::parse_str("(module (func (export \"call\")))").unwrap();
     let path = write_temp("core.wasm", &module);
     let msg = spawn_error(Worker::wasm(&path)).await;
-    assert!(msg.contains("core WebAssembly module, not a component"), "{msg}");
+    assert!(
+        msg.contains("core WebAssembly module, not a component"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -45,12 +48,17 @@ async fn a_component_of_another_world() {
     let empty = wat::parse_str("(component)").unwrap();
     let path = write_temp("empty-component.wasm", &empty);
     let msg = spawn_error(Worker::wasm(&path)).await;
-    assert!(msg.contains("does not implement the malt:worker world"), "{msg}");
+    assert!(
+        msg.contains("does not implement the malt:worker world"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
 async fn a_component_with_unknown_imports() {
-    let c = wat::parse_str(r#"(component (import "acme:thing/api" (instance (export "f" (func)))))"#).unwrap();
+    let c =
+        wat::parse_str(r#"(component (import "acme:thing/api" (instance (export "f" (func)))))"#)
+            .unwrap();
     let path = write_temp("imports.wasm", &c);
     let msg = spawn_error(Worker::wasm(&path)).await;
     assert!(msg.contains("imports cannot be satisfied"), "{msg}");

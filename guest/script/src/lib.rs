@@ -160,7 +160,8 @@ impl Session {
         let h = host.clone();
         engine.register_fn("channel_put", move |name: &str, value: Dynamic| {
             let bytes = encode(&value).map_err(runtime_error)?;
-            h.channel_put(name, bytes).map_err(|e| channel_error(&*h, e))
+            h.channel_put(name, bytes)
+                .map_err(|e| channel_error(&*h, e))
         });
         let h = host.clone();
         engine.register_fn("channel_take", move |name: &str| -> RhaiResult<Dynamic> {
@@ -168,10 +169,14 @@ impl Session {
             decode(&bytes).map_err(runtime_error)
         });
         let h = host;
-        engine.register_fn("channel_is_ready", move |name: &str| h.channel_is_ready(name));
+        engine.register_fn("channel_is_ready", move |name: &str| {
+            h.channel_is_ready(name)
+        });
         // Only variables the manager granted exist: workers inherit none.
         engine.register_fn("env", |name: &str| -> Dynamic {
-            std::env::var(name).map(Dynamic::from).unwrap_or(Dynamic::UNIT)
+            std::env::var(name)
+                .map(Dynamic::from)
+                .unwrap_or(Dynamic::UNIT)
         });
 
         Session {
@@ -238,6 +243,7 @@ fn describe(error: &EvalAltResult) -> String {
                 format!("{text} ({pos})")
             }
         }
+        EvalAltResult::ErrorTerminated(..) => "interrupted".to_string(),
         other => other.to_string(),
     }
 }
@@ -336,7 +342,10 @@ mod tests {
                 .ok_or_else(|| "empty".to_string())
         }
         fn channel_is_ready(&self, name: &str) -> bool {
-            self.channels.borrow().get(name).is_some_and(|q| !q.is_empty())
+            self.channels
+                .borrow()
+                .get(name)
+                .is_some_and(|q| !q.is_empty())
         }
     }
 
@@ -383,9 +392,7 @@ mod tests {
     #[test]
     fn limits_fail_cleanly() {
         let mut s = Session::new(Rc::new(TestHost::default()));
-        let err = s
-            .eval(r#"let s = "x"; loop { s += s; }"#)
-            .unwrap_err();
+        let err = s.eval(r#"let s = "x"; loop { s += s; }"#).unwrap_err();
         assert!(err.to_lowercase().contains("too large"), "{err}");
         let err = s.eval("fn f(n) { f(n + 1) } f(0)").unwrap_err();
         assert!(err.to_lowercase().contains("stack overflow"), "{err}");
