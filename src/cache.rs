@@ -25,12 +25,14 @@ pub(crate) const WASMTIME_VERSION: &str = "48.0.8";
 /// Environment variable that overrides the cache directory.
 pub const CACHE_DIR_ENV: &str = "MALT_CACHE_DIR";
 
-/// The compiling engine, made once per process.
-fn engine() -> Result<&'static Engine> {
-    static ENGINE: OnceLock<std::result::Result<Engine, String>> = OnceLock::new();
-    ENGINE
+/// The compiling engines (without and with fuel metering), made once per
+/// process.
+fn engine(fuel: bool) -> Result<&'static Engine> {
+    static ENGINES: [OnceLock<std::result::Result<Engine, String>>; 2] =
+        [OnceLock::new(), OnceLock::new()];
+    ENGINES[fuel as usize]
         .get_or_init(|| {
-            Engine::new(&crate::host::wasm::engine_config()).map_err(|e| format!("{e:#}"))
+            Engine::new(&crate::host::wasm::engine_config(fuel)).map_err(|e| format!("{e:#}"))
         })
         .as_ref()
         .map_err(|e| Error::Component(format!("cannot create the wasm engine: {e}")))
@@ -119,35 +121,46 @@ pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Artifacts known to be in the cache, by component hash.
-fn known() -> &'static Mutex<HashMap<String, PathBuf>> {
-    static KNOWN: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+/// Artifacts known to be in the cache, by component hash and fuel.
+fn known() -> &'static Mutex<HashMap<(String, bool), PathBuf>> {
+    static KNOWN: OnceLock<Mutex<HashMap<(String, bool), PathBuf>>> = OnceLock::new();
     KNOWN.get_or_init(Default::default)
 }
 
 /// Returns the path of the compiled artifact for a component, compiling
 /// it first if the cache does not have it. Blocking: call it off the
 /// async runtime.
-pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str) -> Result<PathBuf> {
-    if let Some(path) = known()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(sha256)
-    {
+pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Result<PathBuf> {
+    let key = (sha256.to_string(), fuel);
+    if let Some(path) = known().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(path.clone());
     }
-    let engine = engine()?;
-    let dir = cache_dir();
-    let path = dir.join(format!("{sha256}-{}.cwasm", compatibility_key(engine)));
+    let path = artifact_path(sha256, fuel)?;
     if !path.exists() {
-        private_dir(&dir)?;
-        compile_into(engine, bytes, &path, what)?;
+        private_dir(path.parent().expect("artifact paths have a parent"))?;
+        compile_into(engine(fuel)?, bytes, &path, what)?;
     }
     known()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(sha256.to_string(), path.clone());
+        .insert(key, path.clone());
     Ok(path)
+}
+
+/// Where the artifact of a component (by hash) lives in the cache.
+pub(crate) fn artifact_path(sha256: &str, fuel: bool) -> Result<PathBuf> {
+    let engine = engine(fuel)?;
+    Ok(cache_dir().join(format!("{sha256}-{}.cwasm", compatibility_key(engine))))
+}
+
+/// Compiles a component to a standalone artifact file (for `malt compile -o`).
+pub(crate) fn compile_to_file(bytes: &[u8], what: &str, out: &Path, fuel: bool) -> Result<()> {
+    check_component(bytes, what)?;
+    let compiled = engine(fuel)?
+        .precompile_component(bytes)
+        .map_err(|e| Error::Component(format!("cannot compile {what}: {e:#}")))?;
+    std::fs::write(out, compiled)
+        .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))
 }
 
 /// Compiles under a file lock, so that concurrent managers compile a

@@ -94,6 +94,7 @@ pub mod host;
 mod output;
 mod process;
 pub mod protocol;
+pub mod tools;
 mod worker;
 
 pub use cache::{CACHE_DIR_ENV, cache_dir};
@@ -101,6 +102,7 @@ pub use channel::WorkerChannel;
 pub use error::{Error, Limit, RemoteException, Result};
 pub use output::{OutputChunk, Stream, WorkerOutput};
 pub use process::HOST_PROGRAM_ENV;
+pub use protocol::DirGrant;
 pub use worker::{
     CallHandle, DEFAULT_INTERRUPT_GRACE, DEFAULT_MEMORY_LIMIT, DEFAULT_SPAWN_TIMEOUT, Worker,
     WorkerBuilder,

@@ -78,9 +78,9 @@ fn color_enabled(stream: Stream) -> bool {
 }
 
 impl OutputSink {
-    pub fn forward(worker: &str) -> Self {
+    pub fn forward(prefix: String) -> Self {
         OutputSink::Forward {
-            prefix: format!("[{worker}] "),
+            prefix,
             partial: [Vec::new(), Vec::new()],
         }
     }

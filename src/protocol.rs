@@ -68,6 +68,8 @@ pub struct HostConfig {
     pub call_timeout: Option<Duration>,
     /// Cap on one frame in either direction.
     pub max_frame: usize,
+    /// Fuel (roughly, wasm instructions) each request may burn, if limited.
+    pub fuel: Option<u64>,
     /// Environment variables the guest sees.
     pub env: Vec<(String, String)>,
     /// Directories the guest sees.
@@ -143,6 +145,8 @@ pub enum Limit {
     Memory,
     /// A frame or value larger than the frame cap.
     FrameSize,
+    /// The fuel (instruction budget) of one request.
+    Fuel,
 }
 
 impl std::fmt::Display for Limit {
@@ -150,6 +154,7 @@ impl std::fmt::Display for Limit {
         f.write_str(match self {
             Limit::Memory => "memory limit",
             Limit::FrameSize => "frame size limit",
+            Limit::Fuel => "fuel limit",
         })
     }
 }

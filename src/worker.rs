@@ -64,6 +64,8 @@ pub struct WorkerBuilder {
     host_program: Option<PathBuf>,
     max_frame: usize,
     spawn_timeout: Duration,
+    fuel: Option<u64>,
+    prefix_output: bool,
 }
 
 impl WorkerBuilder {
@@ -79,6 +81,8 @@ impl WorkerBuilder {
             host_program: None,
             max_frame: DEFAULT_MAX_FRAME,
             spawn_timeout: DEFAULT_SPAWN_TIMEOUT,
+            fuel: None,
+            prefix_output: true,
         }
     }
 
@@ -143,6 +147,24 @@ impl WorkerBuilder {
         self
     }
 
+    /// Limits each request to `fuel` units (about one per wasm
+    /// instruction). A request that runs out fails with
+    /// [`Error::LimitExceeded`] (`Limit::Fuel`) and the guest is reset.
+    /// Metering costs speed, and the component is compiled separately
+    /// for it.
+    pub fn fuel(mut self, fuel: u64) -> Self {
+        self.fuel = Some(fuel);
+        self
+    }
+
+    /// Whether forwarded output lines get the `[worker N] ` prefix
+    /// (default: on). A program with a single worker may want its output
+    /// as is.
+    pub fn prefix_output(mut self, on: bool) -> Self {
+        self.prefix_output = on;
+        self
+    }
+
     /// The program to run as the worker's host: `malt` itself, or any
     /// program that calls [`crate::host::main_if_host`] first thing in
     /// `main`. By default malt looks for `malt` (see the crate docs).
@@ -186,10 +208,11 @@ impl WorkerBuilder {
             message,
             stderr,
         };
+        let fuel = self.fuel.is_some();
         let artifact = match &self.guest {
             GuestSource::Script => {
-                tokio::task::spawn_blocking(|| {
-                    cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest")
+                tokio::task::spawn_blocking(move || {
+                    cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest", fuel)
                 })
                 .await
             }
@@ -200,7 +223,7 @@ impl WorkerBuilder {
                     let bytes = std::fs::read(&path)
                         .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
                     cache::check_component(&bytes, &what)?;
-                    cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what)
+                    cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what, fuel)
                 })
                 .await
             }
@@ -224,7 +247,12 @@ impl WorkerBuilder {
             BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
         let stderr_tail = Arc::new(Mutex::new(String::new()));
         let (output, captured) = if self.monitor_output {
-            (OutputSink::forward(label), None)
+            let prefix = if self.prefix_output {
+                format!("[{label}] ")
+            } else {
+                String::new()
+            };
+            (OutputSink::forward(prefix), None)
         } else {
             let (sink, rx) = OutputSink::capture();
             (sink, Some(rx))
@@ -250,6 +278,7 @@ impl WorkerBuilder {
             interrupt_grace: self.interrupt_grace,
             call_timeout: self.call_timeout,
             max_frame: self.max_frame,
+            fuel: self.fuel,
             env: self.env.clone(),
             dirs: self.dirs.clone(),
         };

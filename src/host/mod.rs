@@ -74,6 +74,7 @@ pub(crate) enum GuestError {
     Trap {
         message: String,
         memory_limit_hit: bool,
+        out_of_fuel: bool,
     },
 }
 
@@ -312,8 +313,13 @@ fn guest_loop(mut guest: impl Guest, work: Receiver<(u64, Work, ReplyMode)>, sha
             Err(GuestError::Trap {
                 message,
                 memory_limit_hit,
+                out_of_fuel,
             }) => Err(match ended.interrupted {
                 Some(reason) if ended.killed => reason.failure(true),
+                _ if out_of_fuel => Failure::Limit {
+                    limit: protocol::Limit::Fuel,
+                    message: "the request used up its fuel; the guest was reset".into(),
+                },
                 _ if memory_limit_hit => Failure::Limit {
                     limit: protocol::Limit::Memory,
                     message: format!("the guest ran out of its memory limit ({message})"),

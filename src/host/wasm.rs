@@ -32,10 +32,14 @@ use bindings::WorkerPre as BindingsPre;
 
 /// The engine configuration shared by the compiler (manager side) and
 /// every host: an artifact only loads into an engine configured alike.
-pub(crate) fn engine_config() -> wasmtime::Config {
+///
+/// Fuel metering changes the generated code, so a worker with a fuel
+/// limit runs an artifact compiled for it.
+pub(crate) fn engine_config(fuel: bool) -> wasmtime::Config {
     let mut config = wasmtime::Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
+    config.consume_fuel(fuel);
     config
 }
 
@@ -192,7 +196,7 @@ impl WasmGuest {
     /// Loads the precompiled component and instantiates it.
     pub fn load(config: &HostConfig, shared: Arc<Shared>) -> wasmtime::Result<Self> {
         let GuestSpec::Artifact { path } = &config.guest;
-        let engine = Engine::new(&engine_config())?;
+        let engine = Engine::new(&engine_config(config.fuel.is_some()))?;
         // SAFETY: artifacts come from malt's private (0700) cache or a file
         // the manager's user chose; deserialize checks the header, the
         // wasmtime version and the engine configuration.
@@ -232,24 +236,14 @@ impl WasmGuest {
     }
 }
 
-fn instantiate(
-    engine: &Engine,
-    pre: &BindingsPre<State>,
-    config: &HostConfig,
-    shared: &Arc<Shared>,
-) -> wasmtime::Result<(Store<State>, Bindings)> {
+/// The WASI context every guest gets: nothing but what was granted. No
+/// stdin, no network, no arguments; only the granted environment
+/// variables and directories.
+pub(crate) fn sandbox(config: &HostConfig) -> wasmtime::Result<WasiCtxBuilder> {
     let mut wasi = WasiCtxBuilder::new();
-    wasi.stdout(FrameOutput {
-        shared: shared.clone(),
-        stream: Stream::Stdout,
-    })
-    .stderr(FrameOutput {
-        shared: shared.clone(),
-        stream: Stream::Stderr,
-    })
-    .allow_tcp(false)
-    .allow_udp(false)
-    .allow_ip_name_lookup(false);
+    wasi.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
     for (k, v) in &config.env {
         wasi.env(k, v);
     }
@@ -262,6 +256,24 @@ fn instantiate(
         wasi.preopened_dir(&dir.host, &dir.guest, perms)
             .map_err(|e| e.context(format!("cannot open the granted directory {}", dir.host)))?;
     }
+    Ok(wasi)
+}
+
+fn instantiate(
+    engine: &Engine,
+    pre: &BindingsPre<State>,
+    config: &HostConfig,
+    shared: &Arc<Shared>,
+) -> wasmtime::Result<(Store<State>, Bindings)> {
+    let mut wasi = sandbox(config)?;
+    wasi.stdout(FrameOutput {
+        shared: shared.clone(),
+        stream: Stream::Stdout,
+    })
+    .stderr(FrameOutput {
+        shared: shared.clone(),
+        stream: Stream::Stderr,
+    });
     let state = State {
         shared: shared.clone(),
         wasi: wasi.build(),
@@ -284,6 +296,10 @@ fn instantiate(
         }
     });
     store.set_epoch_deadline(1);
+    if let Some(fuel) = config.fuel {
+        // Instantiation runs guest code too.
+        store.set_fuel(fuel)?;
+    }
     let bindings = pre.instantiate(&mut store)?;
     Ok((store, bindings))
 }
@@ -292,6 +308,11 @@ impl super::Guest for WasmGuest {
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {
         self.store.data_mut().limiter.memory_hit = false;
         self.store.set_epoch_deadline(1);
+        if let Some(fuel) = self.config.fuel {
+            self.store
+                .set_fuel(fuel)
+                .expect("fuel is enabled in the engine of a worker with a fuel limit");
+        }
         let result = match work {
             Work::Call { name, args } => self.bindings.call_call(&mut self.store, name, args),
             Work::Eval { code } => self.bindings.call_eval(&mut self.store, code),
@@ -301,6 +322,8 @@ impl super::Guest for WasmGuest {
             Ok(Err(message)) => Err(GuestError::Error(message)),
             Err(trap) => {
                 let memory_limit_hit = self.store.data().limiter.memory_hit;
+                let out_of_fuel =
+                    trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel);
                 let message = describe_trap(&trap);
                 if let Err(e) = self.reset() {
                     // A store that instantiated once instantiates again;
@@ -311,6 +334,7 @@ impl super::Guest for WasmGuest {
                 Err(GuestError::Trap {
                     message,
                     memory_limit_hit,
+                    out_of_fuel,
                 })
             }
         }

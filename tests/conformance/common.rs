@@ -50,42 +50,7 @@ macro_rules! conformance {
     };
 }
 
-/// The raw test guest (`guest/testing`) as a wasm component, built on first
-/// use (CI builds it before the tests).
-pub fn test_guest() -> std::path::PathBuf {
-    use std::path::PathBuf;
-    use std::sync::OnceLock;
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"))
-            .join("guest");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .current_dir(&root)
-            .args([
-                "build",
-                "--quiet",
-                "--manifest-path",
-                "guest/testing/Cargo.toml",
-            ])
-            .args([
-                "--target",
-                "wasm32-wasip2",
-                "--profile",
-                "guest",
-                "--target-dir",
-            ])
-            .arg(&target)
-            .status()
-            .expect("run cargo to build the test guest");
-        assert!(status.success(), "building guest/testing failed");
-        target.join("wasm32-wasip2/guest/malt_test_guest.wasm")
-    })
-    .clone()
-}
+pub use crate::guests::test_guest;
 
 /// A worker of this kind running the raw test guest.
 pub fn test_guest_worker(kind: Kind) -> WorkerBuilder {

@@ -6,6 +6,8 @@
 //! instantiates it as one `#[tokio::test]` per kind.
 
 mod common;
+#[path = "../support/guests.rs"]
+mod guests;
 
 mod basic;
 mod channels;

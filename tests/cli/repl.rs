@@ -1,0 +1,56 @@
+//! `malt repl` driven through a real pseudo-terminal.
+
+use rexpect::session::spawn_command;
+
+fn repl() -> rexpect::session::PtySession {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_malt"));
+    cmd.arg("repl")
+        .env("NO_COLOR", "1")
+        .env("MALT_CACHE_DIR", cache_dir());
+    spawn_command(cmd, Some(60_000)).expect("start malt repl")
+}
+
+/// A cache of our own, so the REPL's history file stays out of the way.
+fn cache_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("malt-repl-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn define_call_interrupt_and_exit() {
+    let mut p = repl();
+    p.exp_string("Ctrl-C interrupts").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("fn sq(x) { x * x }").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("let kept = sq(7);").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("kept").unwrap();
+    p.exp_string("49").unwrap();
+    // Multi-line input.
+    p.exp_string("malt> ").unwrap();
+    p.send_line("fn cube(x) {").unwrap();
+    p.exp_string("....> ").unwrap();
+    p.send_line("  x * x * x }").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("cube(3)").unwrap();
+    p.exp_string("27").unwrap();
+    // A runaway loop, interrupted with Ctrl-C.
+    p.exp_string("malt> ").unwrap();
+    p.send_line("loop { kept += 0; }").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    p.send_control('c').unwrap();
+    p.exp_string("interrupted (the session is intact)").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("kept + 1").unwrap();
+    p.exp_string("50").unwrap();
+    // Errors are shown and the session goes on.
+    p.exp_string("malt> ").unwrap();
+    p.send_line(r#"throw "oops""#).unwrap();
+    p.exp_string("oops").unwrap();
+    p.exp_string("malt> ").unwrap();
+    // Ctrl-D stops the worker and exits.
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
