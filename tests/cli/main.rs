@@ -209,7 +209,7 @@ fn inspect_describes_a_component() {
         .arg(test_guest())
         .assert()
         .success()
-        .stdout(predicate::str::contains("malt guest:    yes"))
+        .stdout(predicate::str::contains("malt guest:    yes\n"))
         .stdout(predicate::str::contains("call (func)"))
         .stdout(predicate::str::contains("eval (func)"))
         .stdout(predicate::str::contains("wasi:cli/stdout"));

@@ -555,6 +555,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     // Started as a worker host: serve the protocol and never return.
     malt::host::main_if_host();
+    // Like other Unix tools, end quietly when the reader of our output
+    // goes away (`malt inspect x | head`) instead of panicking.
+    // SAFETY: restoring the default disposition of SIGPIPE has no
+    // preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
