@@ -87,8 +87,10 @@
 //! Compiled components are cached in `$MALT_CACHE_DIR` (default
 //! `~/.cache/malt`), a directory only its owner may write.
 
+pub mod blocking;
 mod cache;
 mod channel;
+mod connection;
 mod error;
 pub mod host;
 mod output;

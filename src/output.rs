@@ -60,9 +60,10 @@ pub(crate) enum OutputSink {
         prefix: String,
         partial: [Vec<u8>; 2],
     },
-    /// To the caller.
+    /// To the caller (`None` once the worker is gone, which ends the
+    /// caller's stream).
     Capture {
-        tx: mpsc::Sender<OutputChunk>,
+        tx: Option<mpsc::Sender<OutputChunk>>,
         dropped: usize,
     },
 }
@@ -87,7 +88,13 @@ impl OutputSink {
 
     pub fn capture() -> (Self, WorkerOutput) {
         let (tx, rx) = mpsc::channel(CAPTURE_CHUNKS);
-        (OutputSink::Capture { tx, dropped: 0 }, WorkerOutput { rx })
+        (
+            OutputSink::Capture {
+                tx: Some(tx),
+                dropped: 0,
+            },
+            WorkerOutput { rx },
+        )
     }
 
     pub fn write(&mut self, stream: Stream, data: &[u8]) {
@@ -102,6 +109,7 @@ impl OutputSink {
                 }
             }
             OutputSink::Capture { tx, dropped } => {
+                let Some(tx) = tx else { return };
                 if *dropped > 0 {
                     let notice = format!("[malt: {dropped} bytes of worker output were dropped]\n");
                     if tx
@@ -127,14 +135,17 @@ impl OutputSink {
 
     /// Writes out partial lines (the worker is gone).
     pub fn finish(&mut self) {
-        if let OutputSink::Forward { prefix, partial } = self {
-            for (stream, buf) in [Stream::Stdout, Stream::Stderr].into_iter().zip(partial) {
-                if !buf.is_empty() {
-                    buf.push(b'\n');
-                    emit(prefix, stream, buf);
-                    buf.clear();
+        match self {
+            OutputSink::Forward { prefix, partial } => {
+                for (stream, buf) in [Stream::Stdout, Stream::Stderr].into_iter().zip(partial) {
+                    if !buf.is_empty() {
+                        buf.push(b'\n');
+                        emit(prefix, stream, buf);
+                        buf.clear();
+                    }
                 }
             }
+            OutputSink::Capture { tx, .. } => *tx = None,
         }
     }
 }

@@ -84,6 +84,11 @@ pub enum GuestSpec {
         /// Path of the artifact.
         path: String,
     },
+    /// The script guest, compiled into the host natively (no wasm).
+    NativeScript,
+    /// The native guest the host program registered (see
+    /// `malt::host::serve_native`).
+    Native,
 }
 
 /// Messages from the manager to the host.
@@ -185,11 +190,16 @@ pub enum FromHost {
         kind: String,
         pid: u32,
     },
-    /// The answer to a request. `None` when no value was asked for.
+    /// The answer to a request. `None` when no value was asked for
+    /// (`remote_do` gets one too, so the manager knows it ran).
     Reply {
         id: u64,
         result: Result<Option<serde_bytes::ByteBuf>, Failure>,
     },
+    /// The host killed a request the only way a native guest can be
+    /// killed, by exiting; the manager starts a fresh host and sends it
+    /// the requests still unanswered.
+    Restart,
     /// A chunk of guest output.
     Output {
         stream: Stream,

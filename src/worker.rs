@@ -1,22 +1,21 @@
 //! The manager's handle on a worker, and how workers are started.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::channel::WorkerChannel;
+use crate::connection::{self, Launch, Signal};
 use crate::error::{Error, RemoteException, Result};
 use crate::output::{OutputSink, WorkerOutput};
 use crate::protocol::{
@@ -34,8 +33,6 @@ pub const DEFAULT_SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`Worker::stop`] waits after the stop message, then after
 /// SIGTERM, before escalating.
 const STOP_STEP: Duration = Duration::from_secs(2);
-/// Bytes of a host's own stderr kept for error messages.
-const STDERR_TAIL: usize = 4096;
 
 static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
 
@@ -45,8 +42,14 @@ const SCRIPT_SHA256: &str = include_str!(concat!(env!("OUT_DIR"), "/malt_script.
 
 #[derive(Debug, Clone)]
 enum GuestSource {
+    /// The embedded script guest as a wasm component.
     Script,
+    /// A wasm component file.
     Wasm(PathBuf),
+    /// The script guest compiled into the host (no wasm).
+    NativeScript,
+    /// A program serving its own native guest.
+    NativeProgram(PathBuf),
 }
 
 /// Configures and starts a worker; made by [`Worker::script`] or
@@ -66,6 +69,7 @@ pub struct WorkerBuilder {
     spawn_timeout: Duration,
     fuel: Option<u64>,
     prefix_output: bool,
+    in_process: bool,
 }
 
 impl WorkerBuilder {
@@ -83,6 +87,7 @@ impl WorkerBuilder {
             spawn_timeout: DEFAULT_SPAWN_TIMEOUT,
             fuel: None,
             prefix_output: true,
+            in_process: false,
         }
     }
 
@@ -144,6 +149,15 @@ impl WorkerBuilder {
     /// When off, read it with [`Worker::take_output`].
     pub fn monitor_output(mut self, on: bool) -> Self {
         self.monitor_output = on;
+        self
+    }
+
+    /// Runs the guest on a thread of this process instead of a process of
+    /// its own: the wasm sandbox is the only wall, and a start costs no
+    /// process. Same API and semantics (interrupts included). Wasm guests
+    /// only.
+    pub fn in_process(mut self) -> Self {
+        self.in_process = true;
         self
     }
 
@@ -209,43 +223,57 @@ impl WorkerBuilder {
             stderr,
         };
         let fuel = self.fuel.is_some();
-        let artifact = match &self.guest {
-            GuestSource::Script => {
-                tokio::task::spawn_blocking(move || {
-                    cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest", fuel)
+        let (kind, guest, program) = match &self.guest {
+            GuestSource::Script | GuestSource::Wasm(_) => {
+                let source = self.guest.clone();
+                let artifact = tokio::task::spawn_blocking(move || match source {
+                    GuestSource::Wasm(path) => {
+                        let what = path.display().to_string();
+                        let bytes = std::fs::read(&path).map_err(|e| {
+                            Error::io(format!("cannot read the component {what}"), e)
+                        })?;
+                        cache::check_component(&bytes, &what)?;
+                        cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what, fuel)
+                    }
+                    _ => cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest", fuel),
                 })
                 .await
+                .map_err(|e| {
+                    spawn_error(format!("preparing the guest panicked: {e}"), String::new())
+                })?
+                .map_err(|e| spawn_error(e.to_string(), String::new()))?;
+                let spec = GuestSpec::Artifact {
+                    path: artifact.to_string_lossy().into_owned(),
+                };
+                let program = if self.in_process {
+                    None
+                } else {
+                    Some(
+                        process::host_program(self.host_program.as_deref())
+                            .map_err(|m| spawn_error(m, String::new()))?,
+                    )
+                };
+                let kind = if self.in_process {
+                    "in-process"
+                } else {
+                    "wasm"
+                };
+                (kind, spec, program)
             }
-            GuestSource::Wasm(path) => {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || {
-                    let what = path.display().to_string();
-                    let bytes = std::fs::read(&path)
-                        .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
-                    cache::check_component(&bytes, &what)?;
-                    cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what, fuel)
-                })
-                .await
-            }
-        }
-        .map_err(|e| spawn_error(format!("preparing the guest panicked: {e}"), String::new()))?
-        .map_err(|e| spawn_error(e.to_string(), String::new()))?;
-
-        let program = process::host_program(self.host_program.as_deref())
-            .map_err(|m| spawn_error(m, String::new()))?;
-        let mut child = process::spawn_host(&program, &[crate::host::HOST_ARG.into()])
-            .await
-            .map_err(|e| {
-                spawn_error(
-                    format!("cannot run {}: {e}", program.display()),
+            GuestSource::NativeScript | GuestSource::NativeProgram(_) if self.in_process => {
+                return Err(spawn_error(
+                    "an in-process worker runs wasm guests only".into(),
                     String::new(),
-                )
-            })?;
-        let pid = child.id().unwrap_or(0);
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        let mut stdout =
-            BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
-        let stderr_tail = Arc::new(Mutex::new(String::new()));
+                ));
+            }
+            GuestSource::NativeScript => {
+                let program = process::host_program(self.host_program.as_deref())
+                    .map_err(|m| spawn_error(m, String::new()))?;
+                ("native", GuestSpec::NativeScript, Some(program))
+            }
+            GuestSource::NativeProgram(path) => ("native", GuestSpec::Native, Some(path.clone())),
+        };
+
         let (output, captured) = if self.monitor_output {
             let prefix = if self.prefix_output {
                 format!("[{label}] ")
@@ -257,92 +285,47 @@ impl WorkerBuilder {
             let (sink, rx) = OutputSink::capture();
             (sink, Some(rx))
         };
-        let output = Arc::new(Mutex::new(output));
-        // Until the host is up, what it writes on stderr belongs in the
-        // spawn error, not in the manager's output.
-        let started = Arc::new(AtomicBool::new(false));
-        let stderr_task = tokio::spawn(read_host_stderr(
-            child.stderr.take().expect("piped stderr"),
-            stderr_tail.clone(),
-            output.clone(),
-            started.clone(),
-        ));
-
-        let config = HostConfig {
-            version: PROTOCOL_VERSION,
-            name: label.to_string(),
-            guest: GuestSpec::Artifact {
-                path: artifact.to_string_lossy().into_owned(),
+        let launch = Launch {
+            program,
+            config: HostConfig {
+                version: PROTOCOL_VERSION,
+                name: label.to_string(),
+                guest,
+                memory_limit: self.memory_limit,
+                interrupt_grace: self.interrupt_grace,
+                call_timeout: self.call_timeout,
+                max_frame: self.max_frame,
+                fuel: self.fuel,
+                env: self.env.clone(),
+                dirs: self.dirs.clone(),
             },
-            memory_limit: self.memory_limit,
-            interrupt_grace: self.interrupt_grace,
-            call_timeout: self.call_timeout,
+            output: Arc::new(Mutex::new(output)),
+            stderr_tail: Arc::new(Mutex::new(String::new())),
             max_frame: self.max_frame,
-            fuel: self.fuel,
-            env: self.env.clone(),
-            dirs: self.dirs.clone(),
         };
-        let hello = async {
-            stdin
-                .write_all(&protocol::encode(&ToHost::Init(Box::new(config))))
-                .await
-                .map_err(|e| format!("the host process exited during startup ({e})"))?;
-            stdin.flush().await.map_err(|e| e.to_string())?;
-            match read_message(&mut stdout, 1 << 20).await {
-                Ok(Some(FromHost::Hello { version, .. })) if version == PROTOCOL_VERSION => Ok(()),
-                Ok(Some(FromHost::Hello { version, .. })) => Err(format!(
-                    "the host speaks protocol version {version}, this manager {PROTOCOL_VERSION}"
-                )),
-                Ok(Some(FromHost::Fatal { message })) => Err(message),
-                Ok(Some(other)) => Err(format!("unexpected first message {other:?}")),
-                Ok(None) => Err("the host process exited during startup".to_string()),
-                Err(e) => Err(e),
-            }
-        }
-        .await;
-        if let Err(message) = hello {
-            let _ = child.start_kill();
-            let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
-            let mut message = message;
-            if let Ok(Ok(status)) = status {
-                if !status.success() && message.contains("exited") {
-                    message = format!("{message} ({status})");
-                }
-            }
-            let tail = stderr_tail
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            return Err(spawn_error(message, tail));
-        }
+        let conn = connection::connect(&launch)
+            .await
+            .map_err(|e| spawn_error(e.message, e.stderr))?;
 
-        started.store(true, Ordering::Release);
-        let name = format!("{label} (pid {pid})");
-        let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-        let (signal_tx, signal_rx) = mpsc::unbounded_channel();
-        let (exit_tx, exit_rx) = watch::channel(None);
+        let (exit, _) = watch::channel(None);
         let inner = Arc::new(Inner {
-            name: name.clone(),
+            name: format!("{label} ({kind})"),
             number,
-            pid,
-            frames: frames_tx,
-            pending: Mutex::new(Pending::default()),
+            kind,
+            pending: Mutex::new(Pending {
+                waiting: BTreeMap::new(),
+                closed: false,
+                frames: conn.frames,
+                signals: conn.signals,
+            }),
+            pid: AtomicU32::new(conn.pid),
             next_id: AtomicU64::new(1),
             running: AtomicBool::new(true),
-            signals: signal_tx,
-            exit: exit_rx,
-            max_frame: self.max_frame,
-            stderr_tail,
+            exit,
+            restartable: kind == "native",
+            launch,
         });
-        tokio::spawn(write_frames(stdin, frames_rx));
-        tokio::spawn(read_frames(stdout, inner.clone(), output));
-        tokio::spawn(watch_process(
-            child,
-            signal_rx,
-            exit_tx,
-            Arc::downgrade(&inner),
-        ));
+        tokio::spawn(read_frames(inner.clone(), conn.reader, conn.exited));
         Ok(Worker {
             inner,
             output: Mutex::new(captured),
@@ -350,189 +333,131 @@ impl WorkerBuilder {
     }
 }
 
-/// Reads one message; `Ok(None)` at a clean end of stream.
-async fn read_message(
-    reader: &mut (impl tokio::io::AsyncRead + Unpin),
-    max: usize,
-) -> std::result::Result<Option<FromHost>, String> {
-    match read_body(reader, max).await? {
-        None => Ok(None),
-        Some(body) => protocol::decode(&body).map(Some).map_err(|e| e.to_string()),
-    }
-}
-
-async fn read_body(
-    reader: &mut (impl tokio::io::AsyncRead + Unpin),
-    max: usize,
-) -> std::result::Result<Option<Vec<u8>>, String> {
-    let mut header = [0u8; protocol::HEADER_LEN];
-    match reader.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let len = u32::from_le_bytes(header) as usize;
-    if len > max {
-        return Err(format!("a frame of {len} bytes is over the {max} byte cap"));
-    }
-    let mut body = vec![0u8; len];
-    reader
-        .read_exact(&mut body)
-        .await
-        .map_err(|e| format!("truncated frame: {e}"))?;
-    Ok(Some(body))
-}
-
-async fn read_host_stderr(
-    mut stderr: ChildStderr,
-    tail: Arc<Mutex<String>>,
-    output: Arc<Mutex<OutputSink>>,
-    started: Arc<AtomicBool>,
-) {
-    let mut buf = vec![0u8; 8192];
-    loop {
-        match stderr.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let text = String::from_utf8_lossy(&buf[..n]);
-                {
-                    let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-                    tail.push_str(&text);
-                    if tail.len() > STDERR_TAIL {
-                        let mut cut = tail.len() - STDERR_TAIL;
-                        while !tail.is_char_boundary(cut) {
-                            cut += 1;
-                        }
-                        tail.drain(..cut);
-                    }
-                }
-                if started.load(Ordering::Acquire) {
-                    output
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .write(protocol::Stream::Stderr, &buf[..n]);
-                }
-            }
-        }
-    }
-}
-
-/// Writes queued frames to the host, flushing when the queue runs dry so
-/// that pipelined requests go out in few writes.
-async fn write_frames(
-    stdin: tokio::process::ChildStdin,
-    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
-) {
-    let mut out = tokio::io::BufWriter::with_capacity(64 << 10, stdin);
-    while let Some(frame) = frames.recv().await {
-        if out.write_all(&frame).await.is_err() {
-            return;
-        }
-        while let Ok(frame) = frames.try_recv() {
-            if out.write_all(&frame).await.is_err() {
-                return;
-            }
-        }
-        if out.flush().await.is_err() {
-            return;
-        }
-    }
-}
-
+/// Reads the host's frames until the worker is gone; restarts a native
+/// host that asked for it.
 async fn read_frames(
-    mut stdout: BufReader<ChildStdout>,
     inner: Arc<Inner>,
-    output: Arc<Mutex<OutputSink>>,
+    mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    mut exited: tokio::sync::oneshot::Receiver<std::process::ExitStatus>,
 ) {
-    let reason = loop {
-        let body = match read_body(&mut stdout, inner.max_frame).await {
-            Ok(Some(body)) => body,
-            Ok(None) => break None,
-            Err(e) => break Some(e),
+    loop {
+        let mut restart = false;
+        let broken = loop {
+            let body = match connection::read_body(&mut *reader, inner.launch.max_frame).await {
+                Ok(Some(body)) => body,
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            };
+            match protocol::decode::<FromHost>(&body) {
+                Ok(FromHost::Reply { id, result }) => inner.resolve(id, result),
+                Ok(FromHost::Output { stream, data }) => inner.output().write(stream, &data),
+                Ok(FromHost::Restart) if inner.restartable => restart = true,
+                Ok(FromHost::Fatal { message }) => break Some(message),
+                Ok(other) => break Some(format!("unexpected message {other:?}")),
+                Err(e) => break Some(e.to_string()),
+            }
         };
-        match protocol::decode::<FromHost>(&body) {
-            Ok(FromHost::Reply { id, result }) => inner.resolve(id, result),
-            Ok(FromHost::Output { stream, data }) => output
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(stream, &data),
-            Ok(FromHost::Fatal { message }) => break Some(message),
-            Ok(FromHost::Hello { .. }) => break Some("a second Hello".into()),
-            Err(e) => break Some(e.to_string()),
+        if let Some(reason) = &broken {
+            tracing::warn!(worker = %inner.name, "killing the worker: {reason}");
+            inner.signal(Signal::Kill);
         }
-    };
-    if let Some(reason) = &reason {
-        tracing::warn!(worker = %inner.name, "killing the worker: {reason}");
-        let _ = inner.signals.send(Signal::Kill);
-    }
-    inner.terminate();
-    output.lock().unwrap_or_else(|e| e.into_inner()).finish();
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Signal {
-    Term,
-    Kill,
-}
-
-async fn watch_process(
-    mut child: Child,
-    mut signals: mpsc::UnboundedReceiver<Signal>,
-    exit: watch::Sender<Option<std::process::ExitStatus>>,
-    inner: std::sync::Weak<Inner>,
-) {
-    let mut signals_open = true;
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status.ok(),
-            signal = signals.recv(), if signals_open => match signal {
-                Some(Signal::Kill) => { let _ = child.start_kill(); }
-                Some(Signal::Term) => {
-                    if let Some(pid) = child.id() {
-                        // SAFETY: the child is not reaped yet (we own it
-                        // and have not seen it exit), so the pid is ours.
-                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                    }
+        if restart && broken.is_none() && inner.running.load(Ordering::Acquire) {
+            let _ = (&mut exited).await;
+            match connection::connect(&inner.launch).await {
+                Ok(conn) => {
+                    reader = conn.reader;
+                    exited = conn.exited;
+                    inner.reconnect(conn.frames, conn.signals, conn.pid);
+                    continue;
                 }
-                None => signals_open = false,
-            },
+                Err(e) => tracing::warn!(worker = %inner.name, "cannot restart: {}", e.message),
+            }
         }
-    };
-    if let Some(inner) = inner.upgrade() {
         inner.terminate();
+        inner.output().finish();
+        let status = match tokio::time::timeout(Duration::from_secs(2), &mut exited).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                // The stream closed but the host lingers: make sure.
+                inner.signal(Signal::Kill);
+                tokio::time::timeout(Duration::from_secs(5), exited)
+                    .await
+                    .ok()
+                    .and_then(|s| s.ok())
+            }
+        };
+        inner.exit.send_replace(Some(status));
+        return;
     }
-    let _ = exit.send(Some(status.unwrap_or_else(|| {
-        use std::os::unix::process::ExitStatusExt;
-        std::process::ExitStatus::from_raw(0)
-    })));
 }
 
 type Reply = std::result::Result<Option<serde_bytes::ByteBuf>, Error>;
 
-#[derive(Default)]
+/// A request not answered yet.
+struct Waiting {
+    /// Where the answer goes (`None` for `remote_do`).
+    tx: Option<oneshot::Sender<Reply>>,
+    /// The request, kept to send again to a restarted native host.
+    resend: Option<Vec<u8>>,
+}
+
 struct Pending {
-    waiting: HashMap<u64, oneshot::Sender<Reply>>,
+    waiting: BTreeMap<u64, Waiting>,
     /// Set once the worker is gone: new requests fail at once.
     closed: bool,
+    /// The current connection's outgoing frames and control.
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    signals: mpsc::UnboundedSender<Signal>,
 }
 
 pub(crate) struct Inner {
     pub(crate) name: String,
     number: u64,
-    pid: u32,
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    kind: &'static str,
     pending: Mutex<Pending>,
+    pid: AtomicU32,
     next_id: AtomicU64,
     running: AtomicBool,
-    signals: mpsc::UnboundedSender<Signal>,
-    exit: watch::Receiver<Option<std::process::ExitStatus>>,
-    max_frame: usize,
-    stderr_tail: Arc<Mutex<String>>,
+    /// The exit status once the worker is gone for good.
+    exit: watch::Sender<Option<Option<std::process::ExitStatus>>>,
+    restartable: bool,
+    launch: Launch,
 }
 
 impl Inner {
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn output(&self) -> std::sync::MutexGuard<'_, OutputSink> {
+        self.launch.output.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn signal(&self, signal: Signal) {
+        let _ = self.lock_pending().signals.send(signal);
+    }
+
+    /// Switches to a restarted host and sends it every unanswered request,
+    /// in order.
+    fn reconnect(
+        &self,
+        frames: mpsc::UnboundedSender<Vec<u8>>,
+        signals: mpsc::UnboundedSender<Signal>,
+        pid: u32,
+    ) {
+        let mut pending = self.lock_pending();
+        for waiting in pending.waiting.values() {
+            if let Some(frame) = &waiting.resend {
+                let _ = frames.send(frame.clone());
+            }
+        }
+        pending.frames = frames;
+        pending.signals = signals;
+        self.pid.store(pid, Ordering::Release);
+        if !self.running.load(Ordering::Acquire) {
+            // Killed while restarting.
+            let _ = pending.signals.send(Signal::Kill);
+        }
     }
 
     /// Marks the worker gone and fails every pending request.
@@ -543,13 +468,15 @@ impl Inner {
             pending.closed = true;
             std::mem::take(&mut pending.waiting)
         };
-        for (_, tx) in waiting {
-            let _ = tx.send(Err(Error::TerminatedWorker));
+        for (_, waiting) in waiting {
+            if let Some(tx) = waiting.tx {
+                let _ = tx.send(Err(Error::TerminatedWorker));
+            }
         }
     }
 
     fn resolve(&self, id: u64, result: std::result::Result<Option<serde_bytes::ByteBuf>, Failure>) {
-        let Some(tx) = self.lock_pending().waiting.remove(&id) else {
+        let Some(Waiting { tx: Some(tx), .. }) = self.lock_pending().waiting.remove(&id) else {
             return;
         };
         let _ = tx.send(result.map_err(|f| self.failure(f)));
@@ -584,21 +511,29 @@ impl Inner {
         &self,
         message: impl FnOnce(u64) -> ToHost,
     ) -> Result<oneshot::Receiver<Reply>> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(message, Some(tx))?;
+        Ok(rx)
+    }
+
+    /// Sends a request whose reply is awaited by `tx` (or by nobody).
+    fn submit(
+        &self,
+        message: impl FnOnce(u64) -> ToHost,
+        tx: Option<oneshot::Sender<Reply>>,
+    ) -> Result<()> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = self.frame(&message(id))?;
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = self.lock_pending();
-            if pending.closed {
-                return Err(Error::TerminatedWorker);
-            }
-            pending.waiting.insert(id, tx);
-        }
-        if self.frames.send(frame).is_err() {
-            self.lock_pending().waiting.remove(&id);
+        let mut pending = self.lock_pending();
+        if pending.closed {
             return Err(Error::TerminatedWorker);
         }
-        Ok(rx)
+        let resend = self.restartable.then(|| frame.clone());
+        // Sent under the lock, so a restart sends every request once:
+        // either from this queue or from its own list, never both.
+        let _ = pending.frames.send(frame);
+        pending.waiting.insert(id, Waiting { tx, resend });
+        Ok(())
     }
 
     /// Sends a message that gets no reply.
@@ -607,19 +542,22 @@ impl Inner {
             return Err(Error::TerminatedWorker);
         }
         let frame = self.frame(message)?;
-        self.frames.send(frame).map_err(|_| Error::TerminatedWorker)
+        self.lock_pending()
+            .frames
+            .send(frame)
+            .map_err(|_| Error::TerminatedWorker)
     }
 
     fn frame(&self, message: &ToHost) -> Result<Vec<u8>> {
         let frame = protocol::encode(message);
-        if frame.len() - protocol::HEADER_LEN > self.max_frame {
+        if frame.len() - protocol::HEADER_LEN > self.launch.max_frame {
             return Err(Error::LimitExceeded {
                 worker: self.name.clone(),
                 limit: protocol::Limit::FrameSize,
                 message: format!(
                     "the request is {} bytes, over the {} byte frame cap",
                     frame.len() - protocol::HEADER_LEN,
-                    self.max_frame
+                    self.launch.max_frame
                 ),
             });
         }
@@ -758,6 +696,18 @@ impl Worker {
         WorkerBuilder::new(GuestSource::Wasm(path.as_ref().to_path_buf()))
     }
 
+    /// A builder for a native worker: a separate process serving the
+    /// script guest natively (no wasm: the process is the only wall).
+    pub fn native() -> WorkerBuilder {
+        WorkerBuilder::new(GuestSource::NativeScript)
+    }
+
+    /// A builder for a native worker running your own program, which
+    /// serves its guest with [`crate::host::main_if_host_with`].
+    pub fn native_program(path: impl AsRef<Path>) -> WorkerBuilder {
+        WorkerBuilder::new(GuestSource::NativeProgram(path.as_ref().to_path_buf()))
+    }
+
     /// The worker's name, e.g. `worker 3 (pid 4242)`, as used in errors.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -768,9 +718,15 @@ impl Worker {
         self.inner.number
     }
 
-    /// The host process id.
+    /// The host process id (this process's own for an in-process worker;
+    /// a native worker gets a new one when a hard interrupt restarts it).
     pub fn pid(&self) -> u32 {
-        self.inner.pid
+        self.inner.pid.load(Ordering::Acquire)
+    }
+
+    /// What kind of worker this is: `wasm`, `native` or `in-process`.
+    pub fn kind(&self) -> &'static str {
+        self.inner.kind
     }
 
     /// Calls the guest function `name` with `args` (a tuple, sent as a
@@ -820,12 +776,15 @@ impl Worker {
     /// the worker's stderr.
     pub fn remote_do(&self, name: &str, args: impl Serialize) -> Result<()> {
         let args = encode_args(&args)?;
-        self.inner.send(&ToHost::Call {
-            id: 0,
-            name: name.to_string(),
-            args,
-            reply: ReplyMode::None,
-        })
+        self.inner.submit(
+            |id| ToHost::Call {
+                id,
+                name: name.to_string(),
+                args,
+                reply: ReplyMode::None,
+            },
+            None,
+        )
     }
 
     /// Evaluates `code` in the guest's persistent session and returns a
@@ -904,16 +863,14 @@ impl Worker {
             return Ok(false);
         }
         let _ = self.inner.send(&ToHost::Stop);
-        let mut exit = self.inner.exit.clone();
+        let mut exit = self.inner.exit.subscribe();
         for escalation in [Some(Signal::Term), Some(Signal::Kill), None] {
             let exited = tokio::time::timeout(STOP_STEP, exit.wait_for(|s| s.is_some())).await;
             if matches!(exited, Ok(Ok(_)) | Ok(Err(_))) {
                 break;
             }
             match escalation {
-                Some(signal) => {
-                    let _ = self.inner.signals.send(signal);
-                }
+                Some(signal) => self.inner.signal(signal),
                 None => {
                     return Err(Error::io(
                         format!("stopping {}", self.inner.name),
@@ -930,13 +887,16 @@ impl Worker {
     /// with [`Error::TerminatedWorker`].
     pub fn kill(&self) {
         self.inner.running.store(false, Ordering::Release);
-        let _ = self.inner.signals.send(Signal::Kill);
+        self.inner.signal(Signal::Kill);
     }
 
     /// Waits until the worker process has exited.
     pub async fn wait(&self) -> Option<std::process::ExitStatus> {
-        let mut exit = self.inner.exit.clone();
-        exit.wait_for(|s| s.is_some()).await.ok().and_then(|s| *s)
+        let mut exit = self.inner.exit.subscribe();
+        exit.wait_for(|s| s.is_some())
+            .await
+            .ok()
+            .and_then(|s| s.flatten())
     }
 
     /// The output of a worker spawned with
@@ -950,6 +910,7 @@ impl Worker {
     /// and host diagnostics, not guest output).
     pub fn host_stderr(&self) -> String {
         self.inner
+            .launch
             .stderr_tail
             .lock()
             .unwrap_or_else(|e| e.into_inner())

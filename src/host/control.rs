@@ -3,7 +3,7 @@
 //! Flags belong to one request id: [`Control::begin`] resets them, so an
 //! interrupt aimed at one request can never hit the next.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ impl Reason {
 pub(crate) struct Ended {
     pub interrupted: Option<Reason>,
     pub killed: bool,
+    pub shut_down: bool,
 }
 
 #[derive(Default)]
@@ -41,6 +42,7 @@ struct Timer {
     timeout_at: Option<Instant>,
     kill_at: Option<Instant>,
     give_up_at: Option<Instant>,
+    shut_down: bool,
 }
 
 pub(crate) struct Control {
@@ -49,7 +51,6 @@ pub(crate) struct Control {
     interrupted: AtomicBool,
     /// Checked by the wasm epoch callback.
     killed: AtomicBool,
-    running: AtomicU64,
     timer: Mutex<Timer>,
     wake_timer: Condvar,
     grace: Duration,
@@ -65,7 +66,6 @@ impl Control {
         Control {
             interrupted: AtomicBool::new(false),
             killed: AtomicBool::new(false),
-            running: AtomicU64::new(0),
             timer: Mutex::new(Timer::default()),
             wake_timer: Condvar::new(),
             grace,
@@ -85,18 +85,23 @@ impl Control {
         self.killed.load(Ordering::Acquire)
     }
 
-    /// A request starts running.
-    pub fn begin(&self, id: u64) {
+    /// A request starts running; false if the host is shutting down and
+    /// it must not.
+    pub fn begin(&self, id: u64) -> bool {
         let mut t = self.lock();
+        if t.shut_down {
+            return false;
+        }
         *t = Timer {
             id,
             timeout_at: self.timeout.map(|d| Instant::now() + d),
+            shut_down: t.shut_down,
             ..Timer::default()
         };
         self.interrupted.store(false, Ordering::Release);
         self.killed.store(false, Ordering::Release);
-        self.running.store(id, Ordering::Release);
         self.wake_timer.notify_one();
+        true
     }
 
     /// The running request ended.
@@ -105,9 +110,12 @@ impl Control {
         let ended = Ended {
             interrupted: t.reason,
             killed: t.killed,
+            shut_down: t.shut_down,
         };
-        *t = Timer::default();
-        self.running.store(0, Ordering::Release);
+        *t = Timer {
+            shut_down: t.shut_down,
+            ..Timer::default()
+        };
         self.interrupted.store(false, Ordering::Release);
         self.killed.store(false, Ordering::Release);
         ended
@@ -132,12 +140,36 @@ impl Control {
         self.wake_timer.notify_one();
     }
 
-    /// Enforces timeouts and grace periods. Returns only when a killed
-    /// request failed to unwind, and the host must exit.
-    pub fn timer_loop(&self, channels: &Channels, kill: &(dyn Fn() + Send + Sync)) {
+    /// Kills whatever runs and makes the timer return (an in-process
+    /// worker winding down).
+    pub fn shut_down(&self, channels: &Channels, kill: &(dyn Fn(u64, Reason) + Send + Sync)) {
+        let mut t = self.lock();
+        t.shut_down = true;
+        if t.id != 0 {
+            t.reason.get_or_insert(Reason::Interrupt);
+            t.killed = true;
+            self.interrupted.store(true, Ordering::Release);
+            self.killed.store(true, Ordering::Release);
+            kill(t.id, Reason::Interrupt);
+        }
+        channels.wake_all();
+        self.wake_timer.notify_one();
+    }
+
+    /// Enforces timeouts and grace periods. Returns true when a killed
+    /// request failed to unwind (the host must give up on the guest),
+    /// false once shut down.
+    pub fn timer_loop(
+        &self,
+        channels: &Channels,
+        kill: &(dyn Fn(u64, Reason) + Send + Sync),
+    ) -> bool {
         let mut t = self.lock();
         loop {
             let now = Instant::now();
+            if t.shut_down {
+                return false;
+            }
             if t.id != 0 {
                 if t.timeout_at.is_some_and(|at| now >= at) {
                     self.start_stopping(&mut t, Reason::Timeout, channels);
@@ -148,12 +180,12 @@ impl Control {
                     t.killed = true;
                     t.give_up_at = Some(now + UNWIND_LIMIT.max(self.grace));
                     self.killed.store(true, Ordering::Release);
-                    kill();
+                    kill(t.id, t.reason.unwrap_or(Reason::Interrupt));
                     channels.wake_all();
                     continue;
                 }
                 if t.give_up_at.is_some_and(|at| now >= at) {
-                    return;
+                    return true;
                 }
             }
             let next = [t.timeout_at, t.kill_at, t.give_up_at]

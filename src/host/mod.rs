@@ -18,6 +18,7 @@
 
 mod channels;
 mod control;
+mod native;
 pub(crate) mod wasm;
 
 use std::io::{BufReader, BufWriter, Write};
@@ -43,21 +44,38 @@ const OUTGOING_FRAMES: usize = 1024;
 /// Serves as a worker host if this process was started as one.
 ///
 /// Call it first thing in `main` of a program that should be able to act
-/// as its own worker host (see `WorkerBuilder::host_program`). When the
-/// first argument is [`HOST_ARG`] this never returns; otherwise it returns
-/// at once.
+/// as its own worker host (see `WorkerBuilder::host_program`), before any
+/// async runtime starts. When the first argument is [`HOST_ARG`] this
+/// never returns; otherwise it returns at once.
 pub fn main_if_host() {
-    if std::env::args_os().nth(1).is_some_and(|a| a == HOST_ARG) {
-        std::process::exit(run());
+    if is_host() {
+        std::process::exit(run_process(None));
     }
 }
 
+/// Like [`main_if_host`], for a program that also offers a native guest
+/// of its own (`Worker::native_program`): `guest` makes a fresh guest
+/// whenever one is needed (at start, and after a guest panicked).
+pub fn main_if_host_with<G: NativeGuest + 'static>(
+    guest: impl Fn(GuestContext) -> G + Send + Sync + 'static,
+) {
+    if is_host() {
+        let factory: NativeFactory = Arc::new(move |cx| Box::new(guest(cx)));
+        std::process::exit(run_process(Some(factory)));
+    }
+}
+
+fn is_host() -> bool {
+    std::env::args_os().nth(1).is_some_and(|a| a == HOST_ARG)
+}
+
 /// Exit codes of a host process.
-mod exit {
+pub(crate) mod exit {
     pub const OK: i32 = 0;
     pub const START_FAILED: i32 = 2;
     pub const PROTOCOL: i32 = 3;
     pub const UNKILLABLE: i32 = 4;
+    pub const RESTART: i32 = 5;
 }
 
 /// What a guest is asked to do.
@@ -78,25 +96,99 @@ pub(crate) enum GuestError {
     },
 }
 
-/// A guest served by a host: the wasm component, or (native) the script
-/// session itself.
+/// A guest served by a host: a wasm component, or a native guest.
 pub(crate) trait Guest {
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError>;
 }
 
+/// A guest written in Rust and served natively (no wasm): the script
+/// guest in a native worker, or a program's own guest (see
+/// [`main_if_host_with`]).
+pub trait NativeGuest {
+    /// Calls the function `name`; `args` and the result are MessagePack.
+    fn call(&mut self, name: &str, args: &[u8]) -> Result<Vec<u8>, String>;
+    /// Evaluates code, if the guest can.
+    fn eval(&mut self, code: &str) -> Result<Vec<u8>, String> {
+        let _ = code;
+        Err("this guest cannot evaluate code".into())
+    }
+}
+
+/// Makes a native guest.
+pub(crate) type NativeFactory = Arc<dyn Fn(GuestContext) -> Box<dyn NativeGuest> + Send + Sync>;
+
+/// What a native guest can ask of its host: the `host` interface of the
+/// `malt:worker` world.
+#[derive(Clone)]
+pub struct GuestContext {
+    shared: Arc<Shared>,
+}
+
+impl GuestContext {
+    /// True once the manager asked to interrupt the request now running.
+    pub fn interrupted(&self) -> bool {
+        self.shared.control.interrupted()
+    }
+
+    /// Sleeps unless interrupted; false when an interrupt cut it short.
+    pub fn sleep(&self, duration: std::time::Duration) -> bool {
+        self.shared.channels.sleep(&self.shared.control, duration)
+    }
+
+    /// Appends a MessagePack value to a worker channel (waits while full).
+    pub fn channel_put(&self, name: &str, value: Vec<u8>) -> Result<(), String> {
+        self.shared.channels.guest_put(&self.shared, name, value)
+    }
+
+    /// Takes the oldest MessagePack value of a worker channel (waits while empty).
+    pub fn channel_take(&self, name: &str) -> Result<Vec<u8>, String> {
+        self.shared.channels.guest_take(&self.shared, name)
+    }
+
+    /// Whether a take would not wait.
+    pub fn channel_is_ready(&self, name: &str) -> bool {
+        self.shared.channels.is_ready(name)
+    }
+}
+
+impl malt_script::Host for GuestContext {
+    fn interrupted(&self) -> bool {
+        GuestContext::interrupted(self)
+    }
+    fn sleep(&self, ms: u64) -> bool {
+        GuestContext::sleep(self, std::time::Duration::from_millis(ms))
+    }
+    fn channel_put(&self, name: &str, value: Vec<u8>) -> Result<(), String> {
+        GuestContext::channel_put(self, name, value)
+    }
+    fn channel_take(&self, name: &str) -> Result<Vec<u8>, String> {
+        GuestContext::channel_take(self, name)
+    }
+    fn channel_is_ready(&self, name: &str) -> bool {
+        GuestContext::channel_is_ready(self, name)
+    }
+}
+
 /// State shared by the host's threads.
 pub(crate) struct Shared {
-    pub out: SyncSender<Vec<u8>>,
+    out: SyncSender<Outgoing>,
     pub control: Control,
     pub channels: Channels,
     pub max_frame: usize,
 }
 
+/// What the writer thread is sent.
+enum Outgoing {
+    Frame(Vec<u8>),
+    /// Flush everything, then exit the process with this code.
+    FlushAndExit(i32),
+}
+
 impl Shared {
     /// Queues a frame for the writer thread. Fails only once the writer is
-    /// gone, i.e. the process is shutting down.
+    /// gone, i.e. the worker is shutting down.
     pub fn send(&self, message: &FromHost) {
-        let _ = self.out.send(protocol::encode(message));
+        let _ = self.out.send(Outgoing::Frame(protocol::encode(message)));
     }
 
     pub fn reply(&self, id: u64, result: Result<Option<Vec<u8>>, Failure>) {
@@ -114,15 +206,64 @@ impl Shared {
     }
 }
 
-/// Runs a host process on stdin/stdout; returns its exit code.
-pub fn run() -> i32 {
-    ignore_sigint();
-    let mut input = BufReader::with_capacity(64 << 10, std::io::stdin().lock());
-    let stdout = std::io::stdout();
+/// Where a host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// Its own process (stdin/stdout carry the protocol).
+    Process,
+    /// Threads of the manager's process (an in-process worker).
+    InProcess,
+}
 
+/// Runs a host process on stdin/stdout; returns its exit code.
+fn run_process(native: Option<NativeFactory>) -> i32 {
+    ignore_sigint();
+    // The protocol gets its own descriptor; fd 1 and 2 become pipes whose
+    // contents are forwarded as output frames, so nothing a guest (or a
+    // library) prints can corrupt the protocol.
+    let protocol_out = match take_stdout() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("malt host: cannot set up the protocol stream: {e}");
+            return exit::START_FAILED;
+        }
+    };
+    let input = std::io::stdin().lock();
+    serve(input, protocol_out, Place::Process, native)
+}
+
+/// Duplicates fd 1 for the protocol and points fd 1 at /dev/null until
+/// output forwarding replaces it.
+fn take_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: dup/dup2 on descriptors this process owns; the duplicate is
+    // owned by the returned File alone.
+    unsafe {
+        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        if libc::dup2(null.as_raw_fd(), 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
+    }
+}
+
+/// Serves one worker on a byte stream until the stream ends or the
+/// manager says stop; returns the exit code.
+pub(crate) fn serve(
+    input: impl std::io::Read,
+    output: impl Write + Send + 'static,
+    place: Place,
+    native: Option<NativeFactory>,
+) -> i32 {
+    let mut input = BufReader::with_capacity(64 << 10, input);
+    let mut output = output;
     let config = match read_init(&mut input) {
         Ok(c) => c,
-        Err(message) => return fatal(&mut stdout.lock(), &message, exit::PROTOCOL),
+        Err(message) => return fatal(&mut output, &message, exit::PROTOCOL),
     };
     let (out_tx, out_rx) = std::sync::mpsc::sync_channel(OUTGOING_FRAMES);
     let shared = Arc::new(Shared {
@@ -131,47 +272,112 @@ pub fn run() -> i32 {
         channels: Channels::default(),
         max_frame: config.max_frame,
     });
-    let guest = match wasm::WasmGuest::load(&config, shared.clone()) {
-        Ok(g) => g,
-        Err(e) => {
-            let message = format!("{e:#}");
-            return fatal(&mut stdout.lock(), &message, exit::START_FAILED);
+
+    let (kind, guest, kill): (&str, GuestMaker, Killer) = match (&config.guest, place) {
+        (protocol::GuestSpec::Artifact { .. }, _) => {
+            match wasm::WasmGuest::load(&config, shared.clone()) {
+                Ok(g) => {
+                    let kill = g.killer();
+                    (
+                        "wasm",
+                        Box::new(move || Box::new(g) as Box<dyn Guest>),
+                        kill,
+                    )
+                }
+                Err(e) => return fatal(&mut output, &format!("{e:#}"), exit::START_FAILED),
+            }
+        }
+        (protocol::GuestSpec::NativeScript, Place::Process) => {
+            let factory: NativeFactory = Arc::new(|cx: GuestContext| {
+                Box::new(malt_script::Session::new(std::rc::Rc::new(cx))) as Box<dyn NativeGuest>
+            });
+            match native::prepare(&config, &shared, factory) {
+                Ok(prepared) => prepared,
+                Err(e) => return fatal(&mut output, &e, exit::START_FAILED),
+            }
+        }
+        (protocol::GuestSpec::Native, Place::Process) => match native {
+            Some(factory) => match native::prepare(&config, &shared, factory) {
+                Ok(prepared) => prepared,
+                Err(e) => return fatal(&mut output, &e, exit::START_FAILED),
+            },
+            None => {
+                return fatal(
+                    &mut output,
+                    "this program serves no native guest (it calls malt::host::main_if_host, \
+                     not main_if_host_with)",
+                    exit::START_FAILED,
+                );
+            }
+        },
+        (_, Place::InProcess) => {
+            return fatal(
+                &mut output,
+                "an in-process worker runs wasm guests only",
+                exit::START_FAILED,
+            );
         }
     };
-    let kill = guest.killer();
-
-    std::thread::Builder::new()
+    let writer = std::thread::Builder::new()
         .name("malt-writer".into())
-        .spawn(move || write_loop(out_rx, stdout))
+        .spawn(move || write_loop(out_rx, output, place))
         .expect("spawn writer thread");
     let (work_tx, work_rx) = std::sync::mpsc::channel();
     let s = shared.clone();
-    std::thread::Builder::new()
+    let guest_thread = std::thread::Builder::new()
         .name("malt-guest".into())
-        .spawn(move || guest_loop(guest, work_rx, &s))
+        .spawn(move || guest_loop(guest(), work_rx, &s))
         .expect("spawn guest thread");
     let s = shared.clone();
+    let kill = Arc::new(kill);
+    let k = kill.clone();
     std::thread::Builder::new()
         .name("malt-timer".into())
         .spawn(move || {
-            s.control.timer_loop(&s.channels, &*kill);
-            // The guest ignored both the interrupt and the kill (it is
-            // blocked in the host outside wasm): end the process so the
-            // manager sees the worker terminate instead of a hang.
-            eprintln!("malt host: the guest did not stop after being killed; exiting");
-            std::process::exit(exit::UNKILLABLE);
+            if s.control.timer_loop(&s.channels, &**k) {
+                // The guest ignored both the interrupt and the kill (it is
+                // blocked in the host outside wasm): give up on it, so the
+                // manager sees the worker terminate instead of a hang.
+                let message = "the guest did not stop after being killed".to_string();
+                eprintln!("malt host: {message}");
+                s.send(&FromHost::Fatal { message });
+                if place == Place::Process {
+                    let _ = s.out.send(Outgoing::FlushAndExit(exit::UNKILLABLE));
+                }
+            }
         })
         .expect("spawn timer thread");
 
     shared.send(&FromHost::Hello {
         version: PROTOCOL_VERSION,
-        kind: "wasm".into(),
+        kind: kind.into(),
         pid: std::process::id(),
     });
 
-    // Stop or end of stream: the process exits with the other threads
-    // wherever they are; the guest may be in the middle of a request.
-    read_loop(&mut input, &shared, &work_tx)
+    let code = read_loop(&mut input, &shared, &work_tx);
+    if place == Place::Process {
+        // Stop or end of stream: the process exits with the other threads
+        // wherever they are; the guest may be in the middle of a request.
+        return code;
+    }
+    // In-process: wind the threads down. A running request is killed; the
+    // guest thread ends when its queue closes, the timer when told to,
+    // and the writer (closing the stream) once nobody can send.
+    drop(work_tx);
+    shared.control.shut_down(&shared.channels, &**kill);
+    drop(shared);
+    let _ = guest_thread.join();
+    let _ = writer.join();
+    code
+}
+
+type GuestMaker = Box<dyn FnOnce() -> Box<dyn Guest> + Send>;
+pub(crate) type Killer = Box<dyn Fn(u64, control::Reason) + Send + Sync>;
+
+impl Guest for Box<dyn Guest> {
+    fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {
+        (**self).run(work)
+    }
 }
 
 fn ignore_sigint() {
@@ -207,17 +413,29 @@ fn fatal(out: &mut impl Write, message: &str, code: i32) -> i32 {
     code
 }
 
-fn write_loop(frames: Receiver<Vec<u8>>, stdout: std::io::Stdout) {
-    let mut out = BufWriter::with_capacity(64 << 10, stdout.lock());
-    while let Ok(frame) = frames.recv() {
-        if out.write_all(&frame).is_err() {
+fn write_loop(frames: Receiver<Outgoing>, output: impl Write, place: Place) {
+    let mut out = BufWriter::with_capacity(64 << 10, output);
+    let write = |out: &mut BufWriter<_>, item: Outgoing| -> bool {
+        match item {
+            Outgoing::Frame(frame) => out.write_all(&frame).is_ok(),
+            Outgoing::FlushAndExit(code) => {
+                let _ = out.flush();
+                if place == Place::Process {
+                    std::process::exit(code);
+                }
+                false
+            }
+        }
+    };
+    while let Ok(item) = frames.recv() {
+        if !write(&mut out, item) {
             return;
         }
         // Batch what is already queued, then flush once.
         loop {
             match frames.try_recv() {
-                Ok(frame) => {
-                    if out.write_all(&frame).is_err() {
+                Ok(item) => {
+                    if !write(&mut out, item) {
                         return;
                     }
                 }
@@ -299,11 +517,18 @@ fn read_loop(
 }
 
 /// Runs requests one at a time, in arrival order.
-fn guest_loop(mut guest: impl Guest, work: Receiver<(u64, Work, ReplyMode)>, shared: &Shared) {
+fn guest_loop(mut guest: Box<dyn Guest>, work: Receiver<(u64, Work, ReplyMode)>, shared: &Shared) {
     while let Ok((id, work, mode)) = work.recv() {
-        shared.control.begin(id);
+        if !shared.control.begin(id) {
+            return;
+        }
         let outcome = guest.run(&work);
         let ended = shared.control.end();
+        if ended.shut_down {
+            // An in-process worker winding down: the manager sees the
+            // stream end, not a reply.
+            return;
+        }
         let result = match outcome {
             Ok(value) => Ok(value),
             Err(GuestError::Error(message)) => Err(match ended.interrupted {
@@ -355,6 +580,9 @@ fn guest_loop(mut guest: impl Guest, work: Receiver<(u64, Work, ReplyMode)>, sha
                         format!("{what} failed: {}\n", failure_text(&failure)).as_bytes(),
                     );
                 }
+                // No value, but the manager learns the request ran (a
+                // restarted native host must not run it twice).
+                shared.reply(id, Ok(None));
             }
         }
     }

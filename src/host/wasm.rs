@@ -195,7 +195,9 @@ pub(crate) struct WasmGuest {
 impl WasmGuest {
     /// Loads the precompiled component and instantiates it.
     pub fn load(config: &HostConfig, shared: Arc<Shared>) -> wasmtime::Result<Self> {
-        let GuestSpec::Artifact { path } = &config.guest;
+        let GuestSpec::Artifact { path } = &config.guest else {
+            return Err(wasmtime::Error::msg("not a wasm guest"));
+        };
         let engine = Engine::new(&engine_config(config.fuel.is_some()))?;
         // SAFETY: artifacts come from malt's private (0700) cache or a file
         // the manager's user chose; deserialize checks the header, the
@@ -222,10 +224,12 @@ impl WasmGuest {
         })
     }
 
-    /// What the timer thread calls to kill the running request.
-    pub fn killer(&self) -> Box<dyn Fn() + Send + Sync> {
+    /// What the timer thread calls to kill the running request: the
+    /// epoch bump traps the wasm code (the kill flag set before makes the
+    /// epoch callback refuse to extend the deadline).
+    pub fn killer(&self) -> super::Killer {
         let engine = self.engine.clone();
-        Box::new(move || engine.increment_epoch())
+        Box::new(move |_, _| engine.increment_epoch())
     }
 
     fn reset(&mut self) -> wasmtime::Result<()> {

@@ -10,6 +10,10 @@ use malt::{Worker, WorkerBuilder};
 pub enum Kind {
     /// The script guest in a wasm worker (its own host process).
     Wasm,
+    /// The script guest served natively by a worker process.
+    Native,
+    /// The script guest as wasm on a thread of the test process.
+    InProcess,
 }
 
 impl Kind {
@@ -17,7 +21,14 @@ impl Kind {
     pub fn script(self) -> WorkerBuilder {
         match self {
             Kind::Wasm => Worker::script(),
+            Kind::Native => Worker::native(),
+            Kind::InProcess => Worker::script().in_process(),
         }
+    }
+
+    /// Whether the worker has a process of its own.
+    pub fn has_process(self) -> bool {
+        self != Kind::InProcess
     }
 
     /// A started script worker of this kind.
@@ -39,11 +50,16 @@ pub async fn finishes<T>(what: &str, fut: impl Future<Output = T>) -> T {
 #[macro_export]
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
-        mod wasm {
+        $crate::conformance!(@kind wasm Wasm $($name),*);
+        $crate::conformance!(@kind native Native $($name),*);
+        $crate::conformance!(@kind in_process InProcess $($name),*);
+    };
+    (@kind $module:ident $kind:ident $($name:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($crate::common::Kind::Wasm).await
+                    super::$name($crate::common::Kind::$kind).await
                 }
             )*
         }
@@ -52,9 +68,21 @@ macro_rules! conformance {
 
 pub use crate::guests::test_guest;
 
-/// A worker of this kind running the raw test guest.
+/// A worker of this kind running the raw test guest (for a native
+/// worker: the same guest built natively, see guest/testing).
 pub fn test_guest_worker(kind: Kind) -> WorkerBuilder {
     match kind {
         Kind::Wasm => Worker::wasm(test_guest()),
+        Kind::Native => Worker::native_program(crate::guests::test_guest_native()),
+        Kind::InProcess => Worker::wasm(test_guest()).in_process(),
     }
+}
+
+/// Like `conformance!`, for the kinds with a wasm sandbox only.
+#[macro_export]
+macro_rules! conformance_wasm {
+    ($($name:ident),* $(,)?) => {
+        $crate::conformance!(@kind wasm_only Wasm $($name),*);
+        $crate::conformance!(@kind in_process_only InProcess $($name),*);
+    };
 }

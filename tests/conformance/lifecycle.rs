@@ -5,17 +5,19 @@ use std::time::{Duration, Instant};
 use malt::{Error, Limit};
 
 use crate::common::{Kind, finishes, test_guest_worker};
-use crate::conformance;
+use crate::{conformance, conformance_wasm};
 
 conformance!(
     sigkill_mid_call_fails_pending_calls,
     kill_fails_pending_calls,
     a_guest_that_ignores_the_interrupt_is_reset,
     a_trap_resets_the_guest,
-    memory_limit_is_enforced,
     large_values_round_trip,
     dropping_the_handle_kills_the_worker,
 );
+
+// The wasm sandbox's limits (a native worker has only the process wall).
+conformance_wasm!(memory_limit_is_enforced, fuel_limits_a_request);
 
 fn process_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes.
@@ -46,8 +48,13 @@ async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
         .collect();
     let queued = w.remote_eval::<()>("0");
     tokio::time::sleep(Duration::from_millis(20)).await;
-    // SAFETY: kill(2) on the worker's own pid.
-    unsafe { libc::kill(w.pid() as i32, libc::SIGKILL) };
+    if kind.has_process() {
+        // SAFETY: kill(2) on the worker's own pid.
+        unsafe { libc::kill(w.pid() as i32, libc::SIGKILL) };
+    } else {
+        // An in-process worker has no process to crash: kill it.
+        w.kill();
+    }
     let started = Instant::now();
     for call in calls {
         let err = finishes("a pending call", call).await.unwrap_err();
@@ -80,7 +87,9 @@ async fn kill_fails_pending_calls(kind: Kind) {
     w.kill();
     assert!(!w.is_running(), "is_running is false right after kill");
     assert!(finishes("call", call).await.unwrap_err().is_terminated());
-    assert!(wait_gone(pid).await, "the host process is gone");
+    if kind.has_process() {
+        assert!(wait_gone(pid).await, "the host process is gone");
+    }
 }
 
 async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
@@ -128,7 +137,13 @@ async fn a_trap_resets_the_guest(kind: Kind) {
     let Error::Trap { message, .. } = &err else {
         panic!("expected a trap, got {err:?}")
     };
-    assert!(message.contains("unreachable"), "{message}");
+    // A wasm panic aborts (a trap); a native one is caught.
+    let expected = if kind == Kind::Native {
+        "guest bug"
+    } else {
+        "unreachable"
+    };
+    assert!(message.contains(expected), "{message}");
     assert_eq!(
         w.remote_call_fetch::<i64>("add", (20, 22)).await.unwrap(),
         42
@@ -180,8 +195,13 @@ async fn large_values_round_trip(kind: Kind) {
 async fn dropping_the_handle_kills_the_worker(kind: Kind) {
     let w = kind.spawn().await;
     let pid = w.pid();
+    let ch = w.worker_channel::<i64>("c", 1).await.unwrap();
     drop(w);
-    assert!(wait_gone(pid).await, "the host process outlived its handle");
+    let err = finishes("take", ch.take()).await.unwrap_err();
+    assert!(err.is_terminated(), "{err:?}");
+    if kind.has_process() {
+        assert!(wait_gone(pid).await, "the host process outlived its handle");
+    }
 }
 
 /// No orphans: a manager killed with SIGKILL takes its workers with it.
@@ -231,4 +251,27 @@ fn children_of(parent: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+async fn fuel_limits_a_request(kind: Kind) {
+    let w = test_guest_worker(kind)
+        .fuel(5_000_000)
+        .monitor_output(false)
+        .spawn()
+        .await
+        .unwrap();
+    let err = w.remote_call_fetch::<()>("spin", ()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: Limit::Fuel,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Each request gets the full budget again.
+    assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
+    w.stop().await.unwrap();
 }

@@ -15,4 +15,5 @@ mod exceptions;
 mod interrupt;
 mod lifecycle;
 mod output;
+mod sdk;
 mod starting;

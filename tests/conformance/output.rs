@@ -134,3 +134,17 @@ mod wasm_child {
         super::forwarding_child(crate::common::Kind::Wasm).await
     }
 }
+
+mod native_child {
+    #[tokio::test]
+    async fn forwarding_child() {
+        super::forwarding_child(crate::common::Kind::Native).await
+    }
+}
+
+mod inprocess_child {
+    #[tokio::test]
+    async fn forwarding_child() {
+        super::forwarding_child(crate::common::Kind::InProcess).await
+    }
+}

@@ -48,3 +48,32 @@ pub fn test_guest() -> PathBuf {
 pub fn test_command() -> PathBuf {
     guest_dir().join("malt-test-command.wasm")
 }
+
+/// The same test guest built as a native worker program (built on first
+/// use, in the workspace's own target directory).
+#[allow(dead_code)]
+pub fn test_guest_native() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "malt-test-guest",
+                "--bin",
+                "malt-test-guest",
+            ])
+            .status()
+            .expect("run cargo to build the native test guest");
+        assert!(status.success(), "building the native test guest failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug/malt-test-guest")
+    })
+    .clone()
+}

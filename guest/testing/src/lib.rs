@@ -1,79 +1,72 @@
-//! A guest for malt's tests, written straight against the WIT world: it
-//! does what a well-behaved guest must not (spin without polling for
-//! interrupts, trap, allocate without end), so the tests can check that
-//! the host copes.
+//! A guest for malt's tests, written once with `malt-guest` and built both
+//! as a wasm component (the library, for wasm32-wasip2) and as a native
+//! worker program (`src/main.rs`). It does what a well-behaved guest must
+//! not (spin without polling for interrupts, panic, allocate without
+//! end), so the tests can check that every kind of worker copes.
 //!
-//! Functions (`call` by name, MessagePack arguments):
+//! Functions:
 //! - `add(a, b)`: a + b;
 //! - `echo(bytes)`: returns its argument;
-//! - `spin()`: loops forever and never polls `interrupted`;
-//! - `panic(message)`: panics (a trap, since guests abort on panic);
+//! - `bytes(n)`: n bytes of 7;
+//! - `spin()`: loops forever and never polls for an interrupt;
+//! - `nap(ms)`: sleeps (an interrupt cuts it short) and says whether it
+//!   slept the whole time;
+//! - `panic(message)`: panics;
 //! - `alloc(mib)`: allocates and touches `mib` MiB, returns the count;
-//! - `bytes(n)`: returns n bytes;
-//! - `print(text)`: prints to stdout and returns nothing.
+//! - `print(text)`: prints a line to stdout;
+//! - `relay(from, to)`: takes a value from one channel, puts it on another;
+//! - `nested(code)` (native only): starts a script worker of its own and
+//!   evaluates `code` there.
 
-#![cfg(target_arch = "wasm32")]
+use std::time::Duration;
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "worker",
-});
+use malt_guest::Guest;
+use serde_bytes::ByteBuf;
 
-struct TestGuest;
-
-fn args<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(bytes).map_err(|e| format!("bad arguments: {e}"))
+fn guest() -> Guest {
+    let guest = Guest::new();
+    // Natively, a guest can be a manager too: start a worker and use it.
+    #[cfg(not(target_arch = "wasm32"))]
+    let guest = guest.func("nested", |(code,): (String,)| {
+        let w = malt::blocking::Worker::script()
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let value: i64 = w.remote_eval_fetch(&code).map_err(|e| e.to_string())?;
+        w.stop().map_err(|e| e.to_string())?;
+        Ok(value)
+    });
+    guest
+        .func("add", |(a, b): (i64, i64)| Ok(a + b))
+        .func("echo", |(b,): (ByteBuf,)| Ok(b))
+        .func("bytes", |(n,): (usize,)| Ok(ByteBuf::from(vec![7u8; n])))
+        .func("spin", |(): ()| -> Result<(), String> {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        })
+        .func("nap", |(ms,): (u64,)| {
+            Ok(malt_guest::sleep(Duration::from_millis(ms)))
+        })
+        .func("panic", |(m,): (String,)| -> Result<(), String> {
+            panic!("{m}")
+        })
+        .func("alloc", |(mib,): (usize,)| {
+            let mut keep = Vec::new();
+            for _ in 0..mib {
+                keep.push(vec![1u8; 1 << 20]);
+            }
+            Ok(keep.len())
+        })
+        .func("print", |(t,): (String,)| {
+            println!("{t}");
+            Ok(())
+        })
+        .func("relay", |(from, to): (String, String)| {
+            let v: i64 = malt_guest::channel_take(&from)?;
+            malt_guest::channel_put(&to, &v)?;
+            Ok(v)
+        })
 }
 
-fn value<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, String> {
-    rmp_serde::to_vec_named(v).map_err(|e| e.to_string())
-}
-
-impl Guest for TestGuest {
-    fn call(name: String, a: Vec<u8>) -> Result<Vec<u8>, String> {
-        match name.as_str() {
-            "add" => {
-                let (x, y): (i64, i64) = args(&a)?;
-                value(&(x + y))
-            }
-            "echo" => {
-                let (b,): (serde_bytes::ByteBuf,) = args(&a)?;
-                value(&b)
-            }
-            "spin" => {
-                let mut n: u64 = 0;
-                loop {
-                    n = std::hint::black_box(n.wrapping_add(1));
-                }
-            }
-            "panic" => {
-                let (m,): (String,) = args(&a)?;
-                panic!("{m}");
-            }
-            "alloc" => {
-                let (mib,): (usize,) = args(&a)?;
-                let mut keep = Vec::new();
-                for _ in 0..mib {
-                    keep.push(vec![1u8; 1 << 20]);
-                }
-                value(&keep.len())
-            }
-            "bytes" => {
-                let (n,): (usize,) = args(&a)?;
-                value(&serde_bytes::ByteBuf::from(vec![7u8; n]))
-            }
-            "print" => {
-                let (t,): (String,) = args(&a)?;
-                println!("{t}");
-                value(&())
-            }
-            other => Err(format!("no function named {other}")),
-        }
-    }
-
-    fn eval(_code: String) -> Result<Vec<u8>, String> {
-        Err("this guest cannot evaluate code".into())
-    }
-}
-
-export!(TestGuest);
+malt_guest::guest!(guest);

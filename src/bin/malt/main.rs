@@ -425,14 +425,8 @@ fn inspect(json: bool, guest: &Path) -> anyhow::Result<()> {
     println!("{}", info.path.display());
     println!("  size:          {} bytes", info.size);
     println!("  sha256:        {}", info.sha256);
-    println!(
-        "  malt guest:    {} (implements the malt:worker world)",
-        yes(info.is_worker)
-    );
-    println!(
-        "  WASI command:  {} (exports wasi:cli/run)",
-        yes(info.is_command)
-    );
+    println!("  malt guest:    {}", yes(info.is_worker));
+    println!("  WASI command:  {}", yes(info.is_command));
     println!(
         "  cache:         {} {}",
         if info.was_cached {

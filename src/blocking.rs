@@ -1,0 +1,256 @@
+//! The same API for programs without an async runtime.
+//!
+//! Every method blocks until done; the names are those of the async API.
+//! The workers' I/O runs on one background thread shared by all blocking
+//! workers. Do not call these from inside an async runtime (use the async
+//! API there).
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), malt::Error> {
+//! use malt::blocking::Worker;
+//!
+//! let w = Worker::script().spawn()?;
+//! let three: i64 = w.remote_eval_fetch("1 + 2")?;
+//! assert_eq!(three, 3);
+//! w.stop()?;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("malt-blocking")
+            .enable_all()
+            .build()
+            .expect("cannot start malt's background runtime")
+    })
+}
+
+fn block_on<F: Future>(future: F) -> F::Output {
+    runtime().block_on(future)
+}
+
+/// Configures and starts a worker (see [`crate::WorkerBuilder`] for what
+/// each option does).
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until .spawn()"]
+pub struct WorkerBuilder(crate::WorkerBuilder);
+
+macro_rules! forward {
+    ($($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*);)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(self, $($arg: $ty),*) -> Self {
+                WorkerBuilder(self.0.$name($($arg),*))
+            }
+        )*
+    };
+}
+
+impl WorkerBuilder {
+    forward! {
+        /// See [`crate::WorkerBuilder::memory_limit`].
+        fn memory_limit(bytes: u64);
+        /// See [`crate::WorkerBuilder::call_timeout`].
+        fn call_timeout(timeout: Duration);
+        /// See [`crate::WorkerBuilder::interrupt_grace`].
+        fn interrupt_grace(grace: Duration);
+        /// See [`crate::WorkerBuilder::monitor_output`].
+        fn monitor_output(on: bool);
+        /// See [`crate::WorkerBuilder::prefix_output`].
+        fn prefix_output(on: bool);
+        /// See [`crate::WorkerBuilder::max_frame_size`].
+        fn max_frame_size(bytes: usize);
+        /// See [`crate::WorkerBuilder::spawn_timeout`].
+        fn spawn_timeout(timeout: Duration);
+        /// See [`crate::WorkerBuilder::fuel`].
+        fn fuel(fuel: u64);
+        /// See [`crate::WorkerBuilder::in_process`].
+        fn in_process();
+    }
+
+    /// See [`crate::WorkerBuilder::env`].
+    pub fn env(self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        WorkerBuilder(self.0.env(key, value))
+    }
+
+    /// See [`crate::WorkerBuilder::dir`].
+    pub fn dir(self, host_path: impl AsRef<Path>, guest_path: impl Into<String>) -> Self {
+        WorkerBuilder(self.0.dir(host_path, guest_path))
+    }
+
+    /// See [`crate::WorkerBuilder::dir_read_only`].
+    pub fn dir_read_only(self, host_path: impl AsRef<Path>, guest_path: impl Into<String>) -> Self {
+        WorkerBuilder(self.0.dir_read_only(host_path, guest_path))
+    }
+
+    /// See [`crate::WorkerBuilder::host_program`].
+    pub fn host_program(self, program: impl Into<PathBuf>) -> Self {
+        WorkerBuilder(self.0.host_program(program))
+    }
+
+    /// Starts the worker and waits until it is ready.
+    pub fn spawn(self) -> Result<Worker> {
+        block_on(self.0.spawn()).map(|inner| Worker { inner })
+    }
+}
+
+/// A worker driven without async (see [`crate::Worker`]).
+#[derive(Debug)]
+pub struct Worker {
+    inner: crate::Worker,
+}
+
+/// A request already sent; [`fetch`](CallHandle::fetch) waits for its value.
+#[derive(Debug)]
+#[must_use = "the request runs anyway; fetch the handle to get its result"]
+pub struct CallHandle<R>(crate::CallHandle<R>);
+
+impl<R: DeserializeOwned> CallHandle<R> {
+    /// Waits for the value.
+    pub fn fetch(self) -> Result<R> {
+        block_on(self.0)
+    }
+}
+
+/// A worker channel driven without async (see [`crate::WorkerChannel`]).
+#[derive(Debug, Clone)]
+pub struct WorkerChannel<T>(crate::WorkerChannel<T>);
+
+impl<T: Serialize + DeserializeOwned> WorkerChannel<T> {
+    /// Appends a value; waits while the channel is full.
+    pub fn put(&self, value: T) -> Result<()> {
+        block_on(self.0.put(value))
+    }
+
+    /// Removes and returns the oldest value; waits while it is empty.
+    pub fn take(&self) -> Result<T> {
+        block_on(self.0.take())
+    }
+
+    /// Whether a take would return at once.
+    pub fn is_ready(&self) -> Result<bool> {
+        block_on(self.0.is_ready())
+    }
+}
+
+impl Worker {
+    /// See [`crate::Worker::script`].
+    pub fn script() -> WorkerBuilder {
+        WorkerBuilder(crate::Worker::script())
+    }
+
+    /// See [`crate::Worker::wasm`].
+    pub fn wasm(path: impl AsRef<Path>) -> WorkerBuilder {
+        WorkerBuilder(crate::Worker::wasm(path))
+    }
+
+    /// See [`crate::Worker::native`].
+    pub fn native() -> WorkerBuilder {
+        WorkerBuilder(crate::Worker::native())
+    }
+
+    /// See [`crate::Worker::native_program`].
+    pub fn native_program(path: impl AsRef<Path>) -> WorkerBuilder {
+        WorkerBuilder(crate::Worker::native_program(path))
+    }
+
+    /// The async worker underneath.
+    pub fn as_async(&self) -> &crate::Worker {
+        &self.inner
+    }
+
+    /// See [`crate::Worker::name`].
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// See [`crate::Worker::pid`].
+    pub fn pid(&self) -> u32 {
+        self.inner.pid()
+    }
+
+    /// Sends a call; the handle fetches its value.
+    pub fn remote_call<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        args: impl Serialize,
+    ) -> CallHandle<R> {
+        CallHandle(self.inner.remote_call(name, args))
+    }
+
+    /// Calls and waits for the value.
+    pub fn remote_call_fetch<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        args: impl Serialize,
+    ) -> Result<R> {
+        block_on(self.inner.remote_call_fetch(name, args))
+    }
+
+    /// Calls and waits for the call to finish.
+    pub fn remote_call_wait(&self, name: &str, args: impl Serialize) -> Result<()> {
+        block_on(self.inner.remote_call_wait(name, args))
+    }
+
+    /// Sends a call without waiting for anything.
+    pub fn remote_do(&self, name: &str, args: impl Serialize) -> Result<()> {
+        self.inner.remote_do(name, args)
+    }
+
+    /// Sends code to evaluate; the handle fetches its value.
+    pub fn remote_eval<R: DeserializeOwned>(&self, code: &str) -> CallHandle<R> {
+        CallHandle(self.inner.remote_eval(code))
+    }
+
+    /// Evaluates and waits for the value.
+    pub fn remote_eval_fetch<R: DeserializeOwned>(&self, code: &str) -> Result<R> {
+        block_on(self.inner.remote_eval_fetch(code))
+    }
+
+    /// Evaluates and waits for it to finish.
+    pub fn remote_eval_wait(&self, code: &str) -> Result<()> {
+        block_on(self.inner.remote_eval_wait(code))
+    }
+
+    /// Opens a worker channel.
+    pub fn worker_channel<T: Serialize + DeserializeOwned>(
+        &self,
+        name: &str,
+        capacity: usize,
+    ) -> Result<WorkerChannel<T>> {
+        block_on(self.inner.worker_channel(name, capacity)).map(WorkerChannel)
+    }
+
+    /// Interrupts the running request.
+    pub fn interrupt(&self) -> Result<()> {
+        block_on(self.inner.interrupt())
+    }
+
+    /// Whether the worker is running.
+    pub fn is_running(&self) -> bool {
+        self.inner.is_running()
+    }
+
+    /// Stops the worker; returns whether it was running.
+    pub fn stop(&self) -> Result<bool, Error> {
+        block_on(self.inner.stop())
+    }
+
+    /// Kills the worker at once.
+    pub fn kill(&self) {
+        self.inner.kill()
+    }
+}

@@ -1,0 +1,336 @@
+//! Connecting to a worker host: starting it (a process, or threads of this
+//! process), the handshake, and the tasks that move its bytes.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::output::OutputSink;
+use crate::protocol::{self, FromHost, HostConfig, PROTOCOL_VERSION, ToHost};
+use crate::{host, process};
+
+/// Bytes of a host's own stderr kept for error messages.
+const STDERR_TAIL: usize = 4096;
+
+/// Everything needed to start a worker's host, again if need be (a
+/// native worker's host restarts after a hard interrupt).
+pub(crate) struct Launch {
+    /// The host program; `None` for an in-process worker.
+    pub program: Option<PathBuf>,
+    pub config: HostConfig,
+    pub output: Arc<Mutex<OutputSink>>,
+    pub stderr_tail: Arc<Mutex<String>>,
+    pub max_frame: usize,
+}
+
+/// What the manager asks of the task that owns a host.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Signal {
+    Term,
+    Kill,
+}
+
+/// A live connection to a host.
+pub(crate) struct Connection {
+    pub frames: mpsc::UnboundedSender<Vec<u8>>,
+    pub signals: mpsc::UnboundedSender<Signal>,
+    pub pid: u32,
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    /// Resolves with the host's exit status once it is gone.
+    pub exited: oneshot::Receiver<ExitStatus>,
+}
+
+/// Why a host could not be started.
+pub(crate) struct StartError {
+    pub message: String,
+    pub stderr: String,
+}
+
+impl StartError {
+    fn new(message: impl Into<String>) -> Self {
+        StartError {
+            message: message.into(),
+            stderr: String::new(),
+        }
+    }
+}
+
+fn status_from_code(code: i32) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    ExitStatus::from_raw((code & 0xff) << 8)
+}
+
+/// Sends the configuration and waits for the host's hello.
+async fn handshake(
+    writer: &mut (impl AsyncWrite + Unpin),
+    reader: &mut (impl AsyncRead + Unpin),
+    config: &HostConfig,
+) -> Result<(), String> {
+    writer
+        .write_all(&protocol::encode(&ToHost::Init(Box::new(config.clone()))))
+        .await
+        .map_err(|e| format!("the host process exited during startup ({e})"))?;
+    writer.flush().await.map_err(|e| e.to_string())?;
+    match read_message(reader, 1 << 20).await {
+        Ok(Some(FromHost::Hello { version, .. })) if version == PROTOCOL_VERSION => Ok(()),
+        Ok(Some(FromHost::Hello { version, .. })) => Err(format!(
+            "the host speaks protocol version {version}, this manager {PROTOCOL_VERSION}"
+        )),
+        Ok(Some(FromHost::Fatal { message })) => Err(message),
+        Ok(Some(other)) => Err(format!("unexpected first message {other:?}")),
+        Ok(None) => Err("the host process exited during startup".to_string()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts a host and completes the handshake.
+pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
+    match &launch.program {
+        Some(program) => connect_process(launch, program).await,
+        None => connect_in_process(launch).await,
+    }
+}
+
+async fn connect_process(
+    launch: &Launch,
+    program: &std::path::Path,
+) -> Result<Connection, StartError> {
+    let mut child = process::spawn_host(program, &[host::HOST_ARG.into()])
+        .await
+        .map_err(|e| StartError::new(format!("cannot run {}: {e}", program.display())))?;
+    let pid = child.id().unwrap_or(0);
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stdout = BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
+    // Until the host is up, what it writes on stderr belongs in the start
+    // error, not in the manager's output.
+    let started = Arc::new(AtomicBool::new(false));
+    let stderr_task = tokio::spawn(read_host_stderr(
+        child.stderr.take().expect("piped stderr"),
+        launch.stderr_tail.clone(),
+        launch.output.clone(),
+        started.clone(),
+    ));
+    if let Err(message) = handshake(&mut stdin, &mut stdout, &launch.config).await {
+        let _ = child.start_kill();
+        let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
+        let mut message = message;
+        if let Ok(Ok(status)) = status {
+            if !status.success() && message.contains("exited") {
+                message = format!("{message} ({status})");
+            }
+        }
+        let stderr = launch
+            .stderr_tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        return Err(StartError { message, stderr });
+    }
+    started.store(true, Ordering::Release);
+    let (frames, frames_rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_frames(stdin, frames_rx, None));
+    let (signals, signals_rx) = mpsc::unbounded_channel();
+    let (exit_tx, exited) = oneshot::channel();
+    tokio::spawn(supervise_process(child, signals_rx, exit_tx));
+    Ok(Connection {
+        frames,
+        signals,
+        pid,
+        reader: Box::new(stdout),
+        exited,
+    })
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors, which we then own.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// An in-process worker: the host runs on threads of this process and
+/// speaks the same protocol over a pair of pipes.
+async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
+    let io = |e: std::io::Error| StartError::new(format!("cannot create pipes: {e}"));
+    let (to_host_r, to_host_w) = pipe().map_err(io)?;
+    let (from_host_r, from_host_w) = pipe().map_err(io)?;
+    let (exit_tx, exited) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("malt-in-process".into())
+        .spawn(move || {
+            let code = host::serve(
+                std::fs::File::from(to_host_r),
+                std::fs::File::from(from_host_w),
+                host::Place::InProcess,
+                None,
+            );
+            let _ = exit_tx.send(status_from_code(code));
+        })
+        .map_err(|e| StartError::new(format!("cannot start the host thread: {e}")))?;
+    let mut writer = tokio::net::unix::pipe::Sender::from_owned_fd(to_host_w).map_err(io)?;
+    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(from_host_r).map_err(io)?;
+    let mut reader = BufReader::with_capacity(64 << 10, reader);
+    handshake(&mut writer, &mut reader, &launch.config)
+        .await
+        .map_err(StartError::new)?;
+    let (frames, frames_rx) = mpsc::unbounded_channel();
+    let (close_tx, close_rx) = oneshot::channel();
+    tokio::spawn(write_frames(writer, frames_rx, Some(close_rx)));
+    let (signals, mut signals_rx) = mpsc::unbounded_channel::<Signal>();
+    // Killing an in-process worker closes its stream: the host winds
+    // down, killing the running request.
+    tokio::spawn(async move {
+        if signals_rx.recv().await.is_some() {
+            let _ = close_tx.send(());
+        }
+    });
+    Ok(Connection {
+        frames,
+        signals,
+        pid: std::process::id(),
+        reader: Box::new(reader),
+        exited,
+    })
+}
+
+/// Reads one message; `Ok(None)` at a clean end of stream.
+async fn read_message(
+    reader: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<Option<FromHost>, String> {
+    match read_body(reader, max).await? {
+        None => Ok(None),
+        Some(body) => protocol::decode(&body).map(Some).map_err(|e| e.to_string()),
+    }
+}
+
+/// Reads one frame body; `Ok(None)` at a clean end of stream.
+pub(crate) async fn read_body(
+    reader: &mut (impl AsyncRead + Unpin + ?Sized),
+    max: usize,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut header = [0u8; protocol::HEADER_LEN];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len > max {
+        return Err(format!("a frame of {len} bytes is over the {max} byte cap"));
+    }
+    let mut body = vec![0u8; len];
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| format!("truncated frame: {e}"))?;
+    Ok(Some(body))
+}
+
+async fn read_host_stderr(
+    mut stderr: ChildStderr,
+    tail: Arc<Mutex<String>>,
+    output: Arc<Mutex<OutputSink>>,
+    started: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                {
+                    let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+                    tail.push_str(&text);
+                    if tail.len() > STDERR_TAIL {
+                        let mut cut = tail.len() - STDERR_TAIL;
+                        while !tail.is_char_boundary(cut) {
+                            cut += 1;
+                        }
+                        tail.drain(..cut);
+                    }
+                }
+                if started.load(Ordering::Acquire) {
+                    output
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .write(protocol::Stream::Stderr, &buf[..n]);
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames to the host, flushing when the queue runs dry so
+/// that pipelined requests go out in few writes. Ends (closing the
+/// stream) when the queue closes or `close` fires.
+async fn write_frames(
+    out: impl AsyncWrite + Unpin,
+    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    close: Option<oneshot::Receiver<()>>,
+) {
+    let mut out = tokio::io::BufWriter::with_capacity(64 << 10, out);
+    let mut close = close;
+    loop {
+        let frame = match close.as_mut() {
+            Some(close) => tokio::select! {
+                frame = frames.recv() => frame,
+                _ = close => None,
+            },
+            None => frames.recv().await,
+        };
+        let Some(frame) = frame else {
+            let _ = out.shutdown().await;
+            return;
+        };
+        if out.write_all(&frame).await.is_err() {
+            return;
+        }
+        while let Ok(frame) = frames.try_recv() {
+            if out.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        if out.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Owns a host process: delivers signals, and reports its exit.
+async fn supervise_process(
+    mut child: Child,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    exited: oneshot::Sender<ExitStatus>,
+) {
+    let mut signals_open = true;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.unwrap_or_else(|_| status_from_code(255)),
+            signal = signals.recv(), if signals_open => match signal {
+                Some(Signal::Kill) => { let _ = child.start_kill(); }
+                Some(Signal::Term) => {
+                    if let Some(pid) = child.id() {
+                        // SAFETY: the child is not reaped yet (we own it
+                        // and have not seen it exit), so the pid is ours.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                    }
+                }
+                None => signals_open = false,
+            },
+        }
+    };
+    let _ = exited.send(status);
+}
