@@ -169,6 +169,26 @@ impl malt_script::Host for GuestContext {
     }
 }
 
+/// The script guest (Rhai) as a native guest, for a program that serves
+/// it, perhaps next to functions of its own (see `examples/native_guest.rs`).
+pub struct ScriptGuest(malt_script::Session);
+
+impl ScriptGuest {
+    /// A fresh script session whose built-ins reach this worker's host.
+    pub fn new(context: GuestContext) -> Self {
+        ScriptGuest(malt_script::Session::new(std::rc::Rc::new(context)))
+    }
+}
+
+impl NativeGuest for ScriptGuest {
+    fn call(&mut self, name: &str, args: &[u8]) -> Result<Vec<u8>, String> {
+        self.0.call(name, args)
+    }
+    fn eval(&mut self, code: &str) -> Result<Vec<u8>, String> {
+        self.0.eval(code)
+    }
+}
+
 /// State shared by the host's threads.
 pub(crate) struct Shared {
     out: SyncSender<Outgoing>,
@@ -288,9 +308,8 @@ pub(crate) fn serve(
             }
         }
         (protocol::GuestSpec::NativeScript, Place::Process) => {
-            let factory: NativeFactory = Arc::new(|cx: GuestContext| {
-                Box::new(malt_script::Session::new(std::rc::Rc::new(cx))) as Box<dyn NativeGuest>
-            });
+            let factory: NativeFactory =
+                Arc::new(|cx: GuestContext| Box::new(ScriptGuest::new(cx)) as Box<dyn NativeGuest>);
             match native::prepare(&config, &shared, factory) {
                 Ok(prepared) => prepared,
                 Err(e) => return fatal(&mut output, &e, exit::START_FAILED),

@@ -16,15 +16,6 @@ use super::{
 };
 use crate::protocol::{FromHost, HostConfig, Stream};
 
-impl NativeGuest for malt_script::Session {
-    fn call(&mut self, name: &str, args: &[u8]) -> Result<Vec<u8>, String> {
-        malt_script::Session::call(self, name, args)
-    }
-    fn eval(&mut self, code: &str) -> Result<Vec<u8>, String> {
-        malt_script::Session::eval(self, code)
-    }
-}
-
 struct Native {
     guest: Box<dyn NativeGuest>,
     factory: NativeFactory,

@@ -349,3 +349,33 @@ fn dir_grants_and_denies_reads() {
         .code(1)
         .stdout(predicate::str::contains("root:").not());
 }
+
+#[test]
+fn native_workers_from_the_cli() {
+    malt()
+        .args(["eval", "--native", r#"print("native"); 6 * 7"#])
+        .assert()
+        .success()
+        .stdout("native\n42\n");
+    malt()
+        .args(["eval", "--native", "--timeout", "200ms", "loop {}"])
+        .assert()
+        .code(4);
+    malt()
+        .args(["eval", "--native", "--memory", "64M", "1"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("wasm sandbox limit"));
+    malt()
+        .args(["call", "--native", "script", "abs", "--", "-3"])
+        .assert()
+        .success()
+        .stdout("3\n");
+    malt()
+        .args(["call", "--native"])
+        .arg(guests::test_guest_native())
+        .args(["add", "2", "3"])
+        .assert()
+        .success()
+        .stdout("5\n");
+}

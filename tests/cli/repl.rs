@@ -2,9 +2,10 @@
 
 use rexpect::session::spawn_command;
 
-fn repl() -> rexpect::session::PtySession {
+fn repl(args: &[&str]) -> rexpect::session::PtySession {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_malt"));
     cmd.arg("repl")
+        .args(args)
         .env("NO_COLOR", "1")
         .env("MALT_CACHE_DIR", cache_dir());
     spawn_command(cmd, Some(60_000)).expect("start malt repl")
@@ -19,7 +20,16 @@ fn cache_dir() -> std::path::PathBuf {
 
 #[test]
 fn define_call_interrupt_and_exit() {
-    let mut p = repl();
+    session(&[]);
+}
+
+#[test]
+fn the_same_with_a_native_worker() {
+    session(&["--native"]);
+}
+
+fn session(args: &[&str]) {
+    let mut p = repl(args);
     p.exp_string("Ctrl-C interrupts").unwrap();
     p.exp_string("malt> ").unwrap();
     p.send_line("fn sq(x) { x * x }").unwrap();

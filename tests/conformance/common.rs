@@ -12,6 +12,8 @@ pub enum Kind {
     Wasm,
     /// The script guest served natively by a worker process.
     Native,
+    /// A user's own native worker program (`examples/native_guest`).
+    NativeProgram,
     /// The script guest as wasm on a thread of the test process.
     InProcess,
 }
@@ -22,6 +24,7 @@ impl Kind {
         match self {
             Kind::Wasm => Worker::script(),
             Kind::Native => Worker::native(),
+            Kind::NativeProgram => Worker::native_program(crate::guests::native_guest_example()),
             Kind::InProcess => Worker::script().in_process(),
         }
     }
@@ -52,6 +55,7 @@ macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         $crate::conformance!(@kind wasm Wasm $($name),*);
         $crate::conformance!(@kind native Native $($name),*);
+        $crate::conformance!(@kind native_program NativeProgram $($name),*);
         $crate::conformance!(@kind in_process InProcess $($name),*);
     };
     (@kind $module:ident $kind:ident $($name:ident),*) => {
@@ -73,7 +77,9 @@ pub use crate::guests::test_guest;
 pub fn test_guest_worker(kind: Kind) -> WorkerBuilder {
     match kind {
         Kind::Wasm => Worker::wasm(test_guest()),
-        Kind::Native => Worker::native_program(crate::guests::test_guest_native()),
+        Kind::Native | Kind::NativeProgram => {
+            Worker::native_program(crate::guests::test_guest_native())
+        }
         Kind::InProcess => Worker::wasm(test_guest()).in_process(),
     }
 }

@@ -138,10 +138,9 @@ async fn a_trap_resets_the_guest(kind: Kind) {
         panic!("expected a trap, got {err:?}")
     };
     // A wasm panic aborts (a trap); a native one is caught.
-    let expected = if kind == Kind::Native {
-        "guest bug"
-    } else {
-        "unreachable"
+    let expected = match kind {
+        Kind::Native | Kind::NativeProgram => "guest bug",
+        Kind::Wasm | Kind::InProcess => "unreachable",
     };
     assert!(message.contains(expected), "{message}");
     assert_eq!(

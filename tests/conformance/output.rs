@@ -142,6 +142,13 @@ mod native_child {
     }
 }
 
+mod nativeprogram_child {
+    #[tokio::test]
+    async fn forwarding_child() {
+        super::forwarding_child(crate::common::Kind::NativeProgram).await
+    }
+}
+
 mod inprocess_child {
     #[tokio::test]
     async fn forwarding_child() {

@@ -91,3 +91,23 @@ async fn a_granted_directory_that_does_not_exist() {
     let msg = spawn_error(Worker::script().dir("/no/such/dir", "data")).await;
     assert!(msg.contains("/no/such/dir"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_native_program_that_is_not_a_host() {
+    let msg = spawn_error(Worker::native_program("/bin/true")).await;
+    assert!(msg.contains("exited during startup"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_host_without_a_native_guest() {
+    // The malt binary hosts wasm guests and the script guest, but serves
+    // no native guest of its own.
+    let msg = spawn_error(Worker::native_program(env!("CARGO_BIN_EXE_malt"))).await;
+    assert!(msg.contains("serves no native guest"), "{msg}");
+}
+
+#[tokio::test]
+async fn in_process_is_for_wasm_guests() {
+    let msg = spawn_error(Worker::native().in_process()).await;
+    assert!(msg.contains("wasm guests only"), "{msg}");
+}

@@ -77,3 +77,25 @@ pub fn test_guest_native() -> PathBuf {
     })
     .clone()
 }
+
+/// `examples/native_guest`: a program serving the script guest natively,
+/// as a user's own native worker would (built on first use).
+#[allow(dead_code)]
+pub fn native_guest_example() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--quiet", "--example", "native_guest"])
+            .status()
+            .expect("run cargo to build examples/native_guest");
+        assert!(status.success(), "building examples/native_guest failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug/examples/native_guest")
+    })
+    .clone()
+}

@@ -76,8 +76,12 @@ enum Command {
         #[arg(long, short)]
         file: Option<PathBuf>,
         /// A guest component (default: the built-in script guest).
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "native")]
         guest: Option<PathBuf>,
+        /// Use a native worker (a process running the script guest
+        /// natively: faster to start, no wasm sandbox).
+        #[arg(long)]
+        native: bool,
         #[command(flatten)]
         sandbox: Sandbox,
     },
@@ -85,10 +89,15 @@ enum Command {
     #[command(after_help = "EXAMPLES:
   malt call guest.wasm add 1 2
   malt call script abs -- -5
+  malt call --native ./my-native-guest fib 50
   malt call guest.wasm greet '\"world\"' '{\"loud\": true}'")]
     Call {
-        /// The guest component, or `script` for the built-in script guest.
+        /// The guest component, or `script` for the built-in script guest;
+        /// with --native, a native worker program (or `script`).
         guest: String,
+        /// Run the guest in a native worker.
+        #[arg(long)]
+        native: bool,
         /// The function.
         function: String,
         /// Arguments, each one JSON value.
@@ -120,7 +129,11 @@ enum Command {
   A line with unclosed brackets, or ending in \\, continues on the next.")]
     Repl {
         /// A guest component (default: the built-in script guest).
+        #[arg(conflicts_with = "native")]
         guest: Option<PathBuf>,
+        /// Use a native worker (the script guest natively, no wasm sandbox).
+        #[arg(long)]
+        native: bool,
         #[command(flatten)]
         sandbox: Sandbox,
     },
@@ -232,8 +245,21 @@ impl Sandbox {
         Ok(())
     }
 
-    fn apply(&self, mut builder: WorkerBuilder) -> anyhow::Result<WorkerBuilder> {
+    fn apply(&self, mut builder: WorkerBuilder, native: bool) -> anyhow::Result<WorkerBuilder> {
         self.check()?;
+        if native {
+            for (flag, given) in [
+                ("--memory", self.memory.is_some()),
+                ("--fuel", self.fuel.is_some()),
+                ("--dir", !self.dirs.is_empty()),
+            ] {
+                if given {
+                    return Err(usage(format!(
+                        "{flag} is a wasm sandbox limit; a native worker has none (drop --native)"
+                    )));
+                }
+            }
+        }
         if let Some(bytes) = self.memory {
             builder = builder.memory_limit(bytes);
         }
@@ -326,9 +352,12 @@ fn read_code(code: &[String], file: Option<&Path>) -> anyhow::Result<String> {
     }
 }
 
-fn builder_for(guest: Option<&Path>) -> WorkerBuilder {
-    match guest {
-        Some(g) if g != Path::new("script") => Worker::wasm(g),
+fn builder_for(guest: Option<&Path>, native: bool) -> WorkerBuilder {
+    let script = guest.is_none_or(|g| g == Path::new("script"));
+    match (guest, native) {
+        (_, true) if script => Worker::native(),
+        (Some(g), true) => Worker::native_program(g),
+        (Some(g), false) if !script => Worker::wasm(g),
         _ => Worker::script(),
     }
 }
@@ -392,6 +421,7 @@ async fn eval(json: bool, code: &str, builder: WorkerBuilder) -> anyhow::Result<
 async fn call(
     json: bool,
     guest: &str,
+    native: bool,
     function: &str,
     args: &[String],
     sandbox: &Sandbox,
@@ -404,7 +434,7 @@ async fn call(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let worker = sandbox
-        .apply(builder_for(Some(Path::new(guest))))?
+        .apply(builder_for(Some(Path::new(guest)), native), native)?
         .spawn()
         .await?;
     let result = worker
@@ -511,18 +541,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             code,
             file,
             guest,
+            native,
             sandbox,
         } => {
             let code = read_code(&code, file.as_deref())?;
-            let builder = sandbox.apply(builder_for(guest.as_deref()))?;
+            let builder = sandbox.apply(builder_for(guest.as_deref(), native), native)?;
             runtime()?.block_on(eval(json, &code, builder))?;
         }
         Command::Call {
             guest,
+            native,
             function,
             args,
             sandbox,
-        } => runtime()?.block_on(call(json, &guest, &function, &args, &sandbox))?,
+        } => runtime()?.block_on(call(json, &guest, native, &function, &args, &sandbox))?,
         Command::Run {
             guest,
             args,
@@ -532,8 +564,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let code = run_command(&guest, args, stdin, &sandbox)?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
-        Command::Repl { guest, sandbox } => {
-            let builder = sandbox.apply(builder_for(guest.as_deref()))?;
+        Command::Repl {
+            guest,
+            native,
+            sandbox,
+        } => {
+            let builder = sandbox.apply(builder_for(guest.as_deref(), native), native)?;
             repl::run(runtime()?, builder)?;
         }
         Command::Inspect { guest } => inspect(json, &guest)?,
