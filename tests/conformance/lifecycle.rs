@@ -274,3 +274,53 @@ async fn fuel_limits_a_request(kind: Kind) {
     assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
     w.stop().await.unwrap();
 }
+
+/// Env var that turns `exiting_manager_child` into the child side of
+/// `no_worker_survives_its_manager_exiting`.
+const EXIT_CHILD_ENV: &str = "MALT_TEST_EXITING_MANAGER";
+
+/// No orphans: a manager that exits without stopping its workers (no
+/// destructors run) takes them with it.
+#[tokio::test]
+async fn no_worker_survives_its_manager_exiting() {
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::process::Command::new(exe)
+        .args([
+            "--exact",
+            "lifecycle::exiting_manager_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(EXIT_CHILD_ENV, "1")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<u32> = stdout
+        .lines()
+        .filter_map(|l| l.split("worker pid ").nth(1))
+        .map(|p| p.trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "child output:\n{stdout}");
+    for pid in pids {
+        assert!(wait_gone(pid).await, "worker {pid} survived its manager");
+    }
+}
+
+/// The child side: starts a wasm and a native worker, then exits at once.
+#[test]
+fn exiting_manager_child() {
+    if std::env::var_os(EXIT_CHILD_ENV).is_none() {
+        return;
+    }
+    for builder in [
+        malt::blocking::Worker::script(),
+        malt::blocking::Worker::native(),
+    ] {
+        let w = builder.spawn().unwrap();
+        w.remote_eval_wait("1").unwrap();
+        println!("worker pid {}", w.pid());
+        std::mem::forget(w);
+    }
+    std::process::exit(0);
+}
