@@ -121,9 +121,10 @@ pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Artifacts known to be in the cache, by component hash and fuel.
-fn known() -> &'static Mutex<HashMap<(String, bool), PathBuf>> {
-    static KNOWN: OnceLock<Mutex<HashMap<(String, bool), PathBuf>>> = OnceLock::new();
+/// Artifacts known to be in the cache, by cache directory, component hash
+/// and fuel.
+fn known() -> &'static Mutex<HashMap<(PathBuf, String, bool), PathBuf>> {
+    static KNOWN: OnceLock<Mutex<HashMap<(PathBuf, String, bool), PathBuf>>> = OnceLock::new();
     KNOWN.get_or_init(Default::default)
 }
 
@@ -131,7 +132,7 @@ fn known() -> &'static Mutex<HashMap<(String, bool), PathBuf>> {
 /// it first if the cache does not have it. Blocking: call it off the
 /// async runtime.
 pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Result<PathBuf> {
-    let key = (sha256.to_string(), fuel);
+    let key = (cache_dir(), sha256.to_string(), fuel);
     if let Some(path) = known().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(path.clone());
     }

@@ -100,7 +100,11 @@ impl Control {
         };
         self.interrupted.store(false, Ordering::Release);
         self.killed.store(false, Ordering::Release);
-        self.wake_timer.notify_one();
+        // Only a deadline needs the timer; waking it for every request
+        // would cost a context switch on the hot path.
+        if t.timeout_at.is_some() {
+            self.wake_timer.notify_one();
+        }
         true
     }
 

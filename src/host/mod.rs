@@ -21,9 +21,9 @@ mod control;
 mod native;
 pub(crate) mod wasm;
 
-use std::io::{BufReader, BufWriter, Write};
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::io::{BufReader, Write};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
     self, Failure, FrameError, FromHost, HostConfig, PROTOCOL_VERSION, ReplyMode, Stream, ToHost,
@@ -35,11 +35,6 @@ pub(crate) use control::Control;
 /// First argument that turns the `malt` binary (or a program calling
 /// [`main_if_host`]) into a worker host.
 pub const HOST_ARG: &str = "__malt-host";
-
-/// Outgoing frames waiting for the writer thread. Bounded so a guest that
-/// prints faster than the manager reads is slowed down, not buffered
-/// without limit.
-const OUTGOING_FRAMES: usize = 1024;
 
 /// Serves as a worker host if this process was started as one.
 ///
@@ -191,24 +186,41 @@ impl NativeGuest for ScriptGuest {
 
 /// State shared by the host's threads.
 pub(crate) struct Shared {
-    out: SyncSender<Outgoing>,
+    /// The protocol stream out. Whoever has a frame writes it (one
+    /// `write` per frame, under the lock, so frames never interleave):
+    /// no hop through a writer thread on the way back to the manager.
+    /// `None` once closed.
+    out: Mutex<Option<Box<dyn Write + Send>>>,
     pub control: Control,
     pub channels: Channels,
     pub max_frame: usize,
 }
 
-/// What the writer thread is sent.
-enum Outgoing {
-    Frame(Vec<u8>),
-    /// Flush everything, then exit the process with this code.
-    FlushAndExit(i32),
-}
-
 impl Shared {
-    /// Queues a frame for the writer thread. Fails only once the writer is
-    /// gone, i.e. the worker is shutting down.
+    /// Writes a frame. A failed write means the manager is gone: the
+    /// stream is dropped and later frames go nowhere.
     pub fn send(&self, message: &FromHost) {
-        let _ = self.out.send(Outgoing::Frame(protocol::encode(message)));
+        let frame = protocol::encode(message);
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = out.as_mut() {
+            if w.write_all(&frame).and_then(|()| w.flush()).is_err() {
+                *out = None;
+            }
+        }
+    }
+
+    /// Exits the host process once every frame written so far is out.
+    pub fn exit(&self, code: i32) -> ! {
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = out.as_mut() {
+            let _ = w.flush();
+        }
+        std::process::exit(code)
+    }
+
+    /// Closes the stream (an in-process worker winding down).
+    fn close(&self) {
+        *self.out.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     pub fn reply(&self, id: u64, result: Result<Option<Vec<u8>>, Failure>) {
@@ -285,9 +297,8 @@ pub(crate) fn serve(
         Ok(c) => c,
         Err(message) => return fatal(&mut output, &message, exit::PROTOCOL),
     };
-    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(OUTGOING_FRAMES);
     let shared = Arc::new(Shared {
-        out: out_tx,
+        out: Mutex::new(None),
         control: Control::new(config.interrupt_grace, config.call_timeout),
         channels: Channels::default(),
         max_frame: config.max_frame,
@@ -337,10 +348,7 @@ pub(crate) fn serve(
             );
         }
     };
-    let writer = std::thread::Builder::new()
-        .name("malt-writer".into())
-        .spawn(move || write_loop(out_rx, output, place))
-        .expect("spawn writer thread");
+    *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
     let (work_tx, work_rx) = std::sync::mpsc::channel();
     let s = shared.clone();
     let guest_thread = std::thread::Builder::new()
@@ -361,8 +369,9 @@ pub(crate) fn serve(
                 eprintln!("malt host: {message}");
                 s.send(&FromHost::Fatal { message });
                 if place == Place::Process {
-                    let _ = s.out.send(Outgoing::FlushAndExit(exit::UNKILLABLE));
+                    s.exit(exit::UNKILLABLE);
                 }
+                s.close();
             }
         })
         .expect("spawn timer thread");
@@ -384,9 +393,8 @@ pub(crate) fn serve(
     // and the writer (closing the stream) once nobody can send.
     drop(work_tx);
     shared.control.shut_down(&shared.channels, &**kill);
-    drop(shared);
     let _ = guest_thread.join();
-    let _ = writer.join();
+    shared.close();
     code
 }
 
@@ -430,46 +438,6 @@ fn fatal(out: &mut impl Write, message: &str, code: i32) -> i32 {
     });
     let _ = out.write_all(&frame).and_then(|_| out.flush());
     code
-}
-
-fn write_loop(frames: Receiver<Outgoing>, output: impl Write, place: Place) {
-    let mut out = BufWriter::with_capacity(64 << 10, output);
-    let write = |out: &mut BufWriter<_>, item: Outgoing| -> bool {
-        match item {
-            Outgoing::Frame(frame) => out.write_all(&frame).is_ok(),
-            Outgoing::FlushAndExit(code) => {
-                let _ = out.flush();
-                if place == Place::Process {
-                    std::process::exit(code);
-                }
-                false
-            }
-        }
-    };
-    while let Ok(item) = frames.recv() {
-        if !write(&mut out, item) {
-            return;
-        }
-        // Batch what is already queued, then flush once.
-        loop {
-            match frames.try_recv() {
-                Ok(item) => {
-                    if !write(&mut out, item) {
-                        return;
-                    }
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
-                }
-            }
-        }
-        if out.flush().is_err() {
-            return;
-        }
-    }
-    let _ = out.flush();
 }
 
 /// Reads and dispatches requests until the stream ends or a Stop arrives.

@@ -11,7 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Guest, GuestContext, GuestError, GuestMaker, Killer, NativeFactory, NativeGuest, Outgoing,
+    Guest, GuestContext, GuestError, GuestMaker, Killer, NativeFactory, NativeGuest,
     Shared, Work, exit,
 };
 use crate::protocol::{FromHost, HostConfig, Stream};
@@ -89,7 +89,7 @@ pub(super) fn prepare(
     let kill: Killer = Box::new(move |id, reason| {
         s.reply(id, Err(reason.failure(true)));
         s.send(&FromHost::Restart);
-        let _ = s.out.send(Outgoing::FlushAndExit(exit::RESTART));
+        s.exit(exit::RESTART);
     });
     Ok(("native", maker, kill))
 }

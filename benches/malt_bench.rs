@@ -1,0 +1,461 @@
+//! malt-bench: every figure next to the physical floor it runs on,
+//! measured in the same run, printed as a markdown table.
+//!
+//! Run with `cargo bench --bench malt_bench` (add `-- --quick` for fewer
+//! samples). The floors are raw pipes between two processes: this binary
+//! started again in echo mode.
+
+#[path = "../tests/support/guests.rs"]
+#[allow(dead_code)]
+mod guests;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use malt::{Error, Worker, WorkerBuilder};
+use serde_bytes::ByteBuf;
+
+const ECHO_ARG: &str = "__malt_bench_echo";
+const MALT: &str = env!("CARGO_BIN_EXE_malt");
+
+/// Echo mode: read length-prefixed frames on stdin, write them back.
+fn echo() -> ! {
+    let mut input = std::io::BufReader::with_capacity(64 << 10, std::io::stdin().lock());
+    let mut output = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
+    let mut header = [0u8; 4];
+    let mut body = Vec::new();
+    while input.read_exact(&mut header).is_ok() {
+        let len = u32::from_le_bytes(header) as usize;
+        body.resize(len, 0);
+        if input.read_exact(&mut body).is_err() {
+            break;
+        }
+        if output.write_all(&header).and_then(|_| output.write_all(&body)).is_err() {
+            break;
+        }
+        // Like malt's writers: flush when no more input is waiting.
+        if input.buffer().is_empty() && output.flush().is_err() {
+            break;
+        }
+    }
+    std::process::exit(0)
+}
+
+struct Echo {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::process::ChildStdout,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .arg(ECHO_ARG)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Echo { child, stdin, stdout }
+    }
+
+    fn send(&mut self, body: &[u8]) {
+        self.stdin.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+        self.stdin.write_all(body).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>) {
+        let mut header = [0u8; 4];
+        self.stdout.read_exact(&mut header).unwrap();
+        buf.resize(u32::from_le_bytes(header) as usize, 0);
+        self.stdout.read_exact(buf).unwrap();
+    }
+
+    fn round_trip(&mut self, body: &[u8], buf: &mut Vec<u8>) {
+        self.send(body);
+        self.recv(buf);
+    }
+
+    fn stop(mut self) {
+        drop(self.stdin);
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    median: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        median: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+fn fmt(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    if ns < 10_000.0 {
+        format!("{:.2} µs", ns / 1e3)
+    } else if ns < 10_000_000.0 {
+        format!("{:.1} µs", ns / 1e3)
+    } else if ns < 10e9 {
+        format!("{:.1} ms", ns / 1e6)
+    } else {
+        format!("{:.2} s", ns / 1e9)
+    }
+}
+
+struct Table {
+    rows: Vec<[String; 5]>,
+}
+
+impl Table {
+    fn timing(&mut self, what: &str, malt: Stats, floor: Option<Stats>, goal: &str) {
+        let (floor_text, ratio) = match floor {
+            Some(f) => (
+                format!("{} (p99 {})", fmt(f.median), fmt(f.p99)),
+                format!("{:.1}×", malt.median.as_secs_f64() / f.median.as_secs_f64()),
+            ),
+            None => ("—".into(), "—".into()),
+        };
+        self.rows.push([
+            what.into(),
+            format!("{} (p99 {})", fmt(malt.median), fmt(malt.p99)),
+            floor_text,
+            ratio,
+            goal.into(),
+        ]);
+        eprintln!("  {what}: {}", self.rows.last().unwrap()[1]);
+    }
+
+    fn figure(&mut self, what: &str, value: String, floor: String, ratio: String, goal: &str) {
+        eprintln!("  {what}: {value}");
+        self.rows.push([what.into(), value, floor, ratio, goal.into()]);
+    }
+
+    fn print(&self) {
+        println!("| measure | malt median (p99) | floor median (p99) | ratio | goal |");
+        println!("|---|---|---|---|---|");
+        for r in &self.rows {
+            println!("| {} | {} | {} | {} | {} |", r[0], r[1], r[2], r[3], r[4]);
+        }
+    }
+}
+
+fn host(builder: WorkerBuilder) -> WorkerBuilder {
+    builder.host_program(MALT).monitor_output(false)
+}
+
+async fn time_calls(w: &Worker, n: usize, mut call: impl AsyncFnMut(&Worker)) -> Stats {
+    for _ in 0..n / 10 {
+        call(w).await;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        call(w).await;
+        samples.push(start.elapsed());
+    }
+    stats(samples)
+}
+
+fn floor_round_trip(n: usize, size: usize) -> Stats {
+    let mut echo = Echo::start();
+    let body = vec![0x5au8; size];
+    let mut buf = Vec::new();
+    for _ in 0..n / 10 {
+        echo.round_trip(&body, &mut buf);
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        echo.round_trip(&body, &mut buf);
+        samples.push(start.elapsed());
+    }
+    echo.stop();
+    stats(samples)
+}
+
+/// Frames per second through the raw pipe, pipelined like the calls.
+fn floor_pipelined(calls: usize) -> f64 {
+    let Echo {
+        mut child,
+        stdin,
+        mut stdout,
+    } = Echo::start();
+    let start = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut input = std::io::BufReader::new(&mut stdout);
+        let mut header = [0u8; 4];
+        let mut buf = Vec::new();
+        for _ in 0..calls {
+            input.read_exact(&mut header).unwrap();
+            buf.resize(u32::from_le_bytes(header) as usize, 0);
+            input.read_exact(&mut buf).unwrap();
+        }
+    });
+    let mut out = std::io::BufWriter::new(stdin);
+    let body = [0x5au8; 32];
+    for _ in 0..calls {
+        out.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+        out.write_all(&body).unwrap();
+    }
+    out.flush().unwrap();
+    reader.join().unwrap();
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    drop(out);
+    let _ = child.wait();
+    rate
+}
+
+fn pss_rss_kib(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+async fn run(quick: bool) -> Result<Table, Error> {
+    let n = if quick { 2_000 } else { 20_000 };
+    let mut table = Table { rows: Vec::new() };
+    let guest = guests::test_guest();
+
+    // 1. Call round trip. The call frame is ~30 bytes.
+    let floor = floor_round_trip(n, 32);
+    table.timing("raw pipe ping-pong, 32 B (the floor)", floor, None, "");
+    for (label, builder) in [
+        ("wasm", host(Worker::script())),
+        ("native", host(Worker::native())),
+        ("in-process", host(Worker::script().in_process())),
+    ] {
+        let w = builder.spawn().await?;
+        w.remote_eval_wait("fn add(a, b) { a + b }").await?;
+        let s = time_calls(&w, n, async |w| {
+            let _: i64 = w.remote_call_fetch("add", (1, 2)).await.unwrap();
+        })
+        .await;
+        let goal = if label == "wasm" { "≤ 3× floor" } else { "" };
+        table.timing(&format!("{label}: `remote_call_fetch(\"add\", (1, 2))`"), s, Some(floor), goal);
+        let s = time_calls(&w, n, async |w| {
+            let _: i64 = w.remote_eval_fetch("1+1").await.unwrap();
+        })
+        .await;
+        table.timing(&format!("{label}: `remote_eval_fetch(\"1+1\")`"), s, Some(floor), goal);
+        w.stop().await?;
+    }
+    // The raw test guest (no script engine): the protocol's own cost.
+    let w = host(Worker::wasm(&guest)).spawn().await?;
+    let s = time_calls(&w, n, async |w| {
+        let _: i64 = w.remote_call_fetch("add", (1, 2)).await.unwrap();
+    })
+    .await;
+    table.timing("wasm, Rust guest: `remote_call_fetch(\"add\", (1, 2))`", s, Some(floor), "≤ 3× floor");
+
+    // 2. Throughput: calls pipelined on one worker.
+    let calls = if quick { 20_000 } else { 100_000 };
+    let start = Instant::now();
+    let handles: Vec<_> = (0..calls).map(|i| w.remote_call::<i64>("add", (i, 1))).collect();
+    for h in handles {
+        h.await?;
+    }
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    let floor_rate = floor_pipelined(calls);
+    table.figure(
+        &format!("throughput, {calls} pipelined calls (wasm, Rust guest)"),
+        format!("{:.0} calls/s", rate),
+        format!("{:.0} frames/s", floor_rate),
+        format!("{:.2}×", floor_rate / rate),
+        "≥ 150 000/s",
+    );
+
+    // 4. Payload: 50 MB out of and into a worker.
+    let size = 50 << 20;
+    let samples = if quick { 3 } else { 10 };
+    let mut out = Vec::new();
+    let mut inn = Vec::new();
+    let sent = ByteBuf::from(vec![9u8; size]);
+    for _ in 0..samples {
+        let start = Instant::now();
+        let b: ByteBuf = w.remote_call_fetch("bytes", (size,)).await?;
+        out.push(start.elapsed());
+        assert_eq!(b.len(), size);
+        let start = Instant::now();
+        let _: ByteBuf = w.remote_call_fetch("echo", (&sent,)).await?;
+        inn.push(start.elapsed());
+    }
+    let mut echo = Echo::start();
+    let body = vec![9u8; size];
+    let mut buf = Vec::new();
+    let mut floor = Vec::new();
+    for _ in 0..samples {
+        let start = Instant::now();
+        echo.round_trip(&body, &mut buf);
+        floor.push(start.elapsed());
+    }
+    echo.stop();
+    let floor = stats(floor);
+    table.timing("50 MB returned by the worker (`bytes`)", stats(out), Some(floor), "≤ 1.5× floor");
+    table.timing("50 MB sent to the worker and back (`echo`)", stats(inn), Some(floor), "≤ 1.5× floor");
+    w.stop().await?;
+
+    // 3. Cold start: spawn (warm cache) + first result + stop.
+    let n_start = if quick { 20 } else { 100 };
+    let mut floor = Vec::new();
+    for _ in 0..n_start {
+        let start = Instant::now();
+        let mut echo = Echo::start();
+        echo.round_trip(b"ping", &mut Vec::new());
+        echo.stop();
+        floor.push(start.elapsed());
+    }
+    let floor = stats(floor);
+    for (label, make) in [
+        ("wasm (script guest)", (|| host(Worker::script())) as fn() -> WorkerBuilder),
+        ("wasm (Rust guest)", || host(Worker::wasm(guests::test_guest()))),
+        ("native (script guest)", || host(Worker::native())),
+        ("in-process (script guest)", || host(Worker::script().in_process())),
+    ] {
+        let mut samples = Vec::new();
+        for _ in 0..n_start {
+            let start = Instant::now();
+            let w = make().spawn().await?;
+            if label.contains("Rust") {
+                let _: i64 = w.remote_call_fetch("add", (1, 2)).await?;
+            } else {
+                let _: i64 = w.remote_eval_fetch("1+1").await?;
+            }
+            w.stop().await?;
+            samples.push(start.elapsed());
+        }
+        let goal = if label.starts_with("wasm") { "≤ 3 ms" } else { "" };
+        table.timing(&format!("cold start, {label}: spawn + first result + stop"), stats(samples), Some(floor), goal);
+    }
+    let cache = std::env::temp_dir().join(format!("malt-bench-cache-{}", std::process::id()));
+    // SAFETY: set while no other thread reads the environment.
+    unsafe { std::env::set_var(malt::CACHE_DIR_ENV, &cache) };
+    let start = Instant::now();
+    let w = host(Worker::wasm(guests::test_guest())).spawn().await?;
+    let _: i64 = w.remote_call_fetch("add", (1, 2)).await?;
+    w.stop().await?;
+    let first = start.elapsed();
+    unsafe { std::env::remove_var(malt::CACHE_DIR_ENV) };
+    let _ = std::fs::remove_dir_all(&cache);
+    table.figure(
+        "first-ever start, Rust guest (compiles; cold cache)",
+        fmt(first),
+        "—".into(),
+        "—".into(),
+        "reported",
+    );
+
+    // 5. Interrupt.
+    let w = host(Worker::script()).spawn().await?;
+    let mut to_error = Vec::new();
+    let mut to_answer = Vec::new();
+    for _ in 0..if quick { 10 } else { 50 } {
+        let running = w.remote_eval::<()>("loop {}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let start = Instant::now();
+        w.interrupt().await?;
+        let err = running.await.unwrap_err();
+        to_error.push(start.elapsed());
+        assert!(matches!(err, Error::Interrupted { state_lost: false }), "{err:?}");
+        let _: i64 = w.remote_eval_fetch("1").await?;
+        to_answer.push(start.elapsed());
+    }
+    w.stop().await?;
+    table.timing("interrupt, cooperative (`loop {}`): to the error", stats(to_error), None, "≤ 1 ms");
+    table.timing("interrupt, cooperative: until the worker answers again", stats(to_answer), None, "");
+    let w = host(Worker::wasm(guests::test_guest()))
+        .interrupt_grace(Duration::ZERO)
+        .spawn()
+        .await?;
+    let mut to_error = Vec::new();
+    let mut to_answer = Vec::new();
+    for _ in 0..if quick { 10 } else { 50 } {
+        let running = w.remote_call::<()>("spin", ());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let start = Instant::now();
+        w.interrupt().await?;
+        let err = running.await.unwrap_err();
+        to_error.push(start.elapsed());
+        assert!(matches!(err, Error::Interrupted { state_lost: true }), "{err:?}");
+        let _: i64 = w.remote_call_fetch("add", (1, 1)).await?;
+        to_answer.push(start.elapsed());
+    }
+    w.stop().await?;
+    table.timing("interrupt, hard (Rust guest spinning; grace 0): to the error", stats(to_error), None, "≤ 2 ms");
+    table.timing("interrupt, hard: until the worker answers again (fresh instance)", stats(to_answer), None, "");
+
+    // 6. Memory per idle wasm worker, and 7. scale.
+    for count in [1usize, 10, 100, 200] {
+        let start = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..count {
+            workers.push(host(Worker::script()).spawn().await?);
+        }
+        let answers: Vec<_> = workers.iter().map(|w| w.remote_eval::<i64>("40 + 2")).collect();
+        for a in answers {
+            assert_eq!(a.await?, 42);
+        }
+        let elapsed = start.elapsed();
+        let (rss, pss): (Vec<u64>, Vec<u64>) = workers.iter().map(|w| pss_rss_kib(w.pid())).unzip();
+        let avg = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len() as f64 / 1024.0;
+        if count == 200 {
+            table.figure(
+                "scale: 200 wasm workers spawned, each answering a call",
+                format!("{} total, {:.2} ms per worker", fmt(elapsed), elapsed.as_secs_f64() * 1e3 / 200.0),
+                "—".into(),
+                "—".into(),
+                "works",
+            );
+        } else {
+            table.figure(
+                &format!("memory per idle wasm worker, {count} alive"),
+                format!("PSS {:.1} MB, RSS {:.1} MB", avg(&pss), avg(&rss)),
+                "—".into(),
+                "—".into(),
+                if count == 100 { "≤ 10 MB PSS" } else { "" },
+            );
+        }
+        for w in &workers {
+            w.stop().await?;
+        }
+    }
+    Ok(table)
+}
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some(ECHO_ARG) {
+        echo();
+    }
+    // `cargo bench` passes --bench; `-- --quick` takes fewer samples.
+    let quick = std::env::args().any(|a| a == "--quick");
+    // A current-thread runtime: the task reading a worker's replies runs on
+    // the thread that awaits them (no cross-thread wakeup per call).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    eprintln!("malt-bench ({} mode)", if quick { "quick" } else { "full" });
+    match runtime.block_on(run(quick)) {
+        Ok(table) => table.print(),
+        Err(e) => {
+            eprintln!("malt-bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
