@@ -31,7 +31,11 @@ fn echo() -> ! {
         if input.read_exact(&mut body).is_err() {
             break;
         }
-        if output.write_all(&header).and_then(|_| output.write_all(&body)).is_err() {
+        if output
+            .write_all(&header)
+            .and_then(|_| output.write_all(&body))
+            .is_err()
+        {
             break;
         }
         // Like malt's writers: flush when no more input is waiting.
@@ -58,11 +62,17 @@ impl Echo {
             .unwrap();
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
-        Echo { child, stdin, stdout }
+        Echo {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     fn send(&mut self, body: &[u8]) {
-        self.stdin.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+        self.stdin
+            .write_all(&(body.len() as u32).to_le_bytes())
+            .unwrap();
         self.stdin.write_all(body).unwrap();
         self.stdin.flush().unwrap();
     }
@@ -138,7 +148,8 @@ impl Table {
 
     fn figure(&mut self, what: &str, value: String, floor: String, ratio: String, goal: &str) {
         eprintln!("  {what}: {value}");
-        self.rows.push([what.into(), value, floor, ratio, goal.into()]);
+        self.rows
+            .push([what.into(), value, floor, ratio, goal.into()]);
     }
 
     fn print(&self) {
@@ -248,12 +259,22 @@ async fn run(quick: bool) -> Result<Table, Error> {
         })
         .await;
         let goal = if label == "wasm" { "≤ 3× floor" } else { "" };
-        table.timing(&format!("{label}: `remote_call_fetch(\"add\", (1, 2))`"), s, Some(floor), goal);
+        table.timing(
+            &format!("{label}: `remote_call_fetch(\"add\", (1, 2))`"),
+            s,
+            Some(floor),
+            goal,
+        );
         let s = time_calls(&w, n, async |w| {
             let _: i64 = w.remote_eval_fetch("1+1").await.unwrap();
         })
         .await;
-        table.timing(&format!("{label}: `remote_eval_fetch(\"1+1\")`"), s, Some(floor), goal);
+        table.timing(
+            &format!("{label}: `remote_eval_fetch(\"1+1\")`"),
+            s,
+            Some(floor),
+            goal,
+        );
         w.stop().await?;
     }
     // The raw test guest (no script engine): the protocol's own cost.
@@ -262,12 +283,19 @@ async fn run(quick: bool) -> Result<Table, Error> {
         let _: i64 = w.remote_call_fetch("add", (1, 2)).await.unwrap();
     })
     .await;
-    table.timing("wasm, Rust guest: `remote_call_fetch(\"add\", (1, 2))`", s, Some(floor), "≤ 3× floor");
+    table.timing(
+        "wasm, Rust guest: `remote_call_fetch(\"add\", (1, 2))`",
+        s,
+        Some(floor),
+        "≤ 3× floor",
+    );
 
     // 2. Throughput: calls pipelined on one worker.
     let calls = if quick { 20_000 } else { 100_000 };
     let start = Instant::now();
-    let handles: Vec<_> = (0..calls).map(|i| w.remote_call::<i64>("add", (i, 1))).collect();
+    let handles: Vec<_> = (0..calls)
+        .map(|i| w.remote_call::<i64>("add", (i, 1)))
+        .collect();
     for h in handles {
         h.await?;
     }
@@ -307,8 +335,18 @@ async fn run(quick: bool) -> Result<Table, Error> {
     }
     echo.stop();
     let floor = stats(floor);
-    table.timing("50 MB returned by the worker (`bytes`)", stats(out), Some(floor), "≤ 1.5× floor");
-    table.timing("50 MB sent to the worker and back (`echo`)", stats(inn), Some(floor), "≤ 1.5× floor");
+    table.timing(
+        "50 MB returned by the worker (`bytes`)",
+        stats(out),
+        Some(floor),
+        "≤ 1.5× floor",
+    );
+    table.timing(
+        "50 MB sent to the worker and back (`echo`)",
+        stats(inn),
+        Some(floor),
+        "≤ 1.5× floor",
+    );
     w.stop().await?;
 
     // 3. Cold start: spawn (warm cache) + first result + stop.
@@ -323,10 +361,17 @@ async fn run(quick: bool) -> Result<Table, Error> {
     }
     let floor = stats(floor);
     for (label, make) in [
-        ("wasm (script guest)", (|| host(Worker::script())) as fn() -> WorkerBuilder),
-        ("wasm (Rust guest)", || host(Worker::wasm(guests::test_guest()))),
+        (
+            "wasm (script guest)",
+            (|| host(Worker::script())) as fn() -> WorkerBuilder,
+        ),
+        ("wasm (Rust guest)", || {
+            host(Worker::wasm(guests::test_guest()))
+        }),
         ("native (script guest)", || host(Worker::native())),
-        ("in-process (script guest)", || host(Worker::script().in_process())),
+        ("in-process (script guest)", || {
+            host(Worker::script().in_process())
+        }),
     ] {
         let mut samples = Vec::new();
         for _ in 0..n_start {
@@ -340,9 +385,49 @@ async fn run(quick: bool) -> Result<Table, Error> {
             w.stop().await?;
             samples.push(start.elapsed());
         }
-        let goal = if label.starts_with("wasm") { "≤ 3 ms" } else { "" };
-        table.timing(&format!("cold start, {label}: spawn + first result + stop"), stats(samples), Some(floor), goal);
+        let goal = if label.starts_with("wasm") {
+            "≤ 3 ms"
+        } else {
+            ""
+        };
+        table.timing(
+            &format!("cold start, {label}: spawn + first result + stop"),
+            stats(samples),
+            Some(floor),
+            goal,
+        );
     }
+    // Where a wasm cold start goes.
+    let (mut spawn, mut first, mut stop) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n_start {
+        let t0 = Instant::now();
+        let w = host(Worker::script()).spawn().await?;
+        let t1 = Instant::now();
+        let _: i64 = w.remote_eval_fetch("1+1").await?;
+        let t2 = Instant::now();
+        w.stop().await?;
+        spawn.push(t1 - t0);
+        first.push(t2 - t1);
+        stop.push(t2.elapsed());
+    }
+    table.timing(
+        "cold start breakdown, wasm script: spawn (exec + load + instantiate + hello)",
+        stats(spawn),
+        Some(floor),
+        "",
+    );
+    table.timing(
+        "cold start breakdown: first eval (Rhai engine init)",
+        stats(first),
+        None,
+        "",
+    );
+    table.timing(
+        "cold start breakdown: stop (until the process is reaped)",
+        stats(stop),
+        None,
+        "",
+    );
     let cache = std::env::temp_dir().join(format!("malt-bench-cache-{}", std::process::id()));
     // SAFETY: set while no other thread reads the environment.
     unsafe { std::env::set_var(malt::CACHE_DIR_ENV, &cache) };
@@ -372,13 +457,26 @@ async fn run(quick: bool) -> Result<Table, Error> {
         w.interrupt().await?;
         let err = running.await.unwrap_err();
         to_error.push(start.elapsed());
-        assert!(matches!(err, Error::Interrupted { state_lost: false }), "{err:?}");
+        assert!(
+            matches!(err, Error::Interrupted { state_lost: false }),
+            "{err:?}"
+        );
         let _: i64 = w.remote_eval_fetch("1").await?;
         to_answer.push(start.elapsed());
     }
     w.stop().await?;
-    table.timing("interrupt, cooperative (`loop {}`): to the error", stats(to_error), None, "≤ 1 ms");
-    table.timing("interrupt, cooperative: until the worker answers again", stats(to_answer), None, "");
+    table.timing(
+        "interrupt, cooperative (`loop {}`): to the error",
+        stats(to_error),
+        None,
+        "≤ 1 ms",
+    );
+    table.timing(
+        "interrupt, cooperative: until the worker answers again",
+        stats(to_answer),
+        None,
+        "",
+    );
     let w = host(Worker::wasm(guests::test_guest()))
         .interrupt_grace(Duration::ZERO)
         .spawn()
@@ -392,13 +490,26 @@ async fn run(quick: bool) -> Result<Table, Error> {
         w.interrupt().await?;
         let err = running.await.unwrap_err();
         to_error.push(start.elapsed());
-        assert!(matches!(err, Error::Interrupted { state_lost: true }), "{err:?}");
+        assert!(
+            matches!(err, Error::Interrupted { state_lost: true }),
+            "{err:?}"
+        );
         let _: i64 = w.remote_call_fetch("add", (1, 1)).await?;
         to_answer.push(start.elapsed());
     }
     w.stop().await?;
-    table.timing("interrupt, hard (Rust guest spinning; grace 0): to the error", stats(to_error), None, "≤ 2 ms");
-    table.timing("interrupt, hard: until the worker answers again (fresh instance)", stats(to_answer), None, "");
+    table.timing(
+        "interrupt, hard (Rust guest spinning; grace 0): to the error",
+        stats(to_error),
+        None,
+        "≤ 2 ms",
+    );
+    table.timing(
+        "interrupt, hard: until the worker answers again (fresh instance)",
+        stats(to_answer),
+        None,
+        "",
+    );
 
     // 6. Memory per idle wasm worker, and 7. scale.
     for count in [1usize, 10, 100, 200] {
@@ -407,7 +518,10 @@ async fn run(quick: bool) -> Result<Table, Error> {
         for _ in 0..count {
             workers.push(host(Worker::script()).spawn().await?);
         }
-        let answers: Vec<_> = workers.iter().map(|w| w.remote_eval::<i64>("40 + 2")).collect();
+        let answers: Vec<_> = workers
+            .iter()
+            .map(|w| w.remote_eval::<i64>("40 + 2"))
+            .collect();
         for a in answers {
             assert_eq!(a.await?, 42);
         }
@@ -417,7 +531,11 @@ async fn run(quick: bool) -> Result<Table, Error> {
         if count == 200 {
             table.figure(
                 "scale: 200 wasm workers spawned, each answering a call",
-                format!("{} total, {:.2} ms per worker", fmt(elapsed), elapsed.as_secs_f64() * 1e3 / 200.0),
+                format!(
+                    "{} total, {:.2} ms per worker",
+                    fmt(elapsed),
+                    elapsed.as_secs_f64() * 1e3 / 200.0
+                ),
                 "—".into(),
                 "—".into(),
                 "works",

@@ -102,7 +102,8 @@ async fn connect_process(
     launch: &Launch,
     program: &std::path::Path,
 ) -> Result<Connection, StartError> {
-    let mut child = process::spawn_host(program, &[host::HOST_ARG.into()])
+    let parent = std::process::id().to_string();
+    let mut child = process::spawn_host(program, &[host::HOST_ARG.into(), parent.into()])
         .await
         .map_err(|e| StartError::new(format!("cannot run {}: {e}", program.display())))?;
     let pid = child.id().unwrap_or(0);

@@ -4,9 +4,15 @@
 //! Two mechanisms keep workers from outliving the manager: a host exits as
 //! soon as its stdin (the protocol stream) reaches end of file, which the
 //! kernel causes when the manager dies however it dies; and on Linux the
-//! host gets `PR_SET_PDEATHSIG`. That signal fires when the *thread* that
-//! spawned the child exits, so all children are spawned from one
-//! dedicated thread that lives as long as the process.
+//! host sets `PR_SET_PDEATHSIG` on itself first thing (and checks that its
+//! parent is still the manager, whose pid it gets as an argument). That
+//! signal fires when the *thread* that spawned the child exits, so all
+//! children are spawned from one dedicated thread that lives as long as
+//! the process.
+//!
+//! The child does this itself rather than in a `pre_exec` hook: a hook
+//! forces `fork` (copying the manager's page tables, milliseconds for a
+//! big manager) where std otherwise uses `posix_spawn`.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -88,7 +94,6 @@ pub(crate) async fn spawn_host(
     program: &Path,
     args: &[OsString],
 ) -> std::io::Result<tokio::process::Child> {
-    use std::os::unix::process::CommandExt;
     use std::process::Stdio;
 
     let mut cmd = Command::new(program);
@@ -97,20 +102,6 @@ pub(crate) async fn spawn_host(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: getpid, prctl, getppid and _exit are async-signal-safe.
-    let parent = unsafe { libc::getpid() };
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The manager may have died before prctl took effect.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
     let (tx, rx) = oneshot::channel();
     spawner()
         .send((cmd, tokio::runtime::Handle::current(), tx))

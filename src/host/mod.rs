@@ -250,6 +250,7 @@ pub(crate) enum Place {
 /// Runs a host process on stdin/stdout; returns its exit code.
 fn run_process(native: Option<NativeFactory>) -> i32 {
     ignore_sigint();
+    die_with_parent();
     // The protocol gets its own descriptor; fd 1 and 2 become pipes whose
     // contents are forwarded as output frames, so nothing a guest (or a
     // library) prints can corrupt the protocol.
@@ -404,6 +405,19 @@ pub(crate) type Killer = Box<dyn Fn(u64, control::Reason) + Send + Sync>;
 impl Guest for Box<dyn Guest> {
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {
         (**self).run(work)
+    }
+}
+
+/// Asks for SIGKILL when the manager dies, then checks that it has not
+/// died already (the manager passes its pid as the second argument).
+fn die_with_parent() {
+    let expected: Option<i32> = std::env::args().nth(2).and_then(|p| p.parse().ok());
+    // SAFETY: prctl and getppid have no memory-safety preconditions.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if expected.is_some_and(|pid| libc::getppid() != pid) {
+            std::process::exit(exit::START_FAILED);
+        }
     }
 }
 

@@ -11,8 +11,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Guest, GuestContext, GuestError, GuestMaker, Killer, NativeFactory, NativeGuest,
-    Shared, Work, exit,
+    Guest, GuestContext, GuestError, GuestMaker, Killer, NativeFactory, NativeGuest, Shared, Work,
+    exit,
 };
 use crate::protocol::{FromHost, HostConfig, Stream};
 
