@@ -18,6 +18,7 @@
 
 mod channels;
 mod control;
+mod harden;
 mod native;
 pub(crate) mod wasm;
 
@@ -307,6 +308,17 @@ pub(crate) fn serve(
 
     let (kind, guest, kill): (&str, GuestMaker, Killer) = match (&config.guest, place) {
         (protocol::GuestSpec::Artifact { .. }, _) => {
+            // A wasm host runs untrusted code: lock the process first (its
+            // own process only; an in-process worker shares the manager's).
+            if place == Place::Process {
+                if let Err(e) = harden::apply() {
+                    return fatal(
+                        &mut output,
+                        &format!("cannot harden the host: {e}"),
+                        exit::START_FAILED,
+                    );
+                }
+            }
             match wasm::WasmGuest::load(&config, shared.clone()) {
                 Ok(g) => {
                     let kill = g.killer();

@@ -1,0 +1,216 @@
+//! OS hardening of a wasm host process (Linux), applied before any guest
+//! code runs, so that a guest escaping wasmtime still finds a locked
+//! process. See SECURITY.md for the policy and the threat model.
+//!
+//! - `no_new_privs`: no gaining privileges through exec (set-uid, file
+//!   capabilities), and a precondition for an unprivileged seccomp filter.
+//! - rlimits: no core dumps (guest memory stays in the process), few open
+//!   files.
+//! - seccomp: the syscalls a host never needs fail with `EPERM`: starting
+//!   programs (`execve`, `execveat`), new processes (`fork`, `vfork`,
+//!   `clone` without `CLONE_THREAD`), network sockets (workers have no
+//!   network), tracing or reading other processes, and kernel
+//!   administration. `clone3` fails with `ENOSYS` so that threads are still
+//!   created (the C library falls back to `clone` with `CLONE_THREAD`).
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+
+/// Most files a hardened host may have open.
+pub(crate) const MAX_OPEN_FILES: u64 = 256;
+
+/// Syscalls denied outright.
+const DENIED: &[i64] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_setns,
+    libc::SYS_unshare,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+];
+
+fn arch() -> Result<seccompiler::TargetArch, String> {
+    std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| format!("seccomp: unsupported architecture: {e:?}"))
+}
+
+/// The two filters: denials (EPERM), and clone3 (ENOSYS).
+pub(crate) fn filters() -> Result<[BpfProgram; 2], String> {
+    let err = |e: seccompiler::BackendError| format!("seccomp: {e}");
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    // clone(flags, ...) without CLONE_THREAD makes a process.
+    let new_process = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+        0,
+    )
+    .map_err(err)?;
+    rules.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![new_process]).map_err(err)?],
+    );
+    let deny = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch()?,
+    )
+    .map_err(err)?;
+    let clone3 = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch()?,
+    )
+    .map_err(err)?;
+    Ok([
+        deny.try_into().map_err(|e| format!("seccomp: {e}"))?,
+        clone3.try_into().map_err(|e| format!("seccomp: {e}"))?,
+    ])
+}
+
+fn lower_limit(resource: libc::__rlimit_resource_t, max: u64) -> Result<(), String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(resource, &mut limit) != 0 {
+            return Err(format!("getrlimit: {}", std::io::Error::last_os_error()));
+        }
+        limit.rlim_cur = limit.rlim_cur.min(max);
+        limit.rlim_max = limit.rlim_max.min(max);
+        if libc::setrlimit(resource, &limit) != 0 {
+            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Applies the whole policy to this process (every thread).
+pub(crate) fn apply() -> Result<(), String> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    lower_limit(libc::RLIMIT_CORE, 0)?;
+    lower_limit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES)?;
+    for filter in filters()? {
+        seccompiler::apply_filter_all_threads(&filter).map_err(|e| format!("seccomp: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `probe` in a forked child with the filters applied and returns
+    /// its exit code (the probe's own code, or 100 + errno).
+    fn in_hardened_child(probe: fn() -> i32) -> i32 {
+        let filters = filters().unwrap();
+        // SAFETY: the child only makes raw syscalls and exits.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                for f in &filters {
+                    let prog = libc::sock_fprog {
+                        len: f.len() as u16,
+                        filter: f.as_ptr() as *mut libc::sock_filter,
+                    };
+                    if libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0 {
+                        libc::_exit(99);
+                    }
+                }
+                libc::_exit(probe());
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            assert!(libc::WIFEXITED(status), "the probe died: {status}");
+            libc::WEXITSTATUS(status)
+        }
+    }
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    #[test]
+    fn exec_is_denied() {
+        let code = in_hardened_child(|| unsafe {
+            let path = c"/bin/true".as_ptr();
+            let argv = [path, std::ptr::null()];
+            libc::execve(path, argv.as_ptr(), [std::ptr::null()].as_ptr());
+            100 + errno()
+        });
+        assert_eq!(code, 100 + libc::EPERM);
+    }
+
+    #[test]
+    fn new_processes_are_denied_but_threads_are_not() {
+        let code = in_hardened_child(|| unsafe {
+            let pid = libc::syscall(libc::SYS_fork);
+            if pid == 0 {
+                libc::_exit(0);
+            }
+            if pid > 0 {
+                return 1;
+            }
+            let e = errno();
+            if e != libc::EPERM {
+                return 100 + e;
+            }
+            // clone3 is ENOSYS so the C library falls back to clone.
+            if libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) != -1
+                || errno() != libc::ENOSYS
+            {
+                return 2;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn sockets_are_denied() {
+        let code = in_hardened_child(|| unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if fd >= 0 { 1 } else { 100 + errno() }
+        });
+        assert_eq!(code, 100 + libc::EPERM);
+    }
+}
