@@ -148,6 +148,16 @@ pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Re
     Ok(path)
 }
 
+/// Removes an artifact that failed to load, so the next request compiles
+/// the component again.
+pub(crate) fn discard(artifact: &Path) {
+    let _ = std::fs::remove_file(artifact);
+    known()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|_, path| path != artifact);
+}
+
 /// Where the artifact of a component (by hash) lives in the cache.
 pub(crate) fn artifact_path(sha256: &str, fuel: bool) -> Result<PathBuf> {
     let engine = engine(fuel)?;

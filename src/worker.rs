@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::channel::WorkerChannel;
 use crate::connection::{self, Launch, Signal};
 use crate::error::{Error, RemoteException, Result};
+use crate::host::wasm::ARTIFACT_LOAD_FAILED;
 use crate::output::{OutputSink, WorkerOutput};
 use crate::protocol::{
     self, DEFAULT_MAX_FRAME, DirGrant, Failure, FromHost, GuestSpec, HostConfig, PROTOCOL_VERSION,
@@ -225,23 +226,9 @@ impl WorkerBuilder {
         let fuel = self.fuel.is_some();
         let (kind, guest, program) = match &self.guest {
             GuestSource::Script | GuestSource::Wasm(_) => {
-                let source = self.guest.clone();
-                let artifact = tokio::task::spawn_blocking(move || match source {
-                    GuestSource::Wasm(path) => {
-                        let what = path.display().to_string();
-                        let bytes = std::fs::read(&path).map_err(|e| {
-                            Error::io(format!("cannot read the component {what}"), e)
-                        })?;
-                        cache::check_component(&bytes, &what)?;
-                        cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what, fuel)
-                    }
-                    _ => cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest", fuel),
-                })
-                .await
-                .map_err(|e| {
-                    spawn_error(format!("preparing the guest panicked: {e}"), String::new())
-                })?
-                .map_err(|e| spawn_error(e.to_string(), String::new()))?;
+                let artifact = prepare_artifact(self.guest.clone(), fuel)
+                    .await
+                    .map_err(|e| spawn_error(e.to_string(), String::new()))?;
                 let spec = GuestSpec::Artifact {
                     path: artifact.to_string_lossy().into_owned(),
                 };
@@ -285,7 +272,7 @@ impl WorkerBuilder {
             let (sink, rx) = OutputSink::capture();
             (sink, Some(rx))
         };
-        let launch = Launch {
+        let mut launch = Launch {
             program,
             config: HostConfig {
                 version: PROTOCOL_VERSION,
@@ -303,9 +290,24 @@ impl WorkerBuilder {
             stderr_tail: Arc::new(Mutex::new(String::new())),
             max_frame: self.max_frame,
         };
-        let conn = connection::connect(&launch)
-            .await
-            .map_err(|e| spawn_error(e.message, e.stderr))?;
+        let conn = match connection::connect(&launch).await {
+            Err(e) if e.message.contains(ARTIFACT_LOAD_FAILED) => {
+                // A damaged cached artifact: compile again, once.
+                if let GuestSpec::Artifact { path } = &launch.config.guest {
+                    cache::discard(Path::new(path));
+                }
+                tracing::warn!("{label}: recompiling after: {}", e.message);
+                let artifact = prepare_artifact(self.guest.clone(), fuel)
+                    .await
+                    .map_err(|e| spawn_error(e.to_string(), String::new()))?;
+                launch.config.guest = GuestSpec::Artifact {
+                    path: artifact.to_string_lossy().into_owned(),
+                };
+                connection::connect(&launch).await
+            }
+            other => other,
+        }
+        .map_err(|e| spawn_error(e.message, e.stderr))?;
 
         let (exit, _) = watch::channel(None);
         let inner = Arc::new(Inner {
@@ -331,6 +333,23 @@ impl WorkerBuilder {
             output: Mutex::new(captured),
         })
     }
+}
+
+/// The compiled artifact of a wasm guest (compiling it if the cache does
+/// not have it).
+async fn prepare_artifact(source: GuestSource, fuel: bool) -> Result<PathBuf> {
+    tokio::task::spawn_blocking(move || match source {
+        GuestSource::Wasm(path) => {
+            let what = path.display().to_string();
+            let bytes = std::fs::read(&path)
+                .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
+            cache::check_component(&bytes, &what)?;
+            cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what, fuel)
+        }
+        _ => cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest", fuel),
+    })
+    .await
+    .map_err(|e| Error::Component(format!("preparing the guest panicked: {e}")))?
 }
 
 /// Reads the host's frames until the worker is gone; restarts a native

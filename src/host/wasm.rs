@@ -30,6 +30,10 @@ mod bindings {
 use bindings::Worker as Bindings;
 use bindings::WorkerPre as BindingsPre;
 
+/// How a host reports an artifact it cannot load; the manager then
+/// recompiles the component once (a damaged cache heals itself).
+pub(crate) const ARTIFACT_LOAD_FAILED: &str = "cannot load the compiled component";
+
 /// The engine configuration shared by the compiler (manager side) and
 /// every host: an artifact only loads into an engine configured alike.
 ///
@@ -203,7 +207,7 @@ impl WasmGuest {
         // the manager's user chose; deserialize checks the header, the
         // wasmtime version and the engine configuration.
         let component = unsafe { Component::deserialize_file(&engine, path) }
-            .map_err(|e| e.context(format!("cannot load the compiled component {path}")))?;
+            .map_err(|e| e.context(format!("{ARTIFACT_LOAD_FAILED} {path}")))?;
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         Bindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;

@@ -1,0 +1,184 @@
+//! Hostile input and faults: garbage on the protocol stream, a damaged
+//! artifact cache, workers killed while calls are in flight.
+
+#[path = "../support/guests.rs"]
+#[allow(dead_code)]
+mod guests;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use malt::Worker;
+
+const MALT: &str = env!("CARGO_BIN_EXE_malt");
+
+/// Writes `bytes` straight to a host process's stdin and returns how it
+/// ended: it must exit (not hang, not crash with a signal).
+fn feed_host(bytes: &[u8]) -> (Option<i32>, String) {
+    let mut child = Command::new(MALT)
+        .arg(malt::host::HOST_ARG)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(bytes);
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code(), err);
+        }
+        assert!(Instant::now() < deadline, "the host hung on garbage input");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn garbage_frames_never_crash_a_host() {
+    // A tiny xorshift generator: reproducible garbage without a dependency.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut cases: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff; 4],                                         // a 4 GiB length
+        vec![5, 0, 0, 0, 1, 2],                                // truncated body
+        vec![1, 0, 0, 0, 0xc1],                                // reserved MessagePack byte
+        malt::protocol::encode(&malt::protocol::ToHost::Stop), // not Init first
+    ];
+    for _ in 0..30 {
+        let len = (next() % 64) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if next() % 2 == 0 && bytes.len() >= 4 {
+            // A plausible length in front of the garbage.
+            let body = (bytes.len() - 4) as u32;
+            bytes[..4].copy_from_slice(&body.to_le_bytes());
+        }
+        cases.push(bytes);
+    }
+    for bytes in cases {
+        let (code, stderr) = feed_host(&bytes);
+        assert!(code.is_some(), "killed by a signal on {bytes:?}");
+        if !bytes.is_empty() {
+            assert_ne!(code, Some(0), "garbage accepted: {bytes:?}");
+            assert!(
+                stderr.contains("malt host:"),
+                "no diagnostic for {bytes:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_damaged_artifact_is_replaced() {
+    let cache = tempfile::tempdir().unwrap();
+    // SAFETY: this test binary reads the variable only in this test.
+    unsafe { std::env::set_var(malt::CACHE_DIR_ENV, cache.path()) };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let guest = guests::test_guest();
+        let w = Worker::wasm(&guest).spawn().await.unwrap();
+        w.stop().await.unwrap();
+        let artifact = std::fs::read_dir(cache.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .expect("an artifact in the cache");
+        let original = std::fs::read(&artifact).unwrap();
+        // Truncated, then overwritten with garbage: each time the worker
+        // still starts, from a freshly compiled artifact.
+        for damaged in [original[..original.len() / 3].to_vec(), vec![0x42; 4096]] {
+            std::fs::write(&artifact, &damaged).unwrap();
+            let w = Worker::wasm(&guest).spawn().await.unwrap();
+            assert_eq!(w.remote_call_fetch::<i64>("add", (2, 2)).await.unwrap(), 4);
+            w.stop().await.unwrap();
+            assert_eq!(std::fs::read(&artifact).unwrap().len(), original.len());
+        }
+    });
+}
+
+/// 20 workers, 10 000 calls in flight across them, workers SIGKILLed at
+/// random: every call resolves to its value or TerminatedWorker; none
+/// hangs, none is lost.
+#[test]
+fn calls_survive_random_kills() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut workers = Vec::new();
+        for _ in 0..20 {
+            let w = Worker::script()
+                .monitor_output(false)
+                .spawn()
+                .await
+                .unwrap();
+            w.remote_eval_wait("fn work(n) { let s = 0; for i in 0..200 { s += i } n }")
+                .await
+                .unwrap();
+            workers.push(w);
+        }
+        let mut handles = Vec::new();
+        for i in 0..10_000i64 {
+            let w = &workers[(i % 20) as usize];
+            handles.push((i, w.remote_call::<i64>("work", (i,))));
+        }
+        // Kill 10 of the 20, at pseudo-random moments, while calls run.
+        let pids: Vec<u32> = workers.iter().map(|w| w.pid()).collect();
+        let killer = tokio::spawn(async move {
+            let mut seed = 7u64;
+            for pid in pids.iter().step_by(2) {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                tokio::time::sleep(Duration::from_micros(seed >> 54)).await;
+                // SAFETY: kill(2) on a worker's pid.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+        });
+        let (mut values, mut terminated) = (0, 0);
+        for (i, h) in handles {
+            match tokio::time::timeout(Duration::from_secs(60), h).await {
+                Ok(Ok(v)) => {
+                    assert_eq!(v, i);
+                    values += 1;
+                }
+                Ok(Err(e)) => {
+                    assert!(e.is_terminated(), "call {i}: {e:?}");
+                    terminated += 1;
+                }
+                Err(_) => panic!("call {i} hung"),
+            }
+        }
+        killer.await.unwrap();
+        assert_eq!(values + terminated, 10_000);
+        assert!(
+            values >= 5_000,
+            "the 10 surviving workers answered: {values}"
+        );
+        for (n, w) in workers.iter().enumerate() {
+            // Every other worker was killed; the rest still answer.
+            if n % 2 == 1 {
+                assert_eq!(w.remote_call_fetch::<i64>("work", (1,)).await.unwrap(), 1);
+            } else {
+                assert!(!w.is_running());
+            }
+        }
+        eprintln!("{values} values, {terminated} TerminatedWorker");
+    });
+}
