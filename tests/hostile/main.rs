@@ -128,7 +128,7 @@ fn calls_survive_random_kills() {
                 .spawn()
                 .await
                 .unwrap();
-            w.remote_eval_wait("fn work(n) { let s = 0; for i in 0..200 { s += i } n }")
+            w.remote_eval_wait("fn work(n) { let s = 0; for i in 0..3000 { s += i } n }")
                 .await
                 .unwrap();
             workers.push(w);
