@@ -79,6 +79,10 @@ impl WorkerBuilder {
         fn fuel(fuel: u64);
         /// See [`crate::WorkerBuilder::in_process`].
         fn in_process();
+        /// See [`crate::WorkerBuilder::output_limit`].
+        fn output_limit(bytes: u64);
+        /// See [`crate::WorkerBuilder::max_pending`].
+        fn max_pending(requests: usize);
     }
 
     /// See [`crate::WorkerBuilder::env`].

@@ -106,6 +106,6 @@ pub use output::{OutputChunk, Stream, WorkerOutput};
 pub use process::HOST_PROGRAM_ENV;
 pub use protocol::DirGrant;
 pub use worker::{
-    CallHandle, DEFAULT_INTERRUPT_GRACE, DEFAULT_MEMORY_LIMIT, DEFAULT_SPAWN_TIMEOUT, Worker,
-    WorkerBuilder,
+    CallHandle, DEFAULT_INTERRUPT_GRACE, DEFAULT_MAX_PENDING, DEFAULT_MEMORY_LIMIT,
+    DEFAULT_OUTPUT_LIMIT, DEFAULT_SPAWN_TIMEOUT, MAX_CHANNEL_CAPACITY, Worker, WorkerBuilder,
 };

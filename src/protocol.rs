@@ -70,6 +70,9 @@ pub struct HostConfig {
     pub max_frame: usize,
     /// Fuel (roughly, wasm instructions) each request may burn, if limited.
     pub fuel: Option<u64>,
+    /// Bytes of output one request may print; the rest is dropped with a
+    /// notice.
+    pub output_limit: u64,
     /// Environment variables the guest sees.
     pub env: Vec<(String, String)>,
     /// Directories the guest sees.
@@ -152,6 +155,8 @@ pub enum Limit {
     FrameSize,
     /// The fuel (instruction budget) of one request.
     Fuel,
+    /// Requests waiting for a reply on one worker.
+    PendingRequests,
 }
 
 impl std::fmt::Display for Limit {
@@ -160,6 +165,7 @@ impl std::fmt::Display for Limit {
             Limit::Memory => "memory limit",
             Limit::FrameSize => "frame size limit",
             Limit::Fuel => "fuel limit",
+            Limit::PendingRequests => "pending request limit",
         })
     }
 }

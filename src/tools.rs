@@ -213,6 +213,7 @@ pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
         call_timeout: options.timeout,
         max_frame: 0,
         fuel: options.fuel,
+        output_limit: u64::MAX,
         env: options.env.clone(),
         dirs: options.dirs.clone(),
     };

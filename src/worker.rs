@@ -29,6 +29,12 @@ use crate::{cache, process};
 pub const DEFAULT_MEMORY_LIMIT: u64 = 512 << 20;
 /// Default time a guest gets to stop by itself after an interrupt.
 pub const DEFAULT_INTERRUPT_GRACE: Duration = Duration::from_millis(100);
+/// Default cap on the output of one request.
+pub const DEFAULT_OUTPUT_LIMIT: u64 = 16 << 20;
+/// Default cap on requests waiting for a reply on one worker.
+pub const DEFAULT_MAX_PENDING: usize = 1 << 20;
+/// Largest worker channel capacity.
+pub const MAX_CHANNEL_CAPACITY: usize = 1 << 20;
 /// Default time a worker gets to start.
 pub const DEFAULT_SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`Worker::stop`] waits after the stop message, then after
@@ -71,6 +77,8 @@ pub struct WorkerBuilder {
     fuel: Option<u64>,
     prefix_output: bool,
     in_process: bool,
+    output_limit: u64,
+    max_pending: usize,
 }
 
 impl WorkerBuilder {
@@ -89,6 +97,8 @@ impl WorkerBuilder {
             fuel: None,
             prefix_output: true,
             in_process: false,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 
@@ -150,6 +160,22 @@ impl WorkerBuilder {
     /// When off, read it with [`Worker::take_output`].
     pub fn monitor_output(mut self, on: bool) -> Self {
         self.monitor_output = on;
+        self
+    }
+
+    /// Caps what one request may print (default 16 MiB); the rest is
+    /// dropped and a notice goes to the worker's stderr. A guest printing
+    /// forever cannot make the manager hold more.
+    pub fn output_limit(mut self, bytes: u64) -> Self {
+        self.output_limit = bytes;
+        self
+    }
+
+    /// Caps the requests waiting for a reply on this worker (default
+    /// 2^20); past it, new requests fail with [`Error::LimitExceeded`]
+    /// (`Limit::PendingRequests`) instead of growing memory without bound.
+    pub fn max_pending(mut self, requests: usize) -> Self {
+        self.max_pending = requests;
         self
     }
 
@@ -283,6 +309,7 @@ impl WorkerBuilder {
                 call_timeout: self.call_timeout,
                 max_frame: self.max_frame,
                 fuel: self.fuel,
+                output_limit: self.output_limit,
                 env: self.env.clone(),
                 dirs: self.dirs.clone(),
             },
@@ -325,6 +352,7 @@ impl WorkerBuilder {
             running: AtomicBool::new(true),
             exit,
             restartable: kind == "native",
+            max_pending: self.max_pending,
             launch,
         });
         tokio::spawn(read_frames(inner.clone(), conn.reader, conn.exited));
@@ -440,6 +468,7 @@ pub(crate) struct Inner {
     /// The exit status once the worker is gone for good.
     exit: watch::Sender<Option<Option<std::process::ExitStatus>>>,
     restartable: bool,
+    max_pending: usize,
     launch: Launch,
 }
 
@@ -546,6 +575,16 @@ impl Inner {
         let mut pending = self.lock_pending();
         if pending.closed {
             return Err(Error::TerminatedWorker);
+        }
+        if pending.waiting.len() >= self.max_pending {
+            return Err(Error::LimitExceeded {
+                worker: self.name.clone(),
+                limit: protocol::Limit::PendingRequests,
+                message: format!(
+                    "{} requests are already waiting for a reply",
+                    self.max_pending
+                ),
+            });
         }
         let resend = self.restartable.then(|| frame.clone());
         // Sent under the lock, so a restart sends every request once:

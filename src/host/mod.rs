@@ -195,6 +195,10 @@ pub(crate) struct Shared {
     pub control: Control,
     pub channels: Channels,
     pub max_frame: usize,
+    output_limit: u64,
+    /// Output bytes of the running request; past the limit, the rest is
+    /// dropped (one notice).
+    output_used: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -230,6 +234,22 @@ impl Shared {
     }
 
     pub fn output(&self, stream: Stream, data: &[u8]) {
+        use std::sync::atomic::Ordering;
+        let len = data.len() as u64;
+        let used = self.output_used.fetch_add(len, Ordering::Relaxed);
+        if used + len > self.output_limit {
+            if used <= self.output_limit {
+                let notice = format!(
+                    "\n[malt: output limit of {} bytes reached; the rest of this request's output is dropped]\n",
+                    self.output_limit
+                );
+                self.send(&FromHost::Output {
+                    stream: Stream::Stderr,
+                    data: notice.into_bytes(),
+                });
+            }
+            return;
+        }
         for chunk in data.chunks(self.max_frame.saturating_sub(64).max(1)) {
             self.send(&FromHost::Output {
                 stream,
@@ -301,6 +321,8 @@ pub(crate) fn serve(
     };
     let shared = Arc::new(Shared {
         out: Mutex::new(None),
+        output_limit: config.output_limit,
+        output_used: std::sync::atomic::AtomicU64::new(0),
         control: Control::new(config.interrupt_grace, config.call_timeout),
         channels: Channels::default(),
         max_frame: config.max_frame,
@@ -535,6 +557,9 @@ fn guest_loop(mut guest: Box<dyn Guest>, work: Receiver<(u64, Work, ReplyMode)>,
         if !shared.control.begin(id) {
             return;
         }
+        shared
+            .output_used
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let outcome = guest.run(&work);
         let ended = shared.control.end();
         if ended.shut_down {

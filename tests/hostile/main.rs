@@ -5,6 +5,8 @@
 #[allow(dead_code)]
 mod guests;
 
+mod escape;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -15,6 +15,8 @@
 //! - `alloc(mib)`: allocates and touches `mib` MiB, returns the count;
 //! - `print(text)`: prints a line to stdout;
 //! - `relay(from, to)`: takes a value from one channel, puts it on another;
+//! - `read(path)`, `write(path, text)`, `env_var(name)`, `connect(addr)`,
+//!   `spawn(program)`: what an attacker tries; the sandbox must refuse;
 //! - `nested(code)` (native only): starts a script worker of its own and
 //!   evaluates `code` there.
 
@@ -61,6 +63,25 @@ fn guest() -> Guest {
         .func("print", |(t,): (String,)| {
             println!("{t}");
             Ok(())
+        })
+        // What an attacker would try: each returns the error text it got.
+        .func("read", |(path,): (String,)| {
+            std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))
+        })
+        .func("write", |(path, text): (String, String)| {
+            std::fs::write(&path, text).map_err(|e| format!("write {path}: {e}"))
+        })
+        .func("env_var", |(name,): (String,)| Ok(std::env::var(name).ok()))
+        .func("connect", |(addr,): (String,)| {
+            std::net::TcpStream::connect(&addr)
+                .map(|_| ())
+                .map_err(|e| format!("connect {addr}: {e}"))
+        })
+        .func("spawn", |(program,): (String,)| {
+            std::process::Command::new(&program)
+                .status()
+                .map(|s| s.code())
+                .map_err(|e| format!("spawn {program}: {e}"))
         })
         .func("relay", |(from, to): (String, String)| {
             let v: i64 = malt_guest::channel_take(&from)?;

@@ -1,0 +1,211 @@
+//! Escape attempts from guest code in a wasm worker: each is refused with
+//! a clear error, and the worker still answers afterwards.
+
+use malt::{Error, Worker};
+
+use crate::guests::test_guest;
+
+fn refused(result: Result<impl std::fmt::Debug, Error>, what: &str) -> String {
+    match result {
+        Err(Error::Remote(e)) => e.message,
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_filesystem_is_closed_by_default() {
+    let w = Worker::wasm(test_guest()).spawn().await.unwrap();
+    for path in ["/etc/passwd", "/proc/self/environ", "../../etc/passwd", "."] {
+        let message = refused(w.remote_call_fetch::<String>("read", (path,)).await, path);
+        assert!(message.contains("read"), "{message}");
+    }
+    let message = refused(
+        w.remote_call_fetch::<()>("write", ("/tmp/x", "x")).await,
+        "write",
+    );
+    assert!(message.contains("write /tmp/x"), "{message}");
+    assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_granted_directory_and_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inside.txt"), "ok").unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.txt"), "secret").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), dir.path().join("link")).unwrap();
+    std::os::unix::fs::symlink("/etc", dir.path().join("etc")).unwrap();
+
+    let w = Worker::wasm(test_guest())
+        .dir_read_only(dir.path(), "/data")
+        .spawn()
+        .await
+        .unwrap();
+    assert_eq!(
+        w.remote_call_fetch::<String>("read", ("/data/inside.txt",))
+            .await
+            .unwrap(),
+        "ok"
+    );
+    for path in [
+        "/data/../secret.txt",
+        "/data/link",
+        "/data/etc/passwd",
+        "/data/../../etc/passwd",
+    ] {
+        refused(w.remote_call_fetch::<String>("read", (path,)).await, path);
+    }
+    // Read-only means read-only.
+    let message = refused(
+        w.remote_call_fetch::<()>("write", ("/data/new.txt", "x"))
+            .await,
+        "write",
+    );
+    assert!(message.contains("write /data/new.txt"), "{message}");
+    assert!(!dir.path().join("new.txt").exists());
+    w.stop().await.unwrap();
+
+    // Read-write allows writes inside, still nothing outside.
+    let w = Worker::wasm(test_guest())
+        .dir(dir.path(), "/data")
+        .spawn()
+        .await
+        .unwrap();
+    w.remote_call_fetch::<()>("write", ("/data/new.txt", "x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("new.txt")).unwrap(),
+        "x"
+    );
+    refused(
+        w.remote_call_fetch::<()>("write", ("/data/../escape.txt", "x"))
+            .await,
+        "escape",
+    );
+    refused(
+        w.remote_call_fetch::<()>("write", ("/data/link", "overwritten"))
+            .await,
+        "symlink",
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("secret.txt")).unwrap(),
+        "secret"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_environment_no_network_no_processes() {
+    // SAFETY: set before the worker starts; nothing here reads it back.
+    unsafe { std::env::set_var("MALT_ESCAPE_TEST_SECRET", "manager-only") };
+    let w = Worker::wasm(test_guest())
+        .env("GRANTED", "yes")
+        .spawn()
+        .await
+        .unwrap();
+    let secret: Option<String> = w
+        .remote_call_fetch("env_var", ("MALT_ESCAPE_TEST_SECRET",))
+        .await
+        .unwrap();
+    assert_eq!(secret, None);
+    let granted: Option<String> = w.remote_call_fetch("env_var", ("GRANTED",)).await.unwrap();
+    assert_eq!(granted.as_deref(), Some("yes"));
+    for addr in ["127.0.0.1:22", "127.0.0.1:80"] {
+        let message = refused(w.remote_call_fetch::<()>("connect", (addr,)).await, addr);
+        assert!(message.contains("connect"), "{message}");
+    }
+    let message = refused(
+        w.remote_call_fetch::<Option<i32>>("spawn", ("/bin/sh",))
+            .await,
+        "spawn",
+    );
+    assert!(message.contains("spawn /bin/sh"), "{message}");
+    assert_eq!(w.remote_call_fetch::<i64>("add", (2, 3)).await.unwrap(), 5);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn huge_allocations_deep_recursion_and_endless_output() {
+    let w = Worker::script()
+        .memory_limit(64 << 20)
+        .monitor_output(false)
+        .spawn()
+        .await
+        .unwrap();
+    let mut output = w.take_output().unwrap();
+    w.remote_eval_wait("let kept = 1;").await.unwrap();
+    // Rhai's own limits stop these cleanly, state kept.
+    for code in [
+        "let a = []; a.pad(100000000, 0); a.len()",
+        "blob(100000000).len()",
+        r#"let s = "x"; loop { s += s; }"#,
+        "fn f(n) { f(n + 1) } f(0)",
+    ] {
+        let err = w.remote_eval_fetch::<()>(code).await.unwrap_err();
+        assert!(err.as_remote().is_some(), "{code}: {err:?}");
+    }
+    assert_eq!(w.remote_eval_fetch::<i64>("kept").await.unwrap(), 1);
+    // A raw guest that allocates without end hits the memory cap.
+    let raw = Worker::wasm(test_guest())
+        .memory_limit(64 << 20)
+        .spawn()
+        .await
+        .unwrap();
+    let err = raw
+        .remote_call_fetch::<usize>("alloc", (1 << 20,))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: malt::Limit::Memory,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        raw.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(),
+        3
+    );
+    raw.stop().await.unwrap();
+    w.stop().await.unwrap();
+    while output.recv().await.is_some() {}
+
+    // Endless output is cut by the per-request output cap, with a notice;
+    // the manager never holds more than the cap.
+    let w = Worker::script()
+        .output_limit(1 << 20)
+        .call_timeout(std::time::Duration::from_millis(500))
+        .monitor_output(false)
+        .spawn()
+        .await
+        .unwrap();
+    let mut output = w.take_output().unwrap();
+    let reader = tokio::spawn(async move {
+        let (mut total, mut notice) = (0usize, false);
+        while let Some(chunk) = output.recv().await {
+            let text = String::from_utf8_lossy(&chunk.data);
+            if text.contains("output limit") {
+                notice = true;
+            } else {
+                total += chunk.data.len();
+            }
+        }
+        (total, notice)
+    });
+    let err = w
+        .remote_eval_fetch::<()>(r#"loop { print("spam spam spam spam spam spam spam spam"); }"#)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout), "{err:?}");
+    // The next request may print again.
+    w.remote_eval_wait(r#"print("after")"#).await.unwrap();
+    w.stop().await.unwrap();
+    let (total, notice) = reader.await.unwrap();
+    assert!(notice, "a notice says output was cut");
+    assert!(total <= (1 << 20) + 64, "{total} bytes of output kept");
+}
