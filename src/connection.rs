@@ -1,7 +1,6 @@
 //! Connecting to a worker host: starting it (a process, or threads of this
 //! process), the handshake, and the tasks that move its bytes.
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,23 +149,12 @@ async fn connect_process(
     })
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills both descriptors, which we then own.
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
-    }
-}
-
 /// An in-process worker: the host runs on threads of this process and
 /// speaks the same protocol over a pair of pipes.
 async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
     let io = |e: std::io::Error| StartError::new(format!("cannot create pipes: {e}"));
-    let (to_host_r, to_host_w) = pipe().map_err(io)?;
-    let (from_host_r, from_host_w) = pipe().map_err(io)?;
+    let (to_host_r, to_host_w) = process::pipe().map_err(io)?;
+    let (from_host_r, from_host_w) = process::pipe().map_err(io)?;
     let (exit_tx, exited) = oneshot::channel();
     std::thread::Builder::new()
         .name("malt-in-process".into())

@@ -6,7 +6,7 @@
 //! the host is restarting, and exits; the manager starts a fresh host and
 //! sends it the requests still unanswered.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
@@ -109,7 +109,7 @@ impl Stdio {
     fn start(shared: Arc<Shared>) -> std::io::Result<Arc<Self>> {
         let mut readers = Vec::new();
         for fd in [1, 2] {
-            let (read, write) = pipe()?;
+            let (read, write) = crate::process::pipe()?;
             // SAFETY: dup2 onto fd 1/2, which this process owns.
             if unsafe { libc::dup2(write.as_raw_fd(), fd) } < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -117,7 +117,7 @@ impl Stdio {
             set_nonblocking(&read)?;
             readers.push(read);
         }
-        let (wake_read, wake_write) = pipe()?;
+        let (wake_read, wake_write) = crate::process::pipe()?;
         set_nonblocking(&wake_read)?;
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -138,17 +138,6 @@ impl Stdio {
         if (&self.wake).write_all(&[1]).is_ok() {
             let _ = acks.recv();
         }
-    }
-}
-
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills both descriptors, which we then own.
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
     }
 }
 
