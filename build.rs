@@ -83,12 +83,12 @@ fn check_target_installed() {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    if let Some(sysroot) = sysroot {
-        if !sysroot.join("lib/rustlib").join(GUEST_TARGET).exists() {
-            panic!(
-                "the {GUEST_TARGET} target is not installed; malt embeds a guest built for it.\n\
+    if let Some(sysroot) = sysroot
+        && !sysroot.join("lib/rustlib").join(GUEST_TARGET).exists()
+    {
+        panic!(
+            "the {GUEST_TARGET} target is not installed; malt embeds a guest built for it.\n\
                  Install it with: rustup target add {GUEST_TARGET}"
-            );
-        }
+        );
     }
 }

@@ -121,10 +121,12 @@ pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Artifacts known to be in the cache, by cache directory, component hash
-/// and fuel.
-fn known() -> &'static Mutex<HashMap<(PathBuf, String, bool), PathBuf>> {
-    static KNOWN: OnceLock<Mutex<HashMap<(PathBuf, String, bool), PathBuf>>> = OnceLock::new();
+/// Artifacts known to be in the cache, by (cache directory, component
+/// hash, fuel).
+type Known = Mutex<HashMap<(PathBuf, String, bool), PathBuf>>;
+
+fn known() -> &'static Known {
+    static KNOWN: OnceLock<Known> = OnceLock::new();
     KNOWN.get_or_init(Default::default)
 }
 

@@ -122,10 +122,11 @@ async fn connect_process(
         let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
         let mut message = message;
-        if let Ok(Ok(status)) = status {
-            if !status.success() && message.contains("exited") {
-                message = format!("{message} ({status})");
-            }
+        if let Ok(Ok(status)) = status
+            && !status.success()
+            && message.contains("exited")
+        {
+            message = format!("{message} ({status})");
         }
         let stderr = launch
             .stderr_tail

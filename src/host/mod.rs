@@ -207,10 +207,10 @@ impl Shared {
     pub fn send(&self, message: &FromHost) {
         let frame = protocol::encode(message);
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = out.as_mut() {
-            if w.write_all(&frame).and_then(|()| w.flush()).is_err() {
-                *out = None;
-            }
+        if let Some(w) = out.as_mut()
+            && w.write_all(&frame).and_then(|()| w.flush()).is_err()
+        {
+            *out = None;
         }
     }
 
@@ -332,14 +332,14 @@ pub(crate) fn serve(
         (protocol::GuestSpec::Artifact { .. }, _) => {
             // A wasm host runs untrusted code: lock the process first (its
             // own process only; an in-process worker shares the manager's).
-            if place == Place::Process {
-                if let Err(e) = harden::apply() {
-                    return fatal(
-                        &mut output,
-                        &format!("cannot harden the host: {e}"),
-                        exit::START_FAILED,
-                    );
-                }
+            if place == Place::Process
+                && let Err(e) = harden::apply()
+            {
+                return fatal(
+                    &mut output,
+                    &format!("cannot harden the host: {e}"),
+                    exit::START_FAILED,
+                );
             }
             match wasm::WasmGuest::load(&config, shared.clone()) {
                 Ok(g) => {

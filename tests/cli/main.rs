@@ -224,7 +224,7 @@ fn inspect_describes_a_component() {
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["is_command"], true);
     assert_eq!(v["is_worker"], false);
-    assert_eq!(v["was_cached"].as_bool().is_some(), true);
+    assert!(v["was_cached"].as_bool().is_some());
 }
 
 #[test]
