@@ -92,6 +92,11 @@ mod cache;
 mod channel;
 mod connection;
 mod error;
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use crate::fuzz::{frames, values};
+}
+mod fuzz;
 pub mod host;
 mod output;
 mod process;

@@ -6,6 +6,7 @@
 mod guests;
 
 mod escape;
+mod fuzz_corpus;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
