@@ -343,6 +343,17 @@ pub(crate) fn serve(
             }
             match wasm::WasmGuest::load(&config, shared.clone()) {
                 Ok(g) => {
+                    // Loaded: from now on the process needs no file but
+                    // those beneath the guest's grants.
+                    if place == Place::Process {
+                        if let Err(e) = harden::restrict_files(&config.dirs) {
+                            return fatal(
+                                &mut output,
+                                &format!("cannot harden the host: {e}"),
+                                exit::START_FAILED,
+                            );
+                        }
+                    }
                     let kill = g.killer();
                     (
                         "wasm",
