@@ -185,3 +185,131 @@ fn calls_survive_random_kills() {
         eprintln!("{values} values, {terminated} TerminatedWorker");
     });
 }
+
+#[test]
+fn another_protocol_version_is_refused() {
+    let mut init = malt::protocol::encode(&malt::protocol::ToHost::Stop);
+    // Build a real Init with a version from the future.
+    let config = malt::protocol::HostConfig {
+        version: malt::protocol::PROTOCOL_VERSION + 1,
+        name: "future".into(),
+        guest: malt::protocol::GuestSpec::NativeScript,
+        memory_limit: 1 << 20,
+        interrupt_grace: Duration::from_millis(10),
+        call_timeout: None,
+        max_frame: 1 << 20,
+        fuel: None,
+        output_limit: 1 << 20,
+        env: vec![],
+        dirs: vec![],
+    };
+    init.clear();
+    init.extend(malt::protocol::encode(&malt::protocol::ToHost::Init(
+        Box::new(config),
+    )));
+    let (code, stderr) = feed_host(&init);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("protocol version"), "{stderr}");
+}
+
+#[test]
+fn frame_caps_hold_in_both_directions() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let w = Worker::wasm(guests::test_guest())
+            .max_frame_size(64 << 10)
+            .spawn()
+            .await
+            .unwrap();
+        // Too big to send: refused before it leaves the manager.
+        let big = serde_bytes::ByteBuf::from(vec![0u8; 100 << 10]);
+        let err = w
+            .remote_call_fetch::<serde_bytes::ByteBuf>("echo", (big,))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                malt::Error::LimitExceeded {
+                    limit: malt::Limit::FrameSize,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Too big to come back: refused by the host, the worker answers on.
+        let err = w
+            .remote_call_fetch::<serde_bytes::ByteBuf>("bytes", (100 << 10,))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                malt::Error::LimitExceeded {
+                    limit: malt::Limit::FrameSize,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
+        w.stop().await.unwrap();
+    });
+}
+
+#[test]
+fn pending_requests_are_capped() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let w = Worker::script().max_pending(3).spawn().await.unwrap();
+        let held: Vec<_> = (0..3).map(|_| w.remote_eval::<()>("sleep(0.2)")).collect();
+        let err = w.remote_eval_fetch::<i64>("1").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                malt::Error::LimitExceeded {
+                    limit: malt::Limit::PendingRequests,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        for h in held {
+            h.await.unwrap();
+        }
+        // Room again once they are answered.
+        assert_eq!(w.remote_eval_fetch::<i64>("1").await.unwrap(), 1);
+        w.stop().await.unwrap();
+    });
+}
+
+#[test]
+fn a_guest_trapping_during_stop() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        for _ in 0..10 {
+            let w = Worker::wasm(guests::test_guest())
+                .monitor_output(false)
+                .spawn()
+                .await
+                .unwrap();
+            let trapping = w.remote_call::<()>("panic", ("now",));
+            let stopped = tokio::time::timeout(Duration::from_secs(30), w.stop()).await;
+            assert!(stopped.expect("stop hung").unwrap());
+            let err = tokio::time::timeout(Duration::from_secs(30), trapping)
+                .await
+                .expect("the call hung")
+                .unwrap_err();
+            // Either the trap was reported before the stop, or the stop
+            // came first: both are clean.
+            assert!(
+                matches!(
+                    err,
+                    malt::Error::Trap { .. } | malt::Error::TerminatedWorker
+                ),
+                "{err:?}"
+            );
+            assert!(!w.is_running());
+        }
+    });
+}
