@@ -10,8 +10,17 @@
 //!   host process: untrusted code meets two walls, the wasm sandbox and
 //!   the process, plus a memory cap, a call timeout and interrupts that
 //!   always work (a guest that ignores one is killed and reset);
+//! - a *native worker* serves the same guest interface from a plain process
+//!   ([`Worker::native`] for the script guest, [`Worker::native_program`]
+//!   for your own program built on [`host::main_if_host_with`] or the
+//!   `malt-guest` SDK);
+//! - an *in-process worker* ([`WorkerBuilder::in_process`]) runs a wasm
+//!   guest on a thread of the manager (the wasm wall only);
 //! - the default guest is the built-in **script guest** ([Rhai]), embedded
 //!   in malt, so evaluating code works out of the box.
+//!
+//! Every kind has the same API and semantics. Programs without an async
+//! runtime use [`blocking`].
 //!
 //! [Rhai]: https://rhai.rs
 //!
