@@ -5,7 +5,7 @@
 //! - natively, as a worker program (run it with
 //!   `Worker::native_program(path)`).
 //!
-//! ```ignore
+//! ```no_run
 //! use malt_guest::Guest;
 //!
 //! fn guest() -> Guest {
