@@ -244,9 +244,24 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     buf
 }
 
+/// Deepest nesting of arrays and maps a decoded value may have. Deeper
+/// input is an error, not a stack overflow: a guest's reply is untrusted,
+/// and recursive types (`rmpv::Value`, `serde_json::Value`) recurse per
+/// level.
+pub const MAX_VALUE_DEPTH: usize = 128;
+
+/// Decodes MessagePack with the nesting limit ([`MAX_VALUE_DEPTH`]).
+pub fn from_msgpack<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_VALUE_DEPTH);
+    T::deserialize(&mut de)
+}
+
 /// Decodes a frame body (header excluded).
 pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
-    rmp_serde::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+    from_msgpack(body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// Reads one frame body from a blocking reader.
@@ -310,6 +325,18 @@ mod tests {
             read_frame(&mut &[][..], DEFAULT_MAX_FRAME),
             Err(FrameError::Eof)
         ));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // 100 000 nested one-element arrays around a nil.
+        let mut deep = vec![0x91u8; 100_000];
+        deep.push(0xc0);
+        assert!(from_msgpack::<rmpv::Value>(&deep).is_err());
+        assert!(from_msgpack::<serde_json::Value>(&deep).is_err());
+        let mut ok = vec![0x91u8; MAX_VALUE_DEPTH - 1];
+        ok.push(0xc0);
+        assert!(from_msgpack::<serde_json::Value>(&ok).is_ok());
     }
 
     #[test]

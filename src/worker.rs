@@ -634,7 +634,7 @@ pub(crate) fn reply_bytes(value: &Option<serde_bytes::ByteBuf>) -> &[u8] {
 }
 
 fn decode_value<R: DeserializeOwned>(worker: &str, bytes: &[u8]) -> Result<R> {
-    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
+    protocol::from_msgpack(bytes).map_err(|e| Error::Decode {
         worker: worker.to_string(),
         type_name: std::any::type_name::<R>(),
         message: e.to_string(),

@@ -33,6 +33,9 @@ use crate::protocol::{
 pub(crate) use channels::Channels;
 pub(crate) use control::Control;
 
+/// Stack of the thread that runs the guest.
+const GUEST_STACK: usize = 64 << 20;
+
 /// First argument that turns the `malt` binary (or a program calling
 /// [`main_if_host`]) into a worker host.
 pub const HOST_ARG: &str = "__malt-host";
@@ -399,6 +402,9 @@ pub(crate) fn serve(
     let s = shared.clone();
     let guest_thread = std::thread::Builder::new()
         .name("malt-guest".into())
+        // Native guests recurse on this stack (a wasm guest's own stack is
+        // capped by wasmtime); address space only, touched as used.
+        .stack_size(GUEST_STACK)
         .spawn(move || guest_loop(guest(), work_rx, &s))
         .expect("spawn guest thread");
     let s = shared.clone();

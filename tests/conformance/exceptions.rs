@@ -12,6 +12,7 @@ conformance!(
     worker_is_responsive_after_an_error,
     a_value_that_does_not_decode_is_a_decode_error,
     values_that_cannot_be_sent_fail_cleanly,
+    a_deeply_nested_value_is_refused_not_a_crash,
 );
 
 async fn thrown_errors_become_remote_exceptions(kind: Kind) {
@@ -125,5 +126,22 @@ async fn values_that_cannot_be_sent_fail_cleanly(kind: Kind) {
     let err = w.remote_call_fetch::<i64>("len", (map,)).await.unwrap_err();
     assert!(err.as_remote().is_some(), "{err:?}");
     assert_eq!(w.remote_eval_fetch::<i64>("1").await.unwrap(), 1);
+    w.stop().await.unwrap();
+}
+
+async fn a_deeply_nested_value_is_refused_not_a_crash(kind: Kind) {
+    // Found by fuzzing the value decoder: without a nesting limit, a value
+    // nested thousands deep overflows a stack when encoded or decoded
+    // (the manager's own decoder is tested in protocol::tests).
+    let w = kind.spawn().await;
+    // The script guest refuses to send such a value...
+    let code = "let a = []; for i in 0..2000 { a = [a]; } a";
+    let err = w.remote_eval_fetch::<rmpv::Value>(code).await.unwrap_err();
+    let message = &err.as_remote().expect("refused by the guest").message;
+    assert!(message.contains("nested more than"), "{message}");
+    // Shallow nesting is fine.
+    let v: serde_json::Value = w.remote_eval_fetch("[[[[1]]]]").await.unwrap();
+    assert_eq!(v.to_string(), "[[[[1]]]]");
+    assert!(w.is_running());
     w.stop().await.unwrap();
 }

@@ -91,12 +91,17 @@ fn seconds_to_ms(seconds: f64) -> RhaiResult<u64> {
 /// Only data crosses: functions, closures and other engine objects are
 /// refused rather than sent as their name, as Rhai's serde support would.
 pub fn encode(value: &Dynamic) -> Result<Vec<u8>, String> {
-    check_sendable(value)?;
+    check_sendable(value, 0)?;
     rmp_serde::to_vec_named(value)
         .map_err(|e| format!("cannot send a value of type {}: {e}", value.type_name()))
 }
 
-fn check_sendable(value: &Dynamic) -> Result<(), String> {
+fn check_sendable(value: &Dynamic, depth: usize) -> Result<(), String> {
+    if depth > MAX_VALUE_DEPTH {
+        return Err(format!(
+            "cannot send a value nested more than {MAX_VALUE_DEPTH} levels deep"
+        ));
+    }
     if value.is_unit()
         || value.is_bool()
         || value.is_int()
@@ -108,10 +113,10 @@ fn check_sendable(value: &Dynamic) -> Result<(), String> {
         return Ok(());
     }
     if let Some(items) = value.read_lock::<rhai::Array>() {
-        return items.iter().try_for_each(check_sendable);
+        return items.iter().try_for_each(|v| check_sendable(v, depth + 1));
     }
     if let Some(map) = value.read_lock::<rhai::Map>() {
-        return map.values().try_for_each(check_sendable);
+        return map.values().try_for_each(|v| check_sendable(v, depth + 1));
     }
     Err(format!(
         "cannot send a value of type {}: only data (unit, bool, int, float, string, char, blob, array, map) crosses to the manager",
@@ -119,9 +124,16 @@ fn check_sendable(value: &Dynamic) -> Result<(), String> {
     ))
 }
 
+/// Deepest nesting a decoded value may have (deeper input is an error,
+/// not a stack overflow).
+pub const MAX_VALUE_DEPTH: usize = 128;
+
 /// Decodes a MessagePack value into a script value.
 pub fn decode(bytes: &[u8]) -> Result<Dynamic, String> {
-    rmp_serde::from_slice(bytes).map_err(|e| format!("malformed MessagePack value: {e}"))
+    use serde::Deserialize;
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_VALUE_DEPTH);
+    Dynamic::deserialize(&mut de).map_err(|e| format!("malformed MessagePack value: {e}"))
 }
 
 impl Session {
