@@ -178,6 +178,32 @@ async fn time_calls(w: &Worker, n: usize, mut call: impl AsyncFnMut(&Worker)) ->
     stats(samples)
 }
 
+/// Interrupts a runaway request `rounds` times: the time to its error, and
+/// until a follow-up request (sent after the interrupt) is answered.
+async fn interrupts(
+    w: &Worker,
+    rounds: usize,
+    state_lost: bool,
+    requests: impl Fn(&Worker) -> (malt::CallHandle<()>, malt::CallHandle<i64>),
+) -> Result<(Stats, Stats), Error> {
+    let (mut to_error, mut to_answer) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (running, follow_up) = requests(w);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let start = Instant::now();
+        w.interrupt().await?;
+        let err = running.await.unwrap_err();
+        to_error.push(start.elapsed());
+        assert!(
+            matches!(err, Error::Interrupted { state_lost: s } if s == state_lost),
+            "{err:?}"
+        );
+        follow_up.await?;
+        to_answer.push(start.elapsed());
+    }
+    Ok((stats(to_error), stats(to_answer)))
+}
+
 fn floor_round_trip(n: usize, size: usize) -> Stats {
     let mut echo = Echo::start();
     let body = vec![0x5au8; size];
@@ -447,33 +473,22 @@ async fn run(quick: bool) -> Result<Table, Error> {
     );
 
     // 5. Interrupt.
+    let rounds = if quick { 10 } else { 50 };
     let w = host(Worker::script()).spawn().await?;
-    let mut to_error = Vec::new();
-    let mut to_answer = Vec::new();
-    for _ in 0..if quick { 10 } else { 50 } {
-        let running = w.remote_eval::<()>("loop {}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let start = Instant::now();
-        w.interrupt().await?;
-        let err = running.await.unwrap_err();
-        to_error.push(start.elapsed());
-        assert!(
-            matches!(err, Error::Interrupted { state_lost: false }),
-            "{err:?}"
-        );
-        let _: i64 = w.remote_eval_fetch("1").await?;
-        to_answer.push(start.elapsed());
-    }
+    let (to_error, to_answer) = interrupts(&w, rounds, false, |w| {
+        (w.remote_eval::<()>("loop {}"), w.remote_eval::<i64>("1"))
+    })
+    .await?;
     w.stop().await?;
     table.timing(
         "interrupt, cooperative (`loop {}`): to the error",
-        stats(to_error),
+        to_error,
         None,
         "≤ 1 ms",
     );
     table.timing(
         "interrupt, cooperative: until the worker answers again",
-        stats(to_answer),
+        to_answer,
         None,
         "",
     );
@@ -481,32 +496,23 @@ async fn run(quick: bool) -> Result<Table, Error> {
         .interrupt_grace(Duration::ZERO)
         .spawn()
         .await?;
-    let mut to_error = Vec::new();
-    let mut to_answer = Vec::new();
-    for _ in 0..if quick { 10 } else { 50 } {
-        let running = w.remote_call::<()>("spin", ());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let start = Instant::now();
-        w.interrupt().await?;
-        let err = running.await.unwrap_err();
-        to_error.push(start.elapsed());
-        assert!(
-            matches!(err, Error::Interrupted { state_lost: true }),
-            "{err:?}"
-        );
-        let _: i64 = w.remote_call_fetch("add", (1, 1)).await?;
-        to_answer.push(start.elapsed());
-    }
+    let (to_error, to_answer) = interrupts(&w, rounds, true, |w| {
+        (
+            w.remote_call::<()>("spin", ()),
+            w.remote_call::<i64>("add", (1, 1)),
+        )
+    })
+    .await?;
     w.stop().await?;
     table.timing(
         "interrupt, hard (Rust guest spinning; grace 0): to the error",
-        stats(to_error),
+        to_error,
         None,
         "≤ 2 ms",
     );
     table.timing(
         "interrupt, hard: until the worker answers again (fresh instance)",
-        stats(to_answer),
+        to_answer,
         None,
         "",
     );
