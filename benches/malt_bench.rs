@@ -186,10 +186,21 @@ async fn interrupts(
     state_lost: bool,
     requests: impl Fn(&Worker) -> (malt::CallHandle<()>, malt::CallHandle<i64>),
 ) -> Result<(Stats, Stats), Error> {
+    // The test guest's `spin` says when it has begun; a script loop is
+    // given a moment.
+    let started = match state_lost {
+        true => Some(w.worker_channel::<i64>("started", 1).await?),
+        false => None,
+    };
     let (mut to_error, mut to_answer) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let (running, follow_up) = requests(w);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        match &started {
+            Some(started) => {
+                started.take().await?;
+            }
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
         let start = Instant::now();
         w.interrupt().await?;
         let err = running.await.unwrap_err();

@@ -100,9 +100,10 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
         .spawn()
         .await
         .unwrap();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     let spinning = w.remote_call::<()>("spin", ());
     let queued = w.remote_call::<i64>("add", (2, 3));
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    finishes("the spin to start", started.take()).await.unwrap();
     w.interrupt().await.unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
     assert!(
@@ -113,7 +114,7 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
     assert!(w.is_running());
     // And again: the fresh instance can be killed too.
     let spinning = w.remote_call::<()>("spin", ());
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    finishes("the spin to start", started.take()).await.unwrap();
     w.interrupt().await.unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
     assert!(

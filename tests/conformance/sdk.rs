@@ -1,8 +1,6 @@
 //! Guests written with the Rust SDK (`guest/sdk`), the same source built
 //! as a wasm component and as a native program.
 
-use std::time::Duration;
-
 use crate::common::{Kind, finishes, test_guest_worker};
 use crate::conformance;
 
@@ -71,12 +69,14 @@ async fn sdk_sleep_is_cut_short_by_an_interrupt(kind: Kind) {
     let w = test_guest_worker(kind).spawn().await.unwrap();
     // A guest that checks `sleep`'s result and returns early: the call
     // succeeds with what the guest returned (it stopped by itself).
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     let napping = w.remote_call::<bool>("nap", (100_000,));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    finishes("the nap to start", started.take()).await.unwrap();
     w.interrupt().await.unwrap();
     let slept_fully = finishes("nap", napping).await.unwrap();
     assert!(!slept_fully);
     assert!(w.remote_call_fetch::<bool>("nap", (1,)).await.unwrap());
+    assert_eq!(started.take().await.unwrap(), 1);
     w.stop().await.unwrap();
 }
 

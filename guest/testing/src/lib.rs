@@ -8,9 +8,10 @@
 //! - `add(a, b)`: a + b;
 //! - `echo(bytes)`: returns its argument;
 //! - `bytes(n)`: n bytes of 7;
-//! - `spin()`: loops forever and never polls for an interrupt;
-//! - `nap(ms)`: sleeps (an interrupt cuts it short) and says whether it
-//!   slept the whole time;
+//! - `spin()`: puts 1 on channel `started`, then loops forever and never
+//!   polls for an interrupt;
+//! - `nap(ms)`: puts 1 on channel `started`, sleeps (an interrupt cuts it
+//!   short) and says whether it slept the whole time;
 //! - `panic(message)`: panics;
 //! - `alloc(mib)`: allocates and touches `mib` MiB, returns the count;
 //! - `print(text)`: prints a line to stdout;
@@ -42,12 +43,15 @@ fn guest() -> Guest {
         .func("echo", |(b,): (ByteBuf,)| Ok(b))
         .func("bytes", |(n,): (usize,)| Ok(ByteBuf::from(vec![7u8; n])))
         .func("spin", |(): ()| -> Result<(), String> {
+            // Tell a waiting test that the spin has begun.
+            malt_guest::channel_put("started", &1i64)?;
             let mut n: u64 = 0;
             loop {
                 n = std::hint::black_box(n.wrapping_add(1));
             }
         })
         .func("nap", |(ms,): (u64,)| {
+            malt_guest::channel_put("started", &1i64)?;
             Ok(malt_guest::sleep(Duration::from_millis(ms)))
         })
         .func("panic", |(m,): (String,)| -> Result<(), String> {
