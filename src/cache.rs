@@ -134,12 +134,23 @@ fn known() -> &'static Known {
 /// it first if the cache does not have it. Blocking: call it off the
 /// async runtime.
 pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Result<PathBuf> {
+    artifact_status(bytes, sha256, what, fuel).map(|(path, _)| path)
+}
+
+/// Like [`artifact`], and tells whether the cache had it already.
+pub(crate) fn artifact_status(
+    bytes: &[u8],
+    sha256: &str,
+    what: &str,
+    fuel: bool,
+) -> Result<(PathBuf, bool)> {
     let key = (cache_dir(), sha256.to_string(), fuel);
     if let Some(path) = known().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(path.clone());
+        return Ok((path.clone(), true));
     }
     let path = artifact_path(sha256, fuel)?;
-    if !path.exists() {
+    let was_cached = path.exists();
+    if !was_cached {
         private_dir(path.parent().expect("artifact paths have a parent"))?;
         compile_into(engine(fuel)?, bytes, &path, what)?;
     }
@@ -147,7 +158,7 @@ pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Re
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, path.clone());
-    Ok(path)
+    Ok((path, was_cached))
 }
 
 /// Removes an artifact that failed to load, so the next request compiles
@@ -161,7 +172,7 @@ pub(crate) fn discard(artifact: &Path) {
 }
 
 /// Where the artifact of a component (by hash) lives in the cache.
-pub(crate) fn artifact_path(sha256: &str, fuel: bool) -> Result<PathBuf> {
+fn artifact_path(sha256: &str, fuel: bool) -> Result<PathBuf> {
     let engine = engine(fuel)?;
     Ok(cache_dir().join(format!("{sha256}-{}.cwasm", compatibility_key(engine))))
 }

@@ -112,15 +112,6 @@ pub enum Error {
         message: String,
     },
 
-    /// The worker broke the protocol (a garbage frame); it was killed.
-    #[error("{worker}: protocol error: {message}")]
-    Protocol {
-        /// The worker.
-        worker: String,
-        /// What was wrong.
-        message: String,
-    },
-
     /// An I/O error in the manager, e.g. while preparing a guest.
     #[error("{context}: {source}")]
     Io {

@@ -59,6 +59,8 @@ pub(crate) enum OutputSink {
     Forward {
         prefix: String,
         partial: [Vec<u8>; 2],
+        /// Whether stdout / stderr get colors (decided once).
+        color: [bool; 2],
     },
     /// To the caller (`None` once the worker is gone, which ends the
     /// caller's stream).
@@ -83,6 +85,7 @@ impl OutputSink {
         OutputSink::Forward {
             prefix,
             partial: [Vec::new(), Vec::new()],
+            color: [color_enabled(Stream::Stdout), color_enabled(Stream::Stderr)],
         }
     }
 
@@ -99,13 +102,17 @@ impl OutputSink {
 
     pub fn write(&mut self, stream: Stream, data: &[u8]) {
         match self {
-            OutputSink::Forward { prefix, partial } => {
+            OutputSink::Forward {
+                prefix,
+                partial,
+                color,
+            } => {
                 let buf = &mut partial[stream as usize];
                 buf.extend_from_slice(data);
                 if let Some(last_newline) = buf.iter().rposition(|&b| b == b'\n') {
                     let rest = buf.split_off(last_newline + 1);
                     let lines = std::mem::replace(buf, rest);
-                    emit(prefix, stream, &lines);
+                    emit(prefix, stream, color[stream as usize], &lines);
                 }
             }
             OutputSink::Capture { tx, dropped } => {
@@ -136,11 +143,15 @@ impl OutputSink {
     /// Writes out partial lines (the worker is gone).
     pub fn finish(&mut self) {
         match self {
-            OutputSink::Forward { prefix, partial } => {
+            OutputSink::Forward {
+                prefix,
+                partial,
+                color,
+            } => {
                 for (stream, buf) in [Stream::Stdout, Stream::Stderr].into_iter().zip(partial) {
                     if !buf.is_empty() {
                         buf.push(b'\n');
-                        emit(prefix, stream, buf);
+                        emit(prefix, stream, color[stream as usize], buf);
                         buf.clear();
                     }
                 }
@@ -152,8 +163,7 @@ impl OutputSink {
 
 /// Writes whole lines with the worker prefix (blue for stdout, yellow for
 /// stderr on a terminal).
-fn emit(prefix: &str, stream: Stream, lines: &[u8]) {
-    let color = color_enabled(stream);
+fn emit(prefix: &str, stream: Stream, color: bool, lines: &[u8]) {
     let (start, end) = match (color, stream) {
         (false, _) => ("", ""),
         (true, Stream::Stdout) => ("\x1b[34m", "\x1b[0m"),

@@ -60,24 +60,36 @@ fn read_component(path: &Path) -> Result<(Vec<u8>, String)> {
     Ok((bytes, sha))
 }
 
+/// A compiled component.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// Where the artifact is.
+    pub artifact: PathBuf,
+    /// Whether the cache had it already (always false for a file of its own).
+    pub was_cached: bool,
+}
+
 /// Compiles a component into the artifact cache (or, with `out`, into a
-/// file of its own) and returns the artifact's path.
-pub fn compile(path: &Path, out: Option<&Path>, fuel: bool) -> Result<PathBuf> {
+/// file of its own).
+pub fn compile(path: &Path, out: Option<&Path>, fuel: bool) -> Result<Compiled> {
     let (bytes, sha) = read_component(path)?;
     let what = path.display().to_string();
     match out {
         Some(out) => {
             cache::compile_to_file(&bytes, &what, out, fuel)?;
-            Ok(out.to_path_buf())
+            Ok(Compiled {
+                artifact: out.to_path_buf(),
+                was_cached: false,
+            })
         }
-        None => cache::artifact(&bytes, &sha, &what, fuel),
+        None => {
+            let (artifact, was_cached) = cache::artifact_status(&bytes, &sha, &what, fuel)?;
+            Ok(Compiled {
+                artifact,
+                was_cached,
+            })
+        }
     }
-}
-
-/// Whether the cache already holds a component's artifact.
-pub fn is_cached(path: &Path) -> Result<bool> {
-    let (_, sha) = read_component(path)?;
-    Ok(cache::artifact_path(&sha, false)?.exists())
 }
 
 fn load(artifact: &Path, fuel: bool) -> Result<(Engine, Component)> {
@@ -114,9 +126,8 @@ fn item(engine: &Engine, name: &str, ty: &ComponentItem) -> Item {
 /// the cache if needed.
 pub fn inspect(path: &Path) -> Result<ComponentInfo> {
     let (bytes, sha) = read_component(path)?;
-    let artifact_path = cache::artifact_path(&sha, false)?;
-    let was_cached = artifact_path.exists();
-    let artifact = cache::artifact(&bytes, &sha, &path.display().to_string(), false)?;
+    let (artifact, was_cached) =
+        cache::artifact_status(&bytes, &sha, &path.display().to_string(), false)?;
     let (engine, component) = load(&artifact, false)?;
     let ty = component.component_type();
     let imports: Vec<Item> = ty
@@ -188,7 +199,7 @@ impl WasiView for RunState {
 /// Returns the program's exit code.
 pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
     let fuel = options.fuel.is_some();
-    let artifact = compile(path, None, fuel)?;
+    let artifact = compile(path, None, fuel)?.artifact;
     let (engine, component) = load(&artifact, fuel)?;
     let mut linker = Linker::<RunState>::new(&engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)

@@ -486,8 +486,10 @@ fn inspect(json: bool, guest: &Path) -> anyhow::Result<()> {
 
 fn compile(json: bool, guest: &Path, output: Option<&Path>, fuel: bool) -> anyhow::Result<()> {
     let start = Instant::now();
-    let was_cached = output.is_none() && !fuel && malt::tools::is_cached(guest)?;
-    let path = with_spinner(&format!("compiling {}", guest.display()), || {
+    let malt::tools::Compiled {
+        artifact: path,
+        was_cached,
+    } = with_spinner(&format!("compiling {}", guest.display()), || {
         malt::tools::compile(guest, output, fuel)
     })?;
     if json {
