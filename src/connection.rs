@@ -26,7 +26,6 @@ pub(crate) struct Launch {
     pub config: HostConfig,
     pub output: Arc<Mutex<OutputSink>>,
     pub stderr_tail: Arc<Mutex<String>>,
-    pub max_frame: usize,
 }
 
 /// What the manager asks of the task that owns a host.

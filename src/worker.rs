@@ -315,7 +315,6 @@ impl WorkerBuilder {
             },
             output: Arc::new(Mutex::new(output)),
             stderr_tail: Arc::new(Mutex::new(String::new())),
-            max_frame: self.max_frame,
         };
         let conn = match connection::connect(&launch).await {
             Err(e) if e.message.contains(ARTIFACT_LOAD_FAILED) => {
@@ -390,11 +389,12 @@ async fn read_frames(
     loop {
         let mut restart = false;
         let broken = loop {
-            let body = match connection::read_body(&mut *reader, inner.launch.max_frame).await {
-                Ok(Some(body)) => body,
-                Ok(None) => break None,
-                Err(e) => break Some(e),
-            };
+            let body =
+                match connection::read_body(&mut *reader, inner.launch.config.max_frame).await {
+                    Ok(Some(body)) => body,
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                };
             match protocol::decode::<FromHost>(&body) {
                 Ok(FromHost::Reply { id, result }) => inner.resolve(id, result),
                 Ok(FromHost::Output { stream, data }) => inner.output().write(stream, &data),
@@ -608,14 +608,14 @@ impl Inner {
 
     fn frame(&self, message: &ToHost) -> Result<Vec<u8>> {
         let frame = protocol::encode(message);
-        if frame.len() - protocol::HEADER_LEN > self.launch.max_frame {
+        if frame.len() - protocol::HEADER_LEN > self.launch.config.max_frame {
             return Err(Error::LimitExceeded {
                 worker: self.name.clone(),
                 limit: protocol::Limit::FrameSize,
                 message: format!(
                     "the request is {} bytes, over the {} byte frame cap",
                     frame.len() - protocol::HEADER_LEN,
-                    self.launch.max_frame
+                    self.launch.config.max_frame
                 ),
             });
         }

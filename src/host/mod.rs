@@ -348,14 +348,14 @@ pub(crate) fn serve(
                 Ok(g) => {
                     // Loaded: from now on the process needs no file but
                     // those beneath the guest's grants.
-                    if place == Place::Process {
-                        if let Err(e) = harden::restrict_files(&config.dirs) {
-                            return fatal(
-                                &mut output,
-                                &format!("cannot harden the host: {e}"),
-                                exit::START_FAILED,
-                            );
-                        }
+                    if place == Place::Process
+                        && let Err(e) = harden::restrict_files(&config.dirs)
+                    {
+                        return fatal(
+                            &mut output,
+                            &format!("cannot harden the host: {e}"),
+                            exit::START_FAILED,
+                        );
                     }
                     let kill = g.killer();
                     (
@@ -452,12 +452,6 @@ pub(crate) fn serve(
 
 type GuestMaker = Box<dyn FnOnce() -> Box<dyn Guest> + Send>;
 pub(crate) type Killer = Box<dyn Fn(u64, control::Reason) + Send + Sync>;
-
-impl Guest for Box<dyn Guest> {
-    fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {
-        (**self).run(work)
-    }
-}
 
 /// Asks for SIGKILL when the manager dies, then checks that it has not
 /// died already (the manager passes its pid as the second argument).
