@@ -6,8 +6,6 @@ use std::sync::OnceLock;
 
 use malt::blocking::Worker;
 
-const MALT: &str = env!("CARGO_BIN_EXE_malt");
-
 fn main() {
     divan::main();
 }
@@ -22,7 +20,7 @@ fn worker(kind: &str) -> &'static Worker {
         _ => (&IN_PROCESS, Worker::script().in_process()),
     };
     cell.get_or_init(|| {
-        let w = builder.host_program(MALT).spawn().expect("spawn");
+        let w = builder.spawn().expect("spawn");
         w.remote_eval_wait("fn add(a, b) { a + b }")
             .expect("define add");
         w

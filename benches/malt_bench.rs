@@ -17,7 +17,6 @@ use malt::{Error, Worker, WorkerBuilder};
 use serde_bytes::ByteBuf;
 
 const ECHO_ARG: &str = "__malt_bench_echo";
-const MALT: &str = env!("CARGO_BIN_EXE_malt");
 
 /// Echo mode: read length-prefixed frames on stdin, write them back.
 fn echo() -> ! {
@@ -162,7 +161,7 @@ impl Table {
 }
 
 fn host(builder: WorkerBuilder) -> WorkerBuilder {
-    builder.host_program(MALT).monitor_output(false)
+    builder.monitor_output(false)
 }
 
 async fn time_calls(w: &Worker, n: usize, mut call: impl AsyncFnMut(&Worker)) -> Stats {

@@ -8,10 +8,6 @@ use std::time::Duration;
 use malt::{Error, Worker};
 
 fn main() -> Result<(), Error> {
-    // This program is its own worker host: when malt starts it with the
-    // host argument, it serves the worker instead of going on. Call it
-    // first, before any async runtime starts.
-    malt::host::main_if_host();
     tokio::runtime::Runtime::new()
         .expect("tokio runtime")
         .block_on(demo())

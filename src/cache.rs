@@ -19,8 +19,9 @@ use wasmtime::Engine;
 
 use crate::error::{Error, Result};
 
-/// The wasmtime this crate is built with (pinned in Cargo.toml).
-pub(crate) const WASMTIME_VERSION: &str = "48.0.8";
+/// The version of wasmtime that runs wasm guests (part of every artifact's
+/// cache key; `malt --version` prints it).
+pub const WASMTIME_VERSION: &str = "48.0.8";
 
 /// Environment variable that overrides the cache directory.
 pub const CACHE_DIR_ENV: &str = "MALT_CACHE_DIR";
@@ -102,8 +103,18 @@ fn compatibility_key(engine: &Engine) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Checks that `bytes` look like a component, with a clear message when not.
-pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
+/// What a wasm file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WasmKind {
+    /// A component (the component model; WASI 0.2).
+    Component,
+    /// A core module (e.g. a WASI preview 1 program).
+    CoreModule,
+}
+
+/// Tells a component from a core module, with a clear message when the
+/// bytes are neither.
+pub(crate) fn wasm_kind(bytes: &[u8], what: &str) -> Result<WasmKind> {
     const MAGIC: &[u8] = b"\0asm";
     if bytes.len() < 8 || &bytes[..4] != MAGIC {
         return Err(Error::Component(format!(
@@ -112,13 +123,32 @@ pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
     }
     // Bytes 4..8: a core module has version 1, layer 0; a component has
     // layer 1.
-    if bytes[6..8] == [0, 0] {
-        return Err(Error::Component(format!(
-            "{what} is a core WebAssembly module, not a component; build it for \
-             wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
-        )));
+    Ok(if bytes[6..8] == [0, 0] {
+        WasmKind::CoreModule
+    } else {
+        WasmKind::Component
+    })
+}
+
+/// Checks that `bytes` look like a component, with a clear message when not.
+pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
+    match wasm_kind(bytes, what)? {
+        WasmKind::Component => Ok(()),
+        WasmKind::CoreModule => Err(Error::Component(format!(
+            "{what} is a core WebAssembly module, not a component: a worker guest is a \
+             component (build it for wasm32-wasip2, or wrap it with `wasm-tools component \
+             new`); `malt run` runs WASI preview 1 modules as they are"
+        ))),
     }
-    Ok(())
+}
+
+/// Compiles a component or a core module.
+fn precompile(engine: &Engine, bytes: &[u8], what: &str) -> Result<Vec<u8>> {
+    let compiled = match wasm_kind(bytes, what)? {
+        WasmKind::Component => engine.precompile_component(bytes),
+        WasmKind::CoreModule => engine.precompile_module(bytes),
+    };
+    compiled.map_err(|e| Error::Component(format!("cannot compile {what}: {e:#}")))
 }
 
 /// Artifacts known to be in the cache, by (cache directory, component
@@ -179,10 +209,7 @@ fn artifact_path(sha256: &str, fuel: bool) -> Result<PathBuf> {
 
 /// Compiles a component to a standalone artifact file (for `malt compile -o`).
 pub(crate) fn compile_to_file(bytes: &[u8], what: &str, out: &Path, fuel: bool) -> Result<()> {
-    check_component(bytes, what)?;
-    let compiled = engine(fuel)?
-        .precompile_component(bytes)
-        .map_err(|e| Error::Component(format!("cannot compile {what}: {e:#}")))?;
+    let compiled = precompile(engine(fuel)?, bytes, what)?;
     std::fs::write(out, compiled)
         .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))
 }
@@ -202,10 +229,7 @@ fn compile_into(engine: &Engine, bytes: &[u8], path: &Path, what: &str) -> Resul
     if path.exists() {
         return Ok(());
     }
-    check_component(bytes, what)?;
-    let compiled = engine
-        .precompile_component(bytes)
-        .map_err(|e| Error::Component(format!("cannot compile {what}: {e:#}")))?;
+    let compiled = precompile(engine, bytes, what)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, &compiled)
         .and_then(|()| std::fs::rename(&tmp, path))

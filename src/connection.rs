@@ -1,7 +1,6 @@
 //! Connecting to a worker host: starting it (a process, or threads of this
 //! process), the handshake, and the tasks that move its bytes.
 
-use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,8 +11,10 @@ use tokio::process::{Child, ChildStderr};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::output::OutputSink;
-use crate::protocol::{self, FromHost, HostConfig, PROTOCOL_VERSION, ToHost};
-use crate::{host, process};
+use crate::process::{self, HostProgram};
+use crate::protocol::{
+    self, FromHost, GuestSpec, HostConfig, MALT_VERSION, PROTOCOL_VERSION, ToHost,
+};
 
 /// Bytes of a host's own stderr kept for error messages.
 const STDERR_TAIL: usize = 4096;
@@ -22,7 +23,7 @@ const STDERR_TAIL: usize = 4096;
 /// native worker's host restarts after a hard interrupt).
 pub(crate) struct Launch {
     /// The host program; `None` for an in-process worker.
-    pub program: Option<PathBuf>,
+    pub program: Option<HostProgram>,
     pub config: HostConfig,
     pub output: Arc<Mutex<OutputSink>>,
     pub stderr_tail: Arc<Mutex<String>>,
@@ -77,15 +78,30 @@ async fn handshake(
         .map_err(|e| format!("the host process exited during startup ({e})"))?;
     writer.flush().await.map_err(|e| e.to_string())?;
     match read_message(reader, 1 << 20).await {
-        Ok(Some(FromHost::Hello { version, .. })) if version == PROTOCOL_VERSION => Ok(()),
-        Ok(Some(FromHost::Hello { version, .. })) => Err(format!(
-            "the host speaks protocol version {version}, this manager {PROTOCOL_VERSION}"
-        )),
+        Ok(Some(FromHost::Hello {
+            version,
+            malt_version,
+            ..
+        })) if version == PROTOCOL_VERSION && malt_version == MALT_VERSION => Ok(()),
+        Ok(Some(FromHost::Hello {
+            version,
+            malt_version,
+            ..
+        })) => Err(version_mismatch(&malt_version, version)),
         Ok(Some(FromHost::Fatal { message })) => Err(message),
         Ok(Some(other)) => Err(format!("unexpected first message {other:?}")),
         Ok(None) => Err("the host process exited during startup".to_string()),
         Err(e) => Err(e),
     }
+}
+
+fn version_mismatch(host: &str, protocol: u32) -> String {
+    format!(
+        "version mismatch: the host program is malt {host} (protocol {protocol}), this \
+         manager is malt {MALT_VERSION} (protocol {PROTOCOL_VERSION}); use a host of the \
+         same version, or leave the host program unset (every program linking malt is its \
+         own host)"
+    )
 }
 
 /// Starts a host and completes the handshake.
@@ -96,14 +112,19 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
     }
 }
 
-async fn connect_process(
-    launch: &Launch,
-    program: &std::path::Path,
-) -> Result<Connection, StartError> {
+async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Connection, StartError> {
     let parent = std::process::id().to_string();
-    let mut child = process::spawn_host(program, &[host::HOST_ARG.into(), parent.into()])
+    // A native guest program serves behind its own argument, so that a
+    // program that links malt (and so serves wasm guests before `main`)
+    // can also be a native guest.
+    let arg = match launch.config.guest {
+        GuestSpec::Native => malt_host::NATIVE_HOST_ARG,
+        _ => malt_host::HOST_ARG,
+    };
+    let path = program.path();
+    let mut child = process::spawn_host(path, &[arg.into(), parent.into()])
         .await
-        .map_err(|e| StartError::new(format!("cannot run {}: {e}", program.display())))?;
+        .map_err(|e| StartError::new(format!("cannot run {}: {e}", path.display())))?;
     let pid = child.id().unwrap_or(0);
     let mut stdin = child.stdin.take().expect("piped stdin");
     let mut stdout = BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
@@ -121,6 +142,13 @@ async fn connect_process(
         let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
         let mut message = message;
+        if matches!(program, HostProgram::Chosen(_)) && !message.starts_with("version mismatch") {
+            message = format!(
+                "{message} (is {} a malt host? this manager is malt {MALT_VERSION}, protocol \
+                 {PROTOCOL_VERSION})",
+                path.display()
+            );
+        }
         if let Ok(Ok(status)) = status
             && !status.success()
             && message.contains("exited")
@@ -153,16 +181,16 @@ async fn connect_process(
 /// speaks the same protocol over a pair of pipes.
 async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
     let io = |e: std::io::Error| StartError::new(format!("cannot create pipes: {e}"));
-    let (to_host_r, to_host_w) = process::pipe().map_err(io)?;
-    let (from_host_r, from_host_w) = process::pipe().map_err(io)?;
+    let (to_host_r, to_host_w) = malt_host::pipe().map_err(io)?;
+    let (from_host_r, from_host_w) = malt_host::pipe().map_err(io)?;
     let (exit_tx, exited) = oneshot::channel();
     std::thread::Builder::new()
         .name("malt-in-process".into())
         .spawn(move || {
-            let code = host::serve(
+            let code = malt_host::serve(
                 std::fs::File::from(to_host_r),
                 std::fs::File::from(from_host_w),
-                host::Place::InProcess,
+                malt_host::Place::InProcess,
                 None,
             );
             let _ = exit_tx.send(status_from_code(code));

@@ -87,14 +87,50 @@
 //!
 //! # The host program
 //!
-//! A worker's host process is the `malt` binary in host mode. malt finds it
-//! via [`WorkerBuilder::host_program`], else `$MALT_HOST_PROGRAM`, else the
-//! running program if it is `malt`, else a `malt` next to the running
-//! program (or one directory up), else `malt` on `PATH`. Any program can be
-//! its own host by calling [`host::main_if_host`] first thing in `main`.
+//! A worker's host process is, by default, **your own program**: every
+//! program that links malt can serve as a worker host. malt starts it again
+//! (`/proc/self/exe`) with a marker argument, and a start-up hook in this
+//! library (a constructor that runs before `main`, via the [`ctor`] crate)
+//! sees the marker, serves the worker and exits, before your `main` or a
+//! test harness ever runs. So a binary, its tests and its examples need no
+//! `malt` binary, no environment variable and no call in `main`.
+//!
+//! The trade-offs, and why this design:
+//!
+//! - *No setup, no version skew*: the host is the same code as the manager,
+//!   so the two always speak the same protocol. A separately installed
+//!   host binary can be older or newer than the library.
+//! - *Cost*: the hook runs in every process that links malt, and does one
+//!   read of `/proc/self/cmdline` there. A host process maps your whole
+//!   executable, but pages that are never touched cost nothing, and the
+//!   wasm guest runs in the same sandbox either way (the host hardens
+//!   itself before guest code runs).
+//! - *Code before `main`*: the hook runs before std's runtime setup. It only
+//!   does work when the marker is present, in a process started by malt.
+//! - *Limits*: the hook needs the malt library to be part of an executable
+//!   (not a plugin loaded with `dlopen` into another program); there, and to
+//!   use a host of your choice, set [`WorkerBuilder::host_program`] or
+//!   `$MALT_HOST_PROGRAM` (e.g. to the `malt` CLI of the same version). A
+//!   host of another version is refused at start, with both versions named.
+//!
+//! A native guest program of your own ([`Worker::native_program`]) serves
+//! its guest by calling [`host::main_if_host_with`] first thing in `main`.
 //!
 //! Compiled components are cached in `$MALT_CACHE_DIR` (default
 //! `~/.cache/malt`), a directory only its owner may write.
+//!
+//! # Debug builds
+//!
+//! The first start of a worker compiles the script guest with wasmtime's
+//! compiler (Cranelift) into the cache. In a debug build whose dependencies
+//! are not optimized that takes tens of seconds instead of about two; later
+//! starts load the cached artifact in milliseconds. To make it fast, give
+//! dependencies optimization in your `Cargo.toml`:
+//!
+//! ```toml
+//! [profile.dev.package."*"]
+//! opt-level = 2
+//! ```
 
 pub mod blocking;
 mod cache;
@@ -106,14 +142,22 @@ pub mod __fuzz {
     pub use crate::fuzz::{frames, values};
 }
 mod fuzz;
-pub mod host;
 mod output;
 mod process;
-pub mod protocol;
 pub mod tools;
 mod worker;
 
-pub use cache::{CACHE_DIR_ENV, cache_dir};
+/// The worker side: serving a guest over the protocol (re-exported from
+/// `malt-host`), for programs that serve a native guest of their own.
+pub use malt_host as host;
+/// The protocol between a manager and its hosts (re-exported from
+/// `malt-protocol`).
+pub use malt_protocol as protocol;
+
+pub use cache::{CACHE_DIR_ENV, WASMTIME_VERSION, cache_dir};
+
+/// This version of malt. A worker host must be the same version exactly.
+pub const VERSION: &str = malt_protocol::MALT_VERSION;
 pub use channel::WorkerChannel;
 pub use error::{Error, Limit, RemoteException, Result};
 pub use output::{OutputChunk, Stream, WorkerOutput};
@@ -123,3 +167,9 @@ pub use worker::{
     CallHandle, DEFAULT_INTERRUPT_GRACE, DEFAULT_MAX_PENDING, DEFAULT_MEMORY_LIMIT,
     DEFAULT_OUTPUT_LIMIT, DEFAULT_SPAWN_TIMEOUT, MAX_CHANNEL_CAPACITY, Worker, WorkerBuilder,
 };
+
+/// The README's Rust examples, compiled and run as doc tests so that they
+/// never drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

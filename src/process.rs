@@ -18,6 +18,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
@@ -25,41 +26,73 @@ use tokio::sync::oneshot;
 /// Environment variable naming the host program.
 pub const HOST_PROGRAM_ENV: &str = "MALT_HOST_PROGRAM";
 
-/// Finds the program that serves as a worker host.
+/// Set by [`serve_if_host`]: the hook ran, so this executable can serve as
+/// its own worker host.
+static HOOK_RAN: AtomicBool = AtomicBool::new(false);
+
+/// Every program that links malt can be a worker host: started with
+/// [`malt_host::HOST_ARG`], it serves the protocol here, before `main` (or a
+/// test harness) parses its arguments, and exits. So a library user needs no
+/// `malt` binary and no call in `main`.
 ///
-/// In order: the builder's choice; `$MALT_HOST_PROGRAM`; this process if
-/// it is `malt`; a `malt` beside this executable or one level up (cargo's
-/// `target/debug/deps` layout for tests); `malt` on `PATH`.
-pub(crate) fn host_program(chosen: Option<&Path>) -> Result<PathBuf, String> {
+/// Before `main`, std's argument list may not be set up yet; the hook reads
+/// the arguments from the kernel instead. Otherwise it does nothing but one
+/// read of `/proc/self/cmdline`.
+#[ctor::ctor(unsafe)]
+fn serve_if_host() {
+    HOOK_RAN.store(true, Ordering::Relaxed);
+    if malt_host::first_arg_is(malt_host::HOST_ARG) {
+        std::process::exit(malt_host::run_process(None));
+    }
+}
+
+/// Where a host program came from: the user chose it, or it is this
+/// executable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HostProgram {
+    /// `WorkerBuilder::host_program` or `$MALT_HOST_PROGRAM`; its version
+    /// is checked in the handshake.
+    Chosen(PathBuf),
+    /// This executable, serving through [`serve_if_host`].
+    ThisProgram(PathBuf),
+}
+
+impl HostProgram {
+    pub fn path(&self) -> &Path {
+        match self {
+            HostProgram::Chosen(p) | HostProgram::ThisProgram(p) => p,
+        }
+    }
+}
+
+/// Finds the program that serves as a worker host: the builder's choice,
+/// else `$MALT_HOST_PROGRAM`, else this executable.
+pub(crate) fn host_program(chosen: Option<&Path>) -> Result<HostProgram, String> {
     if let Some(p) = chosen {
-        return Ok(p.to_path_buf());
+        return Ok(HostProgram::Chosen(p.to_path_buf()));
     }
     if let Some(p) = std::env::var_os(HOST_PROGRAM_ENV).filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
+        return Ok(HostProgram::Chosen(PathBuf::from(p)));
     }
-    let exe = std::env::current_exe().ok();
-    if let Some(exe) = &exe {
-        if exe.file_stem().is_some_and(|s| s == "malt") {
-            return Ok(exe.clone());
-        }
-        for dir in exe.ancestors().skip(1).take(2) {
-            let candidate = dir.join("malt");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
+    // Keeps the hook linked in (it is referenced from here) and tells
+    // whether it ran.
+    if !HOOK_RAN.load(Ordering::Relaxed) {
+        return Err(format!(
+            "this program cannot serve as its own worker host (malt's start-up hook did \
+             not run; is malt loaded as a plugin?): set {HOST_PROGRAM_ENV} or use \
+             WorkerBuilder::host_program with a program that links malt, e.g. the malt CLI"
+        ));
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join("malt");
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
+    // /proc/self/exe works even if the file was replaced or deleted since
+    // (a rebuild while the program runs).
+    let exe = PathBuf::from("/proc/self/exe");
+    if exe.exists() {
+        Ok(HostProgram::ThisProgram(exe))
+    } else {
+        std::env::current_exe()
+            .map(HostProgram::ThisProgram)
+            .map_err(|e| format!("cannot find this program's executable: {e}"))
     }
-    Err(format!(
-        "cannot find the malt host program: install the `malt` binary, set {HOST_PROGRAM_ENV}, \
-         or use WorkerBuilder::host_program (a program that calls malt::host::main_if_host())"
-    ))
 }
 
 type Job = (
@@ -108,17 +141,4 @@ pub(crate) async fn spawn_host(
         .map_err(|_| std::io::Error::other("the malt-spawner thread is gone"))?;
     rx.await
         .map_err(|_| std::io::Error::other("the malt-spawner thread is gone"))?
-}
-
-/// A pipe whose two ends close on exec: (read end, write end).
-pub(crate) fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills both descriptors, which we then own.
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
-    }
 }

@@ -206,9 +206,10 @@ impl WorkerBuilder {
         self
     }
 
-    /// The program to run as the worker's host: `malt` itself, or any
-    /// program that calls [`crate::host::main_if_host`] first thing in
-    /// `main`. By default malt looks for `malt` (see the crate docs).
+    /// The program to run as the worker's host: any program that links
+    /// this same version of malt (the `malt` CLI, say). By default a
+    /// worker's host is this program itself, re-executed (see the crate
+    /// docs); a host of another version is refused at start.
     pub fn host_program(mut self, program: impl Into<PathBuf>) -> Self {
         self.host_program = Some(program.into());
         self
@@ -284,7 +285,11 @@ impl WorkerBuilder {
                     .map_err(|m| spawn_error(m, String::new()))?;
                 ("native", GuestSpec::NativeScript, Some(program))
             }
-            GuestSource::NativeProgram(path) => ("native", GuestSpec::Native, Some(path.clone())),
+            GuestSource::NativeProgram(path) => (
+                "native",
+                GuestSpec::Native,
+                Some(process::HostProgram::Chosen(path.clone())),
+            ),
         };
 
         let (output, captured) = if self.monitor_output {
@@ -302,6 +307,7 @@ impl WorkerBuilder {
             program,
             config: HostConfig {
                 version: PROTOCOL_VERSION,
+                malt_version: crate::protocol::MALT_VERSION.to_string(),
                 name: label.to_string(),
                 guest,
                 memory_limit: self.memory_limit,

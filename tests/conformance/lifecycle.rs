@@ -204,53 +204,63 @@ async fn dropping_the_handle_kills_the_worker(kind: Kind) {
     }
 }
 
-/// No orphans: a manager killed with SIGKILL takes its workers with it.
+/// Env var that turns `killed_manager_child` into the child side of
+/// `no_worker_survives_its_manager`.
+const KILLED_CHILD_ENV: &str = "MALT_TEST_KILLED_MANAGER";
+
+/// No orphans: a manager killed with SIGKILL (no destructor, no exit
+/// handler) takes its workers with it.
 #[tokio::test]
 async fn no_worker_survives_its_manager() {
-    let malt = env!("CARGO_BIN_EXE_malt");
-    let mut manager = tokio::process::Command::new(malt)
-        .args(["eval", "sleep(1000)"])
-        .stdout(std::process::Stdio::null())
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().unwrap();
+    let mut manager = tokio::process::Command::new(exe)
+        .args([
+            "--exact",
+            "lifecycle::killed_manager_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(KILLED_CHILD_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let manager_pid = manager.id().unwrap();
-    // Find the worker host: the manager's child.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let host = loop {
-        if let Some(pid) = children_of(manager_pid).into_iter().next() {
-            break pid;
-        }
-        assert!(Instant::now() < deadline, "the manager started no worker");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(process_alive(host));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(manager_pid as i32, libc::SIGKILL) };
-    let _ = manager.wait().await;
-    assert!(wait_gone(host).await, "worker {host} survived its manager");
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name: state, ppid, ...
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
-            out.push(pid);
+    let mut lines = tokio::io::BufReader::new(manager.stdout.take().unwrap()).lines();
+    let mut pids = Vec::new();
+    while pids.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the child started its workers")
+            .unwrap()
+            .expect("the child printed two worker pids");
+        if let Some(pid) = line.split("worker pid ").nth(1) {
+            pids.push(pid.trim().parse::<u32>().unwrap());
         }
     }
-    out
+    for &pid in &pids {
+        assert!(process_alive(pid));
+    }
+    let _ = manager.start_kill();
+    let _ = manager.wait().await;
+    for pid in pids {
+        assert!(wait_gone(pid).await, "worker {pid} survived its manager");
+    }
+}
+
+/// The child side: starts a wasm and a native worker, then waits to be
+/// killed.
+#[test]
+fn killed_manager_child() {
+    if std::env::var_os(KILLED_CHILD_ENV).is_none() {
+        return;
+    }
+    let wasm = malt::blocking::Worker::script().spawn().unwrap();
+    let native = malt::blocking::Worker::native().spawn().unwrap();
+    println!("worker pid {}", wasm.pid());
+    println!("worker pid {}", native.pid());
+    std::thread::sleep(Duration::from_secs(60));
+    panic!("the parent did not kill this manager");
 }
 
 async fn fuel_limits_a_request(kind: Kind) {

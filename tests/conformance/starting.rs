@@ -98,12 +98,43 @@ async fn a_native_program_that_is_not_a_host() {
     assert!(msg.contains("exited during startup"), "{msg}");
 }
 
+/// A fake host program: answers the handshake with `hello` (already a
+/// frame), then waits.
+fn fake_host(name: &str, hello: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let frame = write_temp(&format!("{name}.frame"), hello);
+    let script = write_temp(
+        name,
+        format!("#!/bin/sh\ncat '{}'\nexec sleep 30\n", frame.display()).as_bytes(),
+    );
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
 #[tokio::test]
-async fn a_host_without_a_native_guest() {
-    // The malt binary hosts wasm guests and the script guest, but serves
-    // no native guest of its own.
-    let msg = spawn_error(Worker::native_program(env!("CARGO_BIN_EXE_malt"))).await;
-    assert!(msg.contains("serves no native guest"), "{msg}");
+async fn a_host_of_another_version_is_refused() {
+    use malt::protocol::{FromHost, PROTOCOL_VERSION, encode};
+    let hello = encode(&FromHost::Hello {
+        version: PROTOCOL_VERSION,
+        malt_version: "0.0.1".into(),
+        kind: "wasm".into(),
+        pid: 1,
+    });
+    let host = fake_host("old-host", &hello);
+    let msg = spawn_error(Worker::script().host_program(&host)).await;
+    // Both versions are named, never a silent mix.
+    assert!(msg.contains("version mismatch"), "{msg}");
+    assert!(msg.contains("malt 0.0.1"), "{msg}");
+    assert!(msg.contains(&format!("malt {}", malt::VERSION)), "{msg}");
+}
+
+#[tokio::test]
+async fn a_host_program_that_speaks_no_protocol() {
+    // Not a malt host at all: the error says what was expected.
+    let host = fake_host("not-a-host", b"hello, world\n");
+    let msg = spawn_error(Worker::script().host_program(&host)).await;
+    assert!(msg.contains("is") && msg.contains("a malt host?"), "{msg}");
+    assert!(msg.contains(malt::VERSION), "{msg}");
 }
 
 #[tokio::test]

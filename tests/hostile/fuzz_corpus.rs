@@ -16,6 +16,7 @@ fn corpus(target: &str) -> PathBuf {
 fn seed_frames() -> Vec<Vec<u8>> {
     let config = HostConfig {
         version: protocol::PROTOCOL_VERSION,
+        malt_version: protocol::MALT_VERSION.into(),
         name: "worker 1".into(),
         guest: GuestSpec::Artifact {
             path: "/tmp/x.cwasm".into(),
@@ -69,7 +70,8 @@ fn seed_frames() -> Vec<Vec<u8>> {
     ];
     let from_host = [
         FromHost::Hello {
-            version: 1,
+            version: protocol::PROTOCOL_VERSION,
+            malt_version: protocol::MALT_VERSION.into(),
             kind: "wasm".into(),
             pid: 42,
         },

@@ -14,12 +14,16 @@ use std::time::{Duration, Instant};
 
 use malt::Worker;
 
-const MALT: &str = env!("CARGO_BIN_EXE_malt");
+/// This test binary: it links malt, so it serves as a worker host when
+/// started with the host argument.
+fn this_program() -> std::path::PathBuf {
+    std::env::current_exe().unwrap()
+}
 
 /// Writes `bytes` straight to a host process's stdin and returns how it
 /// ended: it must exit (not hang, not crash with a signal).
 fn feed_host(bytes: &[u8]) -> (Option<i32>, String) {
-    let mut child = Command::new(MALT)
+    let mut child = Command::new(this_program())
         .arg(malt::host::HOST_ARG)
         .env_clear()
         .stdin(Stdio::piped())
@@ -192,6 +196,7 @@ fn another_protocol_version_is_refused() {
     // Build a real Init with a version from the future.
     let config = malt::protocol::HostConfig {
         version: malt::protocol::PROTOCOL_VERSION + 1,
+        malt_version: "99.0.0".into(),
         name: "future".into(),
         guest: malt::protocol::GuestSpec::NativeScript,
         memory_limit: 1 << 20,
@@ -209,7 +214,13 @@ fn another_protocol_version_is_refused() {
     )));
     let (code, stderr) = feed_host(&init);
     assert_ne!(code, Some(0));
-    assert!(stderr.contains("protocol version"), "{stderr}");
+    // The refusal names both sides' versions.
+    assert!(stderr.contains("version mismatch"), "{stderr}");
+    assert!(stderr.contains("malt 99.0.0"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("malt {}", malt::VERSION)),
+        "{stderr}"
+    );
 }
 
 #[test]

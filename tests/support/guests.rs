@@ -5,8 +5,14 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+/// The workspace root (the tests of `cli/` share these helpers).
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .unwrap_or(&manifest)
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
@@ -27,10 +33,37 @@ fn cargo_build(args: &[&str], what: &str) {
     assert!(status.success(), "building {what} failed");
 }
 
+/// Makes sure the wasm32-wasip2 target is installed, adding it with rustup
+/// if need be: on a fresh machine, `cargo test --workspace` just works.
+fn ensure_wasm_target() {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = std::process::Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let Some(sysroot) = sysroot else { return };
+    if sysroot.join("lib/rustlib/wasm32-wasip2").exists() {
+        return;
+    }
+    eprintln!("the test guests are built for wasm32-wasip2: adding that target with rustup");
+    let status = std::process::Command::new("rustup")
+        .current_dir(root())
+        .args(["target", "add", "wasm32-wasip2"])
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "the wasm32-wasip2 target is missing and rustup could not add it: \
+         run `rustup target add wasm32-wasip2`"
+    );
+}
+
 /// The directory holding the test guests built for wasm32-wasip2.
 fn guest_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        ensure_wasm_target();
         let target = target_dir().join("guest");
         let target_arg = target.to_string_lossy().into_owned();
         cargo_build(
@@ -82,7 +115,10 @@ pub fn test_guest_native() -> PathBuf {
 pub fn native_guest_example() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        cargo_build(&["--example", "native_guest"], "examples/native_guest");
+        cargo_build(
+            &["-p", "malt-rt", "--example", "native_guest"],
+            "examples/native_guest",
+        );
         target_dir().join("debug/examples/native_guest")
     })
     .clone()

@@ -268,7 +268,7 @@ mod component {
     use std::rc::Rc;
 
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "wit",
         world: "worker",
     });
 

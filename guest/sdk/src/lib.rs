@@ -162,7 +162,7 @@ pub mod wasm {
     use std::cell::RefCell;
 
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "wit",
         world: "worker",
         pub_export_macro: true,
         export_macro_name: "export_worker",
@@ -196,7 +196,7 @@ pub mod wasm {
         }
     }
 
-    pub(crate) use malt::worker::host;
+    pub(crate) use self::malt::worker::host;
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -228,7 +228,7 @@ pub mod native {
 
     use std::cell::RefCell;
 
-    use malt::host::{GuestContext, NativeGuest};
+    use malt_host::{GuestContext, NativeGuest};
 
     thread_local! {
         pub(crate) static CONTEXT: RefCell<Option<GuestContext>> = const { RefCell::new(None) };
@@ -249,7 +249,7 @@ pub mod native {
 
     /// Serves the guest if started as a worker host; otherwise explains.
     pub fn serve(make: fn() -> crate::Guest) -> ! {
-        malt::host::main_if_host_with(move |cx| {
+        malt_host::main_if_host_with(move |cx| {
             CONTEXT.with(|c| *c.borrow_mut() = Some(cx));
             Adapter { guest: make() }
         });
@@ -266,7 +266,7 @@ mod imp {
     use super::native::CONTEXT;
     use std::time::Duration;
 
-    fn with<T>(f: impl FnOnce(&malt::host::GuestContext) -> T, outside: T) -> T {
+    fn with<T>(f: impl FnOnce(&malt_host::GuestContext) -> T, outside: T) -> T {
         CONTEXT.with(|c| c.borrow().as_ref().map(f).unwrap_or(outside))
     }
 

@@ -8,7 +8,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::Channels;
-use crate::protocol::Failure;
+use malt_protocol::Failure;
 
 /// Why the running request is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::{GuestError, Shared, Work};
-use crate::protocol::{GuestSpec, HostConfig, Stream};
+use malt_protocol::{GuestSpec, HostConfig, Stream};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -32,14 +32,14 @@ use bindings::WorkerPre as BindingsPre;
 
 /// How a host reports an artifact it cannot load; the manager then
 /// recompiles the component once (a damaged cache heals itself).
-pub(crate) const ARTIFACT_LOAD_FAILED: &str = "cannot load the compiled component";
+pub const ARTIFACT_LOAD_FAILED: &str = "cannot load the compiled component";
 
 /// The engine configuration shared by the compiler (manager side) and
 /// every host: an artifact only loads into an engine configured alike.
 ///
 /// Fuel metering changes the generated code, so a worker with a fuel
 /// limit runs an artifact compiled for it.
-pub(crate) fn engine_config(fuel: bool) -> wasmtime::Config {
+pub fn engine_config(fuel: bool) -> wasmtime::Config {
     let mut config = wasmtime::Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
@@ -247,7 +247,7 @@ impl WasmGuest {
 /// The WASI context every guest gets: nothing but what was granted. No
 /// stdin, no network, no arguments; only the granted environment
 /// variables and directories.
-pub(crate) fn sandbox(config: &HostConfig) -> wasmtime::Result<WasiCtxBuilder> {
+pub fn sandbox(config: &HostConfig) -> wasmtime::Result<WasiCtxBuilder> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.allow_tcp(false)
         .allow_udp(false)

@@ -111,7 +111,7 @@ impl Channels {
                 chan.pump(shared);
                 self.changed.notify_all();
             }
-            Err(e) => shared.reply(id, Err(crate::protocol::Failure::Invalid(e))),
+            Err(e) => shared.reply(id, Err(malt_protocol::Failure::Invalid(e))),
         }
     }
 
@@ -123,7 +123,7 @@ impl Channels {
                 chan.pump(shared);
                 self.changed.notify_all();
             }
-            Err(e) => shared.reply(id, Err(crate::protocol::Failure::Invalid(e))),
+            Err(e) => shared.reply(id, Err(malt_protocol::Failure::Invalid(e))),
         }
     }
 

@@ -14,7 +14,7 @@ use super::{
     Guest, GuestContext, GuestError, GuestMaker, Killer, NativeFactory, NativeGuest, Shared, Work,
     exit,
 };
-use crate::protocol::{FromHost, HostConfig, Stream};
+use malt_protocol::{FromHost, HostConfig, Stream};
 
 struct Native {
     guest: Box<dyn NativeGuest>,
@@ -109,7 +109,7 @@ impl Stdio {
     fn start(shared: Arc<Shared>) -> std::io::Result<Arc<Self>> {
         let mut readers = Vec::new();
         for fd in [1, 2] {
-            let (read, write) = crate::process::pipe()?;
+            let (read, write) = crate::pipe()?;
             // SAFETY: dup2 onto fd 1/2, which this process owns.
             if unsafe { libc::dup2(write.as_raw_fd(), fd) } < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -117,7 +117,7 @@ impl Stdio {
             set_nonblocking(&read)?;
             readers.push(read);
         }
-        let (wake_read, wake_write) = crate::process::pipe()?;
+        let (wake_read, wake_write) = crate::pipe()?;
         set_nonblocking(&wake_read)?;
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()

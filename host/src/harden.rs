@@ -139,7 +139,7 @@ pub(crate) fn apply() -> Result<(), String> {
 /// Restricts the filesystem the process (this thread and the threads it
 /// starts later) can reach to the granted directories. Best effort: on a
 /// kernel without Landlock the other layers remain.
-pub(crate) fn restrict_files(dirs: &[crate::protocol::DirGrant]) -> Result<bool, String> {
+pub(crate) fn restrict_files(dirs: &[malt_protocol::DirGrant]) -> Result<bool, String> {
     use landlock::{
         ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
         RulesetStatus,
@@ -243,7 +243,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("malt-landlock-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("granted.txt"), "ok").unwrap();
-        let grants = vec![crate::protocol::DirGrant {
+        let grants = vec![malt_protocol::DirGrant {
             host: dir.to_string_lossy().into_owned(),
             guest: "/d".into(),
             read_only: true,

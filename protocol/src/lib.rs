@@ -21,7 +21,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; the host refuses a manager that speaks another.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Version of malt that this protocol crate belongs to. A manager and a
+/// host must be the same version exactly: the host refuses another, and the
+/// manager checks the host's answer (never a silent mix).
+pub const MALT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Default cap on one frame, in bytes (both directions).
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
@@ -56,6 +61,8 @@ pub struct DirGrant {
 pub struct HostConfig {
     /// Protocol version the manager speaks.
     pub version: u32,
+    /// malt version of the manager ([`MALT_VERSION`]).
+    pub malt_version: String,
     /// Human name of the worker, used in the host's own diagnostics.
     pub name: String,
     /// The guest to run.
@@ -90,7 +97,7 @@ pub enum GuestSpec {
     /// The script guest, compiled into the host natively (no wasm).
     NativeScript,
     /// The native guest the host program registered (see
-    /// `malt::host::serve_native`).
+    /// `malt::host::main_if_host_with`).
     Native,
 }
 
@@ -192,8 +199,13 @@ pub enum Failure {
 pub enum FromHost {
     /// The host is ready.
     Hello {
+        /// Protocol version the host speaks.
         version: u32,
+        /// malt version of the host ([`MALT_VERSION`]).
+        malt_version: String,
+        /// What serves the guest: `wasm` or `native`.
         kind: String,
+        /// The host's process id.
         pid: u32,
     },
     /// The answer to a request. `None` when no value was asked for

@@ -29,13 +29,19 @@ EXIT CODES:
 /// Malt's call/eval/interrupt model. Everything is denied unless granted:
 /// no files, no environment, no network, no stdin.
 #[derive(Parser)]
-#[command(name = "malt", version, about, long_about, after_help = EXIT_CODES)]
+#[command(name = "malt", version = version(), about, long_about, after_help = EXIT_CODES)]
 struct Cli {
     /// Print results and errors as JSON on stdout (for scripts).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// malt's version and the wasmtime it runs guests with.
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| format!("{} (wasmtime {})", malt::VERSION, malt::WASMTIME_VERSION))
 }
 
 /// Sandbox and limit flags shared by every command that runs a guest.
@@ -106,12 +112,13 @@ enum Command {
         #[command(flatten)]
         sandbox: Sandbox,
     },
-    /// Run a WASI command component (its main) in the sandbox.
+    /// Run a WASI command (a component, or a WASI preview 1 module) in the sandbox.
     #[command(after_help = "EXAMPLES:
   malt run hello.wasm
+  malt run hello-wasip1.wasm     (a core module: wasm32-wasip1, TinyGo, Zig)
   malt run tool.wasm --dir ./data::/data:ro -- --input /data/x.txt")]
     Run {
-        /// The command component.
+        /// The command: a component, or a WASI preview 1 core module.
         guest: PathBuf,
         /// Arguments for the program (after `--`).
         #[arg(last = true)]
@@ -455,6 +462,14 @@ fn inspect(json: bool, guest: &Path) -> anyhow::Result<()> {
     println!("{}", info.path.display());
     println!("  size:          {} bytes", info.size);
     println!("  sha256:        {}", info.sha256);
+    println!(
+        "  format:        {}",
+        if info.core_module {
+            "core module (WASI preview 1)"
+        } else {
+            "component"
+        }
+    );
     println!("  malt guest:    {}", yes(info.is_worker));
     println!("  WASI command:  {}", yes(info.is_command));
     println!(
@@ -528,6 +543,7 @@ fn run_command(
         timeout: sandbox.timeout,
         fuel: sandbox.fuel,
         inherit_stdin: stdin,
+        harden: true,
     };
     Ok(malt::tools::run(guest, &options)?)
 }
@@ -585,8 +601,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    // Started as a worker host: serve the protocol and never return.
-    malt::host::main_if_host();
+    // Started as a worker host, this program never gets here: the malt
+    // library serves the protocol before `main`.
     // Like other Unix tools, end quietly when the reader of our output
     // goes away (`malt inspect x | head`) instead of panicking.
     // SAFETY: restoring the default disposition of SIGPIPE has no

@@ -1,33 +1,47 @@
-//! The worker side: the process that runs a guest and serves the protocol.
+//! The worker side of malt: the process (or thread) that runs a guest and
+//! serves the protocol.
 //!
-//! A host process is the `malt` binary started with [`HOST_ARG`] as its
-//! first argument (or any program that calls [`main_if_host`] first thing
-//! in `main`). It reads frames on stdin and writes frames on stdout. Its
-//! threads:
+//! A host reads frames on one byte stream and writes frames on another
+//! (a host process's stdin and stdout). It does not depend on the manager:
+//! the manager crate (`malt-rt`) starts hosts, and the guest SDK
+//! (`malt-guest`) serves native guests with this crate, without wasmtime
+//! (the `wasm` feature adds the wasmtime backend).
 //!
-//! - the **reader** (the main thread) decodes requests; calls and evals
-//!   go to the guest thread's queue, while interrupts, channel operations
-//!   and stop are served at once, even while the guest is busy;
+//! A host process is any program linking `malt-rt`, re-executed with
+//! [`HOST_ARG`] (the library serves it before `main`), or a native guest
+//! program started with [`NATIVE_HOST_ARG`] that calls
+//! [`main_if_host_with`] first thing in `main`. Its threads:
+//!
+//! - the **reader** decodes requests; calls and evals go to the guest
+//!   thread's queue, while interrupts, channel operations and stop are
+//!   served at once, even while the guest is busy;
 //! - the **guest** thread owns the guest (for wasm: the `Store`) and runs
-//!   one request at a time, in arrival order;
-//! - the **writer** thread owns stdout and writes every outgoing frame
-//!   (replies and guest output), so frames never interleave;
+//!   one request at a time, in arrival order; it writes its own replies;
 //! - the **timer** thread enforces the call timeout and the interrupt
 //!   grace period; when a guest ignores a cooperative interrupt it kills
 //!   the running request (wasm: epoch interruption).
+//!
+//! Frames out are written by whichever thread has one, under a lock, so
+//! frames never interleave and no writer thread adds a hop.
+
+#![deny(missing_docs)]
 
 mod channels;
 mod control;
+#[cfg(feature = "wasm")]
 mod harden;
 mod native;
-pub(crate) mod wasm;
+#[cfg(feature = "wasm")]
+#[doc(hidden)]
+pub mod wasm;
 
 use std::io::{BufReader, Write};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use crate::protocol::{
-    self, Failure, FrameError, FromHost, HostConfig, PROTOCOL_VERSION, ReplyMode, Stream, ToHost,
+use malt_protocol::{
+    self as protocol, Failure, FrameError, FromHost, HostConfig, PROTOCOL_VERSION, ReplyMode,
+    Stream, ToHost,
 };
 
 pub(crate) use channels::Channels;
@@ -36,36 +50,48 @@ pub(crate) use control::Control;
 /// Stack of the thread that runs the guest.
 const GUEST_STACK: usize = 64 << 20;
 
-/// First argument that turns the `malt` binary (or a program calling
-/// [`main_if_host`]) into a worker host.
+/// First argument that makes a program linking `malt-rt` a worker host
+/// (served before `main`; see [`run_process`]).
 pub const HOST_ARG: &str = "__malt-host";
 
-/// Serves as a worker host if this process was started as one.
-///
-/// Call it first thing in `main` of a program that should be able to act
-/// as its own worker host (see `WorkerBuilder::host_program`), before any
-/// async runtime starts. When the first argument is [`HOST_ARG`] this
-/// never returns; otherwise it returns at once.
-pub fn main_if_host() {
-    if is_host() {
-        std::process::exit(run_process(None));
-    }
-}
+/// First argument that makes a native guest program a worker host (see
+/// [`main_if_host_with`]).
+pub const NATIVE_HOST_ARG: &str = "__malt-native-host";
 
-/// Like [`main_if_host`], for a program that also offers a native guest
-/// of its own (`Worker::native_program`): `guest` makes a fresh guest
-/// whenever one is needed (at start, and after a guest panicked).
+/// Serves as a worker host with a native guest of this program, if this
+/// process was started as one (`Worker::native_program`).
+///
+/// Call it first thing in `main`, before any async runtime starts: when
+/// the first argument is [`NATIVE_HOST_ARG`] it never returns; otherwise it
+/// returns at once. `guest` makes a fresh guest whenever one is needed (at
+/// start, and after a guest panicked).
 pub fn main_if_host_with<G: NativeGuest + 'static>(
     guest: impl Fn(GuestContext) -> G + Send + Sync + 'static,
 ) {
-    if is_host() {
+    if first_arg_is(NATIVE_HOST_ARG) {
         let factory: NativeFactory = Arc::new(move |cx| Box::new(guest(cx)));
         std::process::exit(run_process(Some(factory)));
     }
 }
 
-fn is_host() -> bool {
-    std::env::args_os().nth(1).is_some_and(|a| a == HOST_ARG)
+/// Whether this process was started with `arg` as its first argument.
+#[doc(hidden)]
+pub fn first_arg_is(arg: &str) -> bool {
+    process_args().get(1).is_some_and(|a| a == arg)
+}
+
+/// This process's arguments, read from the kernel: before `main` (where
+/// malt's start-up hook runs) std's own list may not be set up yet.
+fn process_args() -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    match std::fs::read("/proc/self/cmdline") {
+        Ok(bytes) => bytes
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
+            .collect(),
+        Err(_) => std::env::args_os().collect(),
+    }
 }
 
 /// Exit codes of a host process.
@@ -114,7 +140,8 @@ pub trait NativeGuest {
 }
 
 /// Makes a native guest.
-pub(crate) type NativeFactory = Arc<dyn Fn(GuestContext) -> Box<dyn NativeGuest> + Send + Sync>;
+#[doc(hidden)]
+pub type NativeFactory = Arc<dyn Fn(GuestContext) -> Box<dyn NativeGuest> + Send + Sync>;
 
 /// What a native guest can ask of its host: the `host` interface of the
 /// `malt:worker` world.
@@ -150,6 +177,7 @@ impl GuestContext {
     }
 }
 
+#[cfg(feature = "script")]
 impl malt_script::Host for GuestContext {
     fn interrupted(&self) -> bool {
         GuestContext::interrupted(self)
@@ -168,10 +196,12 @@ impl malt_script::Host for GuestContext {
     }
 }
 
+#[cfg(feature = "script")]
 /// The script guest (Rhai) as a native guest, for a program that serves
 /// it, perhaps next to functions of its own (see `examples/native_guest.rs`).
 pub struct ScriptGuest(malt_script::Session);
 
+#[cfg(feature = "script")]
 impl ScriptGuest {
     /// A fresh script session whose built-ins reach this worker's host.
     pub fn new(context: GuestContext) -> Self {
@@ -179,6 +209,7 @@ impl ScriptGuest {
     }
 }
 
+#[cfg(feature = "script")]
 impl NativeGuest for ScriptGuest {
     fn call(&mut self, name: &str, args: &[u8]) -> Result<Vec<u8>, String> {
         self.0.call(name, args)
@@ -263,17 +294,20 @@ impl Shared {
 }
 
 /// Where a host runs.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Place {
+pub enum Place {
     /// Its own process (stdin/stdout carry the protocol).
     Process,
     /// Threads of the manager's process (an in-process worker).
     InProcess,
 }
 
-/// Runs a host process on stdin/stdout; returns its exit code.
-fn run_process(native: Option<NativeFactory>) -> i32 {
-    ignore_sigint();
+/// Runs a host process on stdin/stdout and returns its exit code: the
+/// entry point behind [`HOST_ARG`] and [`main_if_host_with`].
+#[doc(hidden)]
+pub fn run_process(native: Option<NativeFactory>) -> i32 {
+    ignore_signals();
     die_with_parent();
     // The protocol gets its own descriptor; fd 1 and 2 become pipes whose
     // contents are forwarded as output frames, so nothing a guest (or a
@@ -310,7 +344,8 @@ fn take_stdout() -> std::io::Result<std::fs::File> {
 
 /// Serves one worker on a byte stream until the stream ends or the
 /// manager says stop; returns the exit code.
-pub(crate) fn serve(
+#[doc(hidden)]
+pub fn serve(
     input: impl std::io::Read,
     output: impl Write + Send + 'static,
     place: Place,
@@ -331,71 +366,9 @@ pub(crate) fn serve(
         max_frame: config.max_frame,
     });
 
-    let (kind, guest, kill): (&str, GuestMaker, Killer) = match (&config.guest, place) {
-        (protocol::GuestSpec::Artifact { .. }, _) => {
-            // A wasm host runs untrusted code: lock the process first (its
-            // own process only; an in-process worker shares the manager's).
-            if place == Place::Process
-                && let Err(e) = harden::apply()
-            {
-                return fatal(
-                    &mut output,
-                    &format!("cannot harden the host: {e}"),
-                    exit::START_FAILED,
-                );
-            }
-            match wasm::WasmGuest::load(&config, shared.clone()) {
-                Ok(g) => {
-                    // Loaded: from now on the process needs no file but
-                    // those beneath the guest's grants.
-                    if place == Place::Process
-                        && let Err(e) = harden::restrict_files(&config.dirs)
-                    {
-                        return fatal(
-                            &mut output,
-                            &format!("cannot harden the host: {e}"),
-                            exit::START_FAILED,
-                        );
-                    }
-                    let kill = g.killer();
-                    (
-                        "wasm",
-                        Box::new(move || Box::new(g) as Box<dyn Guest>),
-                        kill,
-                    )
-                }
-                Err(e) => return fatal(&mut output, &format!("{e:#}"), exit::START_FAILED),
-            }
-        }
-        (protocol::GuestSpec::NativeScript, Place::Process) => {
-            let factory: NativeFactory =
-                Arc::new(|cx: GuestContext| Box::new(ScriptGuest::new(cx)) as Box<dyn NativeGuest>);
-            match native::prepare(&config, &shared, factory) {
-                Ok(prepared) => prepared,
-                Err(e) => return fatal(&mut output, &e, exit::START_FAILED),
-            }
-        }
-        (protocol::GuestSpec::Native, Place::Process) => match native {
-            Some(factory) => match native::prepare(&config, &shared, factory) {
-                Ok(prepared) => prepared,
-                Err(e) => return fatal(&mut output, &e, exit::START_FAILED),
-            },
-            None => {
-                return fatal(
-                    &mut output,
-                    "this program serves no native guest (it calls malt::host::main_if_host, \
-                     not main_if_host_with)",
-                    exit::START_FAILED,
-                );
-            }
-        },
-        (_, Place::InProcess) => {
-            return fatal(
-                &mut output,
-                "an in-process worker runs wasm guests only",
-                exit::START_FAILED,
-            );
-        }
+    let (kind, guest, kill) = match prepare(&config, &shared, place, native) {
+        Ok(prepared) => prepared,
+        Err(message) => return fatal(&mut output, &message, exit::START_FAILED),
     };
     *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
     let (work_tx, work_rx) = std::sync::mpsc::channel();
@@ -430,6 +403,7 @@ pub(crate) fn serve(
 
     shared.send(&FromHost::Hello {
         version: PROTOCOL_VERSION,
+        malt_version: protocol::MALT_VERSION.to_string(),
         kind: kind.into(),
         pid: std::process::id(),
     });
@@ -451,12 +425,110 @@ pub(crate) fn serve(
 }
 
 type GuestMaker = Box<dyn FnOnce() -> Box<dyn Guest> + Send>;
+
+/// Makes the guest a configuration asks for: its kind, a maker for the
+/// guest thread, and how to kill a request.
+fn prepare(
+    config: &HostConfig,
+    shared: &Arc<Shared>,
+    place: Place,
+    native: Option<NativeFactory>,
+) -> Result<(&'static str, GuestMaker, Killer), String> {
+    match (&config.guest, place) {
+        (protocol::GuestSpec::Artifact { .. }, _) => prepare_wasm(config, shared, place),
+        (protocol::GuestSpec::NativeScript, Place::Process) => {
+            #[cfg(feature = "script")]
+            {
+                let factory: NativeFactory = Arc::new(|cx: GuestContext| {
+                    Box::new(ScriptGuest::new(cx)) as Box<dyn NativeGuest>
+                });
+                native::prepare(config, shared, factory)
+            }
+            #[cfg(not(feature = "script"))]
+            {
+                let _ = native;
+                Err("this host was built without the native script guest \
+                     (malt-host's `script` feature)"
+                    .into())
+            }
+        }
+        (protocol::GuestSpec::Native, Place::Process) => match native {
+            Some(factory) => native::prepare(config, shared, factory),
+            None => Err(
+                "this program serves no native guest of its own (start a native \
+                 guest program, one that calls malt::host::main_if_host_with)"
+                    .into(),
+            ),
+        },
+        (_, Place::InProcess) => Err("an in-process worker runs wasm guests only".into()),
+    }
+}
+
+#[cfg(feature = "wasm")]
+fn prepare_wasm(
+    config: &HostConfig,
+    shared: &Arc<Shared>,
+    place: Place,
+) -> Result<(&'static str, GuestMaker, Killer), String> {
+    // A wasm host runs untrusted code: lock the process first (its own
+    // process only; an in-process worker shares the manager's).
+    if place == Place::Process {
+        harden::apply().map_err(|e| format!("cannot harden the host: {e}"))?;
+    }
+    let guest = wasm::WasmGuest::load(config, shared.clone()).map_err(|e| format!("{e:#}"))?;
+    // Loaded: from now on the process needs no file but those beneath the
+    // guest's grants.
+    if place == Place::Process {
+        harden::restrict_files(&config.dirs).map_err(|e| format!("cannot harden the host: {e}"))?;
+    }
+    let kill = guest.killer();
+    Ok((
+        "wasm",
+        Box::new(move || Box::new(guest) as Box<dyn Guest>),
+        kill,
+    ))
+}
+
+#[cfg(not(feature = "wasm"))]
+fn prepare_wasm(
+    _: &HostConfig,
+    _: &Arc<Shared>,
+    _: Place,
+) -> Result<(&'static str, GuestMaker, Killer), String> {
+    Err("this host was built without wasm support (malt-host's `wasm` feature)".into())
+}
+
+/// Locks this process the way a wasm host process locks itself before
+/// guest code runs: no_new_privs, rlimits, a seccomp filter (no exec, no
+/// new processes, no sockets) and, where the kernel has Landlock, no file
+/// but those beneath `dirs`. For a process that does nothing afterwards but
+/// run a guest (`malt run`); irreversible.
+#[cfg(feature = "wasm")]
+#[doc(hidden)]
+pub fn harden_process(dirs: &[malt_protocol::DirGrant]) -> Result<(), String> {
+    harden::apply()?;
+    harden::restrict_files(dirs).map(|_| ())
+}
+
+/// A pipe whose two ends close on exec: (read end, write end).
+#[doc(hidden)]
+pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors, which we then own.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
 pub(crate) type Killer = Box<dyn Fn(u64, control::Reason) + Send + Sync>;
 
 /// Asks for SIGKILL when the manager dies, then checks that it has not
 /// died already (the manager passes its pid as the second argument).
 fn die_with_parent() {
-    let expected: Option<i32> = std::env::args().nth(2).and_then(|p| p.parse().ok());
+    let expected: Option<i32> = process_args().get(2).and_then(|p| p.to_str()?.parse().ok());
     // SAFETY: prctl and getppid have no memory-safety preconditions.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -466,7 +538,13 @@ fn die_with_parent() {
     }
 }
 
-fn ignore_sigint() {
+fn ignore_signals() {
+    // A write to a manager that is gone must fail (and end the host
+    // cleanly), not kill it; before `main`, std has not set this up yet.
+    // SAFETY: as below.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     // The manager decides what an interrupt means. A Ctrl-C in the
     // manager's terminal reaches the whole process group, and must not
     // kill its workers.
@@ -480,10 +558,18 @@ fn read_init(input: &mut impl std::io::Read) -> Result<HostConfig, String> {
     // The Init frame is small; cap it before the configured cap is known.
     let body = protocol::read_frame(input, 1 << 20).map_err(|e| format!("reading init: {e}"))?;
     match protocol::decode::<ToHost>(&body) {
-        Ok(ToHost::Init(config)) if config.version == PROTOCOL_VERSION => Ok(*config),
+        Ok(ToHost::Init(config))
+            if config.version == PROTOCOL_VERSION
+                && config.malt_version == protocol::MALT_VERSION =>
+        {
+            Ok(*config)
+        }
         Ok(ToHost::Init(config)) => Err(format!(
-            "the manager speaks protocol version {}, this host speaks {PROTOCOL_VERSION}",
-            config.version
+            "version mismatch: the manager is malt {} (protocol {}), this host is malt {} \
+             (protocol {PROTOCOL_VERSION}); use a host of the manager's version",
+            config.malt_version,
+            config.version,
+            protocol::MALT_VERSION
         )),
         Ok(other) => Err(format!("expected Init as the first frame, got {other:?}")),
         Err(e) => Err(e.to_string()),
