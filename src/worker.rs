@@ -903,7 +903,10 @@ impl Worker {
         Ok(WorkerChannel::new(self.inner.clone(), name))
     }
 
-    /// Interrupts the request the worker is running, if any.
+    /// Interrupts the request the worker is running; if it is between
+    /// requests, the next one to begin, if it was sent before this call
+    /// (so `let p = w.remote_eval(..); w.interrupt()` interrupts `p` even
+    /// if it has not started yet). A request sent later is never hit.
     ///
     /// The request fails with [`Error::Interrupted`]. A guest that stops by
     /// itself within the grace period keeps its state (`state_lost:
@@ -911,7 +914,8 @@ impl Worker {
     /// (`state_lost: true`). Either way the worker keeps running, and
     /// queued requests run afterwards.
     pub async fn interrupt(&self) -> Result<()> {
-        self.inner.send(&ToHost::Interrupt)
+        let up_to = self.inner.next_id.load(Ordering::Relaxed) - 1;
+        self.inner.send(&ToHost::Interrupt { up_to })
     }
 
     /// Whether the worker process is running.

@@ -1,7 +1,10 @@
 //! Interrupts, timeouts and kills of the request now running.
 //!
 //! Flags belong to one request id: [`Control::begin`] resets them, so an
-//! interrupt aimed at one request can never hit the next.
+//! interrupt aimed at one request can never hit the next. An interrupt
+//! that arrives between requests is kept for the next request to begin,
+//! and applies to it only if the manager sent that request before the
+//! interrupt (its id is at most the interrupt's `up_to`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -43,6 +46,9 @@ struct Timer {
     kill_at: Option<Instant>,
     give_up_at: Option<Instant>,
     shut_down: bool,
+    /// An interrupt that arrived while no request ran: applies to the
+    /// next request to begin if its id is at most this.
+    pending_up_to: Option<u64>,
 }
 
 pub(crate) struct Control {
@@ -87,11 +93,12 @@ impl Control {
 
     /// A request starts running; false if the host is shutting down and
     /// it must not.
-    pub fn begin(&self, id: u64) -> bool {
+    pub fn begin(&self, id: u64, channels: &Channels) -> bool {
         let mut t = self.lock();
         if t.shut_down {
             return false;
         }
+        let pending = t.pending_up_to;
         *t = Timer {
             id,
             timeout_at: self.timeout.map(|d| Instant::now() + d),
@@ -100,6 +107,11 @@ impl Control {
         };
         self.interrupted.store(false, Ordering::Release);
         self.killed.store(false, Ordering::Release);
+        if pending.is_some_and(|up_to| id <= up_to) {
+            // Sent before an interrupt that arrived while it was queued.
+            self.start_stopping(&mut t, Reason::Interrupt, channels);
+            return true;
+        }
         // Only a deadline needs the timer; waking it for every request
         // would cost a context switch on the hot path.
         if t.timeout_at.is_some() {
@@ -125,10 +137,17 @@ impl Control {
         ended
     }
 
-    /// The manager asked to interrupt whatever runs now.
-    pub fn interrupt(&self, channels: &Channels) {
+    /// The manager asked to interrupt whatever runs now; `up_to` is the
+    /// last request id it had sent.
+    pub fn interrupt(&self, up_to: u64, channels: &Channels) {
         let mut t = self.lock();
-        if t.id == 0 || t.reason.is_some() {
+        if t.id == 0 {
+            // Between requests: the one sent before this interrupt may not
+            // have begun yet.
+            t.pending_up_to = Some(up_to);
+            return;
+        }
+        if t.reason.is_some() || t.id > up_to {
             return;
         }
         self.start_stopping(&mut t, Reason::Interrupt, channels);
@@ -206,5 +225,150 @@ impl Control {
                 None => self.wake_timer.wait(t).unwrap_or_else(|e| e.into_inner()),
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::mpsc;
+
+    const LONG: Duration = Duration::from_secs(600);
+
+    fn control(grace: Duration, timeout: Option<Duration>) -> (Arc<Control>, Arc<Channels>) {
+        (
+            Arc::new(Control::new(grace, timeout)),
+            Arc::new(Channels::default()),
+        )
+    }
+
+    /// Runs the timer loop on a thread; kills are reported on the channel.
+    fn run_timer(
+        c: &Arc<Control>,
+        ch: &Arc<Channels>,
+    ) -> (mpsc::Receiver<(u64, Reason)>, std::thread::JoinHandle<bool>) {
+        let (tx, rx) = mpsc::channel();
+        let (c, ch) = (c.clone(), ch.clone());
+        let tx = Mutex::new(tx);
+        let timer = std::thread::spawn(move || {
+            c.timer_loop(&ch, &move |id, reason| {
+                let _ = tx.lock().unwrap().send((id, reason));
+            })
+        });
+        (rx, timer)
+    }
+
+    #[test]
+    fn cooperative_stop_within_the_grace_period_keeps_state() {
+        let (c, ch) = control(LONG, None);
+        assert!(c.begin(1, &ch));
+        assert!(!c.interrupted());
+        c.interrupt(1, &ch);
+        assert!(c.interrupted());
+        assert!(!c.killed());
+        let ended = c.end();
+        assert_eq!(ended.interrupted, Some(Reason::Interrupt));
+        assert!(!ended.killed);
+        // The flags belong to that request only.
+        assert!(!c.interrupted());
+        assert!(c.begin(2, &ch));
+        assert!(!c.interrupted());
+    }
+
+    #[test]
+    fn a_guest_that_ignores_the_interrupt_is_killed_after_the_grace_period() {
+        let (c, ch) = control(Duration::from_millis(20), None);
+        let (kills, timer) = run_timer(&c, &ch);
+        assert!(c.begin(7, &ch));
+        c.interrupt(7, &ch);
+        assert_eq!(
+            kills.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (7, Reason::Interrupt)
+        );
+        assert!(c.killed());
+        let ended = c.end();
+        assert_eq!(ended.interrupted, Some(Reason::Interrupt));
+        assert!(ended.killed);
+        c.shut_down(&ch, &|_, _| {});
+        assert!(!timer.join().unwrap(), "the timer ends on shut down");
+    }
+
+    #[test]
+    fn a_double_interrupt_is_one_interrupt() {
+        let (c, ch) = control(Duration::from_millis(20), None);
+        let (kills, timer) = run_timer(&c, &ch);
+        assert!(c.begin(1, &ch));
+        c.interrupt(1, &ch);
+        c.interrupt(1, &ch);
+        assert_eq!(
+            kills.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (1, Reason::Interrupt)
+        );
+        // One kill only.
+        assert!(kills.recv_timeout(Duration::from_millis(200)).is_err());
+        c.end();
+        c.shut_down(&ch, &|_, _| {});
+        timer.join().unwrap();
+    }
+
+    #[test]
+    fn an_interrupt_between_requests_applies_to_one_sent_before_it() {
+        let (c, ch) = control(LONG, None);
+        // Requests 4 and 5 are queued when the interrupt arrives.
+        c.interrupt(5, &ch);
+        assert!(c.begin(4, &ch));
+        assert!(
+            c.interrupted(),
+            "the queued request sent before is interrupted"
+        );
+        assert_eq!(c.end().interrupted, Some(Reason::Interrupt));
+        // Once: the next queued request runs normally.
+        assert!(c.begin(5, &ch));
+        assert!(!c.interrupted());
+        assert_eq!(c.end().interrupted, None);
+    }
+
+    #[test]
+    fn an_interrupt_never_hits_a_request_sent_after_it() {
+        let (c, ch) = control(LONG, None);
+        c.interrupt(2, &ch);
+        assert!(c.begin(3, &ch));
+        assert!(!c.interrupted());
+        assert_eq!(c.end().interrupted, None);
+        // While running, too.
+        assert!(c.begin(9, &ch));
+        c.interrupt(8, &ch);
+        assert!(!c.interrupted());
+        assert_eq!(c.end().interrupted, None);
+    }
+
+    #[test]
+    fn a_timeout_stops_the_request_then_kills_it() {
+        let (c, ch) = control(Duration::from_millis(10), Some(Duration::from_millis(20)));
+        let (kills, timer) = run_timer(&c, &ch);
+        assert!(c.begin(3, &ch));
+        assert_eq!(
+            kills.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (3, Reason::Timeout)
+        );
+        let ended = c.end();
+        assert_eq!(ended.interrupted, Some(Reason::Timeout));
+        assert!(ended.killed);
+        c.shut_down(&ch, &|_, _| {});
+        timer.join().unwrap();
+    }
+
+    #[test]
+    fn shutting_down_kills_the_running_request_and_refuses_more() {
+        let (c, ch) = control(LONG, None);
+        assert!(c.begin(1, &ch));
+        let killed = Mutex::new(Vec::new());
+        c.shut_down(&ch, &|id, reason| killed.lock().unwrap().push((id, reason)));
+        assert_eq!(*killed.lock().unwrap(), vec![(1, Reason::Interrupt)]);
+        assert!(c.killed());
+        let ended = c.end();
+        assert!(ended.shut_down);
+        assert!(!c.begin(2, &ch));
     }
 }

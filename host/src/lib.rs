@@ -626,7 +626,7 @@ fn read_loop(
             ToHost::Eval { id, code, reply } => {
                 let _ = work.send((id, Work::Eval { code }, reply));
             }
-            ToHost::Interrupt => shared.control.interrupt(&shared.channels),
+            ToHost::Interrupt { up_to } => shared.control.interrupt(up_to, &shared.channels),
             ToHost::ChannelOpen { id, name, capacity } => {
                 let result = shared.channels.open(&name, capacity as usize);
                 shared.reply(id, result.map(|()| None).map_err(Failure::Invalid));
@@ -651,7 +651,7 @@ fn read_loop(
 /// Runs requests one at a time, in arrival order.
 fn guest_loop(mut guest: Box<dyn Guest>, work: Receiver<(u64, Work, ReplyMode)>, shared: &Shared) {
     while let Ok((id, work, mode)) = work.recv() {
-        if !shared.control.begin(id) {
+        if !shared.control.begin(id, &shared.channels) {
             return;
         }
         shared

@@ -120,8 +120,12 @@ pub enum ToHost {
         code: String,
         reply: ReplyMode,
     },
-    /// Interrupt the request now running (if any).
-    Interrupt,
+    /// Interrupt the request now running; if none is, the next one to
+    /// begin, provided the manager sent it before this interrupt.
+    Interrupt {
+        /// The last request id the manager had used when it interrupted.
+        up_to: u64,
+    },
     /// Create a worker channel unless it exists; replies with no value.
     ChannelOpen {
         id: u64,

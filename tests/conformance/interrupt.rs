@@ -13,6 +13,7 @@ conformance!(
     interrupt_a_blocked_channel_take,
     two_interrupts_in_a_row,
     interrupt_an_idle_worker_is_harmless,
+    interrupt_right_after_sending,
     queued_requests_run_after_an_interrupt,
     call_timeout_stops_a_runaway_call,
 );
@@ -99,6 +100,25 @@ async fn interrupt_an_idle_worker_is_harmless(kind: Kind) {
         w.remote_eval_fetch::<i64>("sleep(0.01); 5").await.unwrap(),
         5
     );
+    w.stop().await.unwrap();
+}
+
+/// The README's example: no waiting for the request to begin. The
+/// interrupt reaches it even if it arrives while the request is queued.
+async fn interrupt_right_after_sending(kind: Kind) {
+    let w = kind.spawn().await;
+    w.remote_eval_wait("let kept = 42;").await.unwrap();
+    for _ in 0..5 {
+        let running = w.remote_eval::<()>("loop { kept += 0; }");
+        w.interrupt().await.unwrap();
+        let err = finishes("the interrupted loop", running).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Interrupted { state_lost: false }),
+            "{err:?}"
+        );
+    }
+    // And a request sent after the interrupt is not hit.
+    assert_eq!(w.remote_eval_fetch::<i64>("kept").await.unwrap(), 42);
     w.stop().await.unwrap();
 }
 

@@ -47,7 +47,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
             code: "1 + 1".into(),
             reply: ReplyMode::Ack,
         },
-        ToHost::Interrupt,
+        ToHost::Interrupt { up_to: 3 },
         ToHost::ChannelOpen {
             id: 3,
             name: "c".into(),
