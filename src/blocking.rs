@@ -186,6 +186,32 @@ impl Worker {
         self.inner.pid()
     }
 
+    /// See [`crate::Worker::number`].
+    pub fn number(&self) -> u64 {
+        self.inner.number()
+    }
+
+    /// See [`crate::Worker::kind`].
+    pub fn kind(&self) -> crate::WorkerKind {
+        self.inner.kind()
+    }
+
+    /// Waits until the worker process has exited; see [`crate::Worker::wait`].
+    pub fn wait(&self) -> Option<std::process::ExitStatus> {
+        block_on(self.inner.wait())
+    }
+
+    /// See [`crate::Worker::take_output`]; read it with
+    /// [`WorkerOutput::blocking_recv`](crate::WorkerOutput::blocking_recv).
+    pub fn take_output(&self) -> Option<crate::WorkerOutput> {
+        self.inner.take_output()
+    }
+
+    /// See [`crate::Worker::host_stderr`].
+    pub fn host_stderr(&self) -> String {
+        self.inner.host_stderr()
+    }
+
     /// Sends a call; the handle fetches its value.
     pub fn remote_call<R: DeserializeOwned>(
         &self,
@@ -256,5 +282,48 @@ impl Worker {
     /// Kills the worker at once.
     pub fn kill(&self) {
         self.inner.kill()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The public methods of `impl Worker { … }` blocks in `source`.
+    fn worker_methods(source: &str) -> BTreeSet<String> {
+        let mut methods = BTreeSet::new();
+        let mut inside = false;
+        for line in source.lines() {
+            if line.starts_with("impl Worker {") {
+                inside = true;
+            } else if inside && line.starts_with('}') {
+                inside = false;
+            } else if inside {
+                let line = line.trim_start();
+                let rest = line
+                    .strip_prefix("pub async fn ")
+                    .or_else(|| line.strip_prefix("pub fn "));
+                if let Some(rest) = rest {
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    methods.insert(name);
+                }
+            }
+        }
+        methods
+    }
+
+    #[test]
+    fn the_blocking_worker_has_every_method_of_the_async_one() {
+        let async_api = worker_methods(include_str!("worker/mod.rs"));
+        let blocking_api = worker_methods(include_str!("blocking.rs"));
+        assert!(async_api.len() > 20, "found {async_api:?}");
+        let missing: Vec<_> = async_api.difference(&blocking_api).collect();
+        assert!(missing.is_empty(), "blocking::Worker lacks {missing:?}");
+        // And nothing of its own but the way back to the async worker.
+        let extra: Vec<_> = blocking_api.difference(&async_api).collect();
+        assert_eq!(extra, ["as_async"]);
     }
 }

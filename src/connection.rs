@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::output::OutputSink;
 use crate::process::{self, HostProgram};
 use crate::protocol::{
-    self, FromHost, GuestSpec, HostConfig, MALT_VERSION, PROTOCOL_VERSION, ToHost,
+    self, FatalKind, FromHost, GuestSpec, HostConfig, MALT_VERSION, PROTOCOL_VERSION, ToHost,
 };
 
 /// Bytes of a host's own stderr kept for error messages.
@@ -46,15 +46,33 @@ pub(crate) struct Connection {
     pub exited: oneshot::Receiver<ExitStatus>,
 }
 
+/// What kind of start failure, for the manager to act on (it never
+/// matches an error's text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartFailure {
+    /// The host could not be run, or exited before its hello.
+    Exited,
+    /// The host gave up and said why.
+    Fatal(FatalKind),
+    /// The host is another malt version.
+    Version,
+    /// The host's answer is not malt's protocol.
+    Protocol,
+    /// This process could not set the worker up (pipes, threads).
+    Local,
+}
+
 /// Why a host could not be started.
 pub(crate) struct StartError {
+    pub failure: StartFailure,
     pub message: String,
     pub stderr: String,
 }
 
 impl StartError {
-    fn new(message: impl Into<String>) -> Self {
+    fn new(failure: StartFailure, message: impl Into<String>) -> Self {
         StartError {
+            failure,
             message: message.into(),
             stderr: String::new(),
         }
@@ -71,12 +89,18 @@ async fn handshake(
     writer: &mut (impl AsyncWrite + Unpin),
     reader: &mut (impl AsyncRead + Unpin),
     config: &HostConfig,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
+    let exited = |e: std::io::Error| {
+        StartError::new(
+            StartFailure::Exited,
+            format!("the host process exited during startup ({e})"),
+        )
+    };
     writer
         .write_all(&protocol::encode(&ToHost::Init(Box::new(config.clone()))))
         .await
-        .map_err(|e| format!("the host process exited during startup ({e})"))?;
-    writer.flush().await.map_err(|e| e.to_string())?;
+        .map_err(exited)?;
+    writer.flush().await.map_err(exited)?;
     match read_message(reader, 1 << 20).await {
         Ok(Some(FromHost::Hello {
             version,
@@ -87,11 +111,22 @@ async fn handshake(
             version,
             malt_version,
             ..
-        })) => Err(version_mismatch(&malt_version, version)),
-        Ok(Some(FromHost::Fatal { message })) => Err(message),
-        Ok(Some(other)) => Err(format!("unexpected first message {other:?}")),
-        Ok(None) => Err("the host process exited during startup".to_string()),
-        Err(e) => Err(e),
+        })) => Err(StartError::new(
+            StartFailure::Version,
+            version_mismatch(&malt_version, version),
+        )),
+        Ok(Some(FromHost::Fatal { kind, message })) => {
+            Err(StartError::new(StartFailure::Fatal(kind), message))
+        }
+        Ok(Some(other)) => Err(StartError::new(
+            StartFailure::Protocol,
+            format!("unexpected first message {other:?}"),
+        )),
+        Ok(None) => Err(StartError::new(
+            StartFailure::Exited,
+            "the host process exited during startup",
+        )),
+        Err(e) => Err(StartError::new(StartFailure::Protocol, e)),
     }
 }
 
@@ -124,7 +159,12 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
     let path = program.path();
     let mut child = process::spawn_host(path, &[arg.into(), parent.into()])
         .await
-        .map_err(|e| StartError::new(format!("cannot run {}: {e}", path.display())))?;
+        .map_err(|e| {
+            StartError::new(
+                StartFailure::Exited,
+                format!("cannot run {}: {e}", path.display()),
+            )
+        })?;
     let pid = child.id().unwrap_or(0);
     let mut stdin = child.stdin.take().expect("piped stdin");
     let mut stdout = BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
@@ -137,30 +177,32 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
         launch.output.clone(),
         started.clone(),
     ));
-    if let Err(message) = handshake(&mut stdin, &mut stdout, &launch.config).await {
+    if let Err(mut error) = handshake(&mut stdin, &mut stdout, &launch.config).await {
         let _ = child.start_kill();
         let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
-        let mut message = message;
-        if matches!(program, HostProgram::Chosen(_)) && !message.starts_with("version mismatch") {
-            message = format!(
-                "{message} (is {} a malt host? this manager is malt {MALT_VERSION}, protocol \
+        let not_a_host = matches!(error.failure, StartFailure::Exited | StartFailure::Protocol)
+            || error.failure == StartFailure::Fatal(FatalKind::Handshake);
+        if matches!(program, HostProgram::Chosen(_)) && not_a_host {
+            error.message = format!(
+                "{} (is {} a malt host? this manager is malt {MALT_VERSION}, protocol \
                  {PROTOCOL_VERSION})",
+                error.message,
                 path.display()
             );
         }
         if let Ok(Ok(status)) = status
             && !status.success()
-            && message.contains("exited")
+            && error.failure == StartFailure::Exited
         {
-            message = format!("{message} ({status})");
+            error.message = format!("{} ({status})", error.message);
         }
-        let stderr = launch
+        error.stderr = launch
             .stderr_tail
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        return Err(StartError { message, stderr });
+        return Err(error);
     }
     started.store(true, Ordering::Release);
     let (frames, frames_rx) = mpsc::unbounded_channel();
@@ -180,7 +222,9 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
 /// An in-process worker: the host runs on threads of this process and
 /// speaks the same protocol over a pair of pipes.
 async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
-    let io = |e: std::io::Error| StartError::new(format!("cannot create pipes: {e}"));
+    let io = |e: std::io::Error| {
+        StartError::new(StartFailure::Local, format!("cannot create pipes: {e}"))
+    };
     let (to_host_r, to_host_w) = malt_host::pipe().map_err(io)?;
     let (from_host_r, from_host_w) = malt_host::pipe().map_err(io)?;
     let (exit_tx, exited) = oneshot::channel();
@@ -195,13 +239,16 @@ async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
             );
             let _ = exit_tx.send(status_from_code(code));
         })
-        .map_err(|e| StartError::new(format!("cannot start the host thread: {e}")))?;
+        .map_err(|e| {
+            StartError::new(
+                StartFailure::Local,
+                format!("cannot start the host thread: {e}"),
+            )
+        })?;
     let mut writer = tokio::net::unix::pipe::Sender::from_owned_fd(to_host_w).map_err(io)?;
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(from_host_r).map_err(io)?;
     let mut reader = BufReader::with_capacity(64 << 10, reader);
-    handshake(&mut writer, &mut reader, &launch.config)
-        .await
-        .map_err(StartError::new)?;
+    handshake(&mut writer, &mut reader, &launch.config).await?;
     let (frames, frames_rx) = mpsc::unbounded_channel();
     let (close_tx, close_rx) = oneshot::channel();
     tokio::spawn(write_frames(writer, frames_rx, Some(close_rx)));

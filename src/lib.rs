@@ -166,6 +166,7 @@ pub use protocol::DirGrant;
 pub use worker::{
     CallHandle, DEFAULT_INTERRUPT_GRACE, DEFAULT_MAX_PENDING, DEFAULT_MEMORY_LIMIT,
     DEFAULT_OUTPUT_LIMIT, DEFAULT_SPAWN_TIMEOUT, MAX_CHANNEL_CAPACITY, Worker, WorkerBuilder,
+    WorkerKind,
 };
 
 /// The README's Rust examples, compiled and run as doc tests so that they

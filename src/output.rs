@@ -33,6 +33,13 @@ impl WorkerOutput {
         self.rx.recv().await
     }
 
+    /// The next chunk, waiting without an async runtime (for programs on
+    /// [`crate::blocking`]); `None` once the worker has exited and all its
+    /// output was read. Do not call it from async code.
+    pub fn blocking_recv(&mut self) -> Option<OutputChunk> {
+        self.rx.blocking_recv()
+    }
+
     /// The next chunk if one is ready.
     pub fn try_recv(&mut self) -> Option<OutputChunk> {
         self.rx.try_recv().ok()

@@ -11,6 +11,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{Control, Shared};
+use malt_protocol::MAX_CHANNEL_CAPACITY;
 
 /// Capacity of a channel the guest uses before the manager opened it.
 pub const DEFAULT_CAPACITY: usize = 32;
@@ -93,8 +94,11 @@ impl Channels {
 
     /// Creates a channel unless it exists (an existing one keeps its capacity).
     pub fn open(&self, name: &str, capacity: usize) -> Result<(), String> {
-        if capacity == 0 {
-            return Err("a worker channel needs a capacity of at least 1".into());
+        if capacity == 0 || capacity > MAX_CHANNEL_CAPACITY {
+            return Err(format!(
+                "a worker channel needs a capacity between 1 and {MAX_CHANNEL_CAPACITY}, \
+                 got {capacity}"
+            ));
         }
         entry(&mut self.lock(), name, capacity).map(|_| ())
     }
@@ -182,5 +186,107 @@ impl Channels {
                 None => self.changed.wait(map).unwrap_or_else(|e| e.into_inner()),
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use malt_protocol::{FromHost, read_frame};
+
+    /// A host's shared state whose outgoing frames land in a buffer.
+    fn shared() -> (Arc<Shared>, Arc<Mutex<Vec<u8>>>) {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        (Shared::for_tests(out.clone()), out)
+    }
+
+    /// The replies sent so far: (id, value).
+    fn replies(out: &Mutex<Vec<u8>>) -> Vec<(u64, Option<Vec<u8>>)> {
+        let bytes = out.lock().unwrap().clone();
+        let mut input = &bytes[..];
+        let mut replies = Vec::new();
+        while let Ok(body) = read_frame(&mut input, 1 << 20) {
+            if let Ok(FromHost::Reply { id, result }) = malt_protocol::decode(&body) {
+                replies.push((id, result.unwrap().map(|b| b.into_vec())));
+            }
+        }
+        replies
+    }
+
+    #[test]
+    fn capacity_is_checked_both_ways() {
+        let ch = Channels::default();
+        assert!(ch.open("a", 0).is_err());
+        assert!(ch.open("a", MAX_CHANNEL_CAPACITY + 1).is_err());
+        assert!(ch.open("a", MAX_CHANNEL_CAPACITY).is_ok());
+        // Reopening keeps the first capacity.
+        assert!(ch.open("a", 1).is_ok());
+    }
+
+    #[test]
+    fn a_guest_put_waits_while_the_channel_is_full() {
+        let (s, out) = shared();
+        s.channels.open("c", 1).unwrap();
+        s.channels.guest_put(&s, "c", vec![1]).unwrap();
+        let s2 = s.clone();
+        let putter = std::thread::spawn(move || s2.channels.guest_put(&s2, "c", vec![2]));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!putter.is_finished(), "the second put waits for room");
+        // A take by the manager makes room; the waiting put completes.
+        s.channels.manager_take(&s, 10, "c");
+        putter.join().unwrap().unwrap();
+        assert_eq!(replies(&out), vec![(10, Some(vec![1]))]);
+        assert_eq!(s.channels.guest_take(&s, "c").unwrap(), vec![2]);
+        assert!(!s.channels.is_ready("c"));
+    }
+
+    #[test]
+    fn manager_takes_wait_in_order_for_guest_puts() {
+        let (s, out) = shared();
+        s.channels.manager_take(&s, 1, "q");
+        s.channels.manager_take(&s, 2, "q");
+        assert!(replies(&out).is_empty(), "nothing to take yet");
+        s.channels.guest_put(&s, "q", vec![7]).unwrap();
+        s.channels.guest_put(&s, "q", vec![8]).unwrap();
+        assert_eq!(replies(&out), vec![(1, Some(vec![7])), (2, Some(vec![8]))]);
+    }
+
+    #[test]
+    fn manager_puts_wait_for_room_in_order() {
+        let (s, out) = shared();
+        s.channels.open("q", 1).unwrap();
+        s.channels.manager_put(&s, 1, "q", vec![1]);
+        s.channels.manager_put(&s, 2, "q", vec![2]);
+        assert_eq!(replies(&out), vec![(1, None)], "the second put waits");
+        assert_eq!(s.channels.guest_take(&s, "q").unwrap(), vec![1]);
+        assert_eq!(replies(&out), vec![(1, None), (2, None)]);
+        assert_eq!(s.channels.guest_take(&s, "q").unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn an_interrupt_wakes_a_blocked_guest_take_and_sleep() {
+        let (s, _) = shared();
+        assert!(s.control.begin(1, &s.channels));
+        let s2 = s.clone();
+        let taker = std::thread::spawn(move || s2.channels.guest_take(&s2, "empty"));
+        let s3 = s.clone();
+        let sleeper =
+            std::thread::spawn(move || s3.channels.sleep(&s3.control, Duration::from_secs(600)));
+        std::thread::sleep(Duration::from_millis(50));
+        s.control.interrupt(1, &s.channels);
+        assert_eq!(taker.join().unwrap().unwrap_err(), "interrupted");
+        assert!(!sleeper.join().unwrap(), "the sleep was cut short");
+    }
+
+    #[test]
+    fn the_number_of_channels_is_capped() {
+        let ch = Channels::default();
+        for i in 0..MAX_CHANNELS {
+            ch.open(&i.to_string(), 1).unwrap();
+        }
+        let err = ch.open("one more", 1).unwrap_err();
+        assert!(err.contains("too many"), "{err}");
     }
 }

@@ -10,9 +10,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
+use super::serve::{GuestMaker, Prepared};
 use super::{
-    Guest, GuestContext, GuestError, GuestMaker, Killer, NativeFactory, NativeGuest, Shared, Work,
-    exit,
+    Guest, GuestContext, GuestError, Killer, NativeFactory, NativeGuest, Shared, Work, exit,
 };
 use malt_protocol::{FromHost, HostConfig, Stream};
 
@@ -58,7 +58,7 @@ pub(super) fn prepare(
     config: &HostConfig,
     shared: &Arc<Shared>,
     factory: NativeFactory,
-) -> Result<(&'static str, GuestMaker, Killer), String> {
+) -> Result<Prepared, String> {
     let stdio =
         Stdio::start(shared.clone()).map_err(|e| format!("cannot forward stdout/stderr: {e}"))?;
     for (key, _) in std::env::vars_os() {
@@ -91,7 +91,7 @@ pub(super) fn prepare(
         s.send(&FromHost::Restart);
         s.exit(exit::RESTART);
     });
-    Ok(("native", maker, kill))
+    Ok((malt_protocol::GuestKind::Native, maker, kill))
 }
 
 /// Forwards what native code writes to fd 1 and 2 as output frames.

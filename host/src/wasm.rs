@@ -17,7 +17,8 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::{GuestError, Shared, Work};
+use super::{GuestError, Shared, StartFailed, Work};
+use malt_protocol::FatalKind;
 use malt_protocol::{GuestSpec, HostConfig, Stream};
 
 mod bindings {
@@ -29,10 +30,6 @@ mod bindings {
 
 use bindings::Worker as Bindings;
 use bindings::WorkerPre as BindingsPre;
-
-/// How a host reports an artifact it cannot load; the manager then
-/// recompiles the component once (a damaged cache heals itself).
-pub const ARTIFACT_LOAD_FAILED: &str = "cannot load the compiled component";
 
 /// The engine configuration shared by the compiler (manager side) and
 /// every host: an artifact only loads into an engine configured alike.
@@ -198,16 +195,31 @@ pub(crate) struct WasmGuest {
 
 impl WasmGuest {
     /// Loads the precompiled component and instantiates it.
-    pub fn load(config: &HostConfig, shared: Arc<Shared>) -> wasmtime::Result<Self> {
+    pub(crate) fn load(config: &HostConfig, shared: Arc<Shared>) -> Result<Self, StartFailed> {
         let GuestSpec::Artifact { path } = &config.guest else {
-            return Err(wasmtime::Error::msg("not a wasm guest"));
+            return Err("not a wasm guest".into());
         };
-        let engine = Engine::new(&engine_config(config.fuel.is_some()))?;
+        let engine = Engine::new(&engine_config(config.fuel.is_some()))
+            .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
         // SAFETY: artifacts come from malt's private (0700) cache or a file
         // the manager's user chose; deserialize checks the header, the
         // wasmtime version and the engine configuration.
-        let component = unsafe { Component::deserialize_file(&engine, path) }
-            .map_err(|e| e.context(format!("{ARTIFACT_LOAD_FAILED} {path}")))?;
+        let component = unsafe { Component::deserialize_file(&engine, path) }.map_err(|e| {
+            StartFailed::new(
+                FatalKind::ArtifactLoad,
+                format!("cannot load the compiled component {path}: {e:#}"),
+            )
+        })?;
+        Self::instantiate_component(config, shared, engine, component)
+            .map_err(|e| format!("{e:#}").into())
+    }
+
+    fn instantiate_component(
+        config: &HostConfig,
+        shared: Arc<Shared>,
+        engine: Engine,
+        component: Component,
+    ) -> wasmtime::Result<Self> {
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         Bindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;

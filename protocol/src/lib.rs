@@ -31,6 +31,10 @@ pub const MALT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Default cap on one frame, in bytes (both directions).
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 
+/// Largest capacity of one worker channel (values it holds before puts
+/// wait). Both sides refuse more.
+pub const MAX_CHANNEL_CAPACITY: usize = 1 << 20;
+
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
 
@@ -207,8 +211,8 @@ pub enum FromHost {
         version: u32,
         /// malt version of the host ([`MALT_VERSION`]).
         malt_version: String,
-        /// What serves the guest: `wasm` or `native`.
-        kind: String,
+        /// What serves the guest.
+        kind: GuestKind,
         /// The host's process id.
         pid: u32,
     },
@@ -229,7 +233,41 @@ pub enum FromHost {
         data: Vec<u8>,
     },
     /// The host cannot go on; it exits after this frame.
-    Fatal { message: String },
+    Fatal {
+        /// What went wrong, for the manager to act on.
+        kind: FatalKind,
+        /// What went wrong, for people.
+        message: String,
+    },
+}
+
+/// What serves a guest in a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestKind {
+    /// A WebAssembly component run by wasmtime.
+    Wasm,
+    /// Rust code compiled into the host.
+    Native,
+}
+
+/// Why a host gave up ([`FromHost::Fatal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FatalKind {
+    /// The first frame was not a valid `Init` of this version.
+    Handshake,
+    /// The compiled artifact could not be loaded (damaged, or built for
+    /// another engine): the manager compiles it again.
+    ArtifactLoad,
+    /// The guest could not be started (its imports, its world, its start
+    /// function, or a configuration this host cannot serve).
+    GuestStart,
+    /// The host could not lock itself down before running guest code.
+    Harden,
+    /// A malformed frame from the manager.
+    Protocol,
+    /// A killed guest did not stop (it is blocked outside guest code).
+    Unkillable,
 }
 
 /// A frame could not be read or decoded.

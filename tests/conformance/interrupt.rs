@@ -1,4 +1,4 @@
-//! Malt's `test/interrupt.jl` and DESIGN.md §6: interrupts in two tiers.
+//! Malt's `test/interrupt.jl`: interrupts in two tiers.
 
 use std::time::Duration;
 

@@ -377,3 +377,38 @@ async fn wasm_hosts_are_hardened() {
     );
     w.stop().await.unwrap();
 }
+
+/// A native host that must restart (hard interrupt) but cannot (its
+/// program is gone): the worker terminates cleanly, and waiting for it
+/// ends. (Regression: the manager polled the host's exit twice and its
+/// reader task panicked, so `wait` never returned.)
+#[tokio::test]
+async fn a_native_host_that_cannot_restart_terminates_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("vanishing-guest");
+    std::fs::copy(crate::guests::test_guest_native(), &program).unwrap();
+    let w = malt::Worker::native_program(&program)
+        .interrupt_grace(Duration::from_millis(50))
+        .spawn()
+        .await
+        .unwrap();
+    std::fs::remove_file(&program).unwrap();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let spinning = w.remote_call::<()>("spin", ());
+    assert_eq!(
+        finishes("the spin to start", started.take()).await.unwrap(),
+        1
+    );
+    w.interrupt().await.unwrap();
+    let err = finishes("the killed spin", spinning).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: true }),
+        "{err:?}"
+    );
+    finishes("the worker's end", w.wait()).await;
+    assert!(!w.is_running());
+    let err = finishes("a call", w.remote_call_fetch::<i64>("add", (1, 2)))
+        .await
+        .unwrap_err();
+    assert!(err.is_terminated(), "{err:?}");
+}

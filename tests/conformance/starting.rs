@@ -117,7 +117,7 @@ async fn a_host_of_another_version_is_refused() {
     let hello = encode(&FromHost::Hello {
         version: PROTOCOL_VERSION,
         malt_version: "0.0.1".into(),
-        kind: "wasm".into(),
+        kind: malt::protocol::GuestKind::Wasm,
         pid: 1,
     });
     let host = fake_host("old-host", &hello);

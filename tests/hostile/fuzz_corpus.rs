@@ -72,7 +72,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
         FromHost::Hello {
             version: protocol::PROTOCOL_VERSION,
             malt_version: protocol::MALT_VERSION.into(),
-            kind: "wasm".into(),
+            kind: malt::protocol::GuestKind::Wasm,
             pid: 42,
         },
         FromHost::Reply {
@@ -89,6 +89,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
             data: b"hi\n".to_vec(),
         },
         FromHost::Fatal {
+            kind: protocol::FatalKind::GuestStart,
             message: "bad".into(),
         },
     ];

@@ -9,6 +9,7 @@ mod escape;
 mod fuzz_corpus;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -92,17 +93,49 @@ fn garbage_frames_never_crash_a_host() {
     }
 }
 
+/// Env var that turns `damaged_artifact_child` into the child side of
+/// `a_damaged_artifact_is_replaced`.
+const DAMAGED_CHILD_ENV: &str = "MALT_TEST_DAMAGED_ARTIFACT";
+
+/// The damage is done in a child process with a cache directory of its
+/// own: setting the cache directory here would send the other tests of
+/// this binary, running at the same time, to the artifact being damaged.
 #[test]
 fn a_damaged_artifact_is_replaced() {
     let cache = tempfile::tempdir().unwrap();
-    // SAFETY: this test binary reads the variable only in this test.
-    unsafe { std::env::set_var(malt::CACHE_DIR_ENV, cache.path()) };
+    let out = Command::new(this_program())
+        .args([
+            "--exact",
+            "damaged_artifact_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(DAMAGED_CHILD_ENV, "1")
+        .env(malt::CACHE_DIR_ENV, cache.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The child side: damages its cache's artifact twice; the worker starts
+/// each time.
+#[test]
+fn damaged_artifact_child() {
+    if std::env::var_os(DAMAGED_CHILD_ENV).is_none() {
+        return;
+    }
+    let cache = PathBuf::from(std::env::var_os(malt::CACHE_DIR_ENV).unwrap());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let guest = guests::test_guest();
         let w = Worker::wasm(&guest).spawn().await.unwrap();
         w.stop().await.unwrap();
-        let artifact = std::fs::read_dir(cache.path())
+        let artifact = std::fs::read_dir(&cache)
             .unwrap()
             .flatten()
             .map(|e| e.path())

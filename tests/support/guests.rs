@@ -95,31 +95,31 @@ pub fn test_command() -> PathBuf {
     guest_dir().join("malt-test-command.wasm")
 }
 
+/// Builds the workspace's native programs: the test guest's binaries and
+/// the examples. Built together with the tests (`--tests`), so that the
+/// features of every dependency are those `cargo test --workspace` already
+/// built with, and nothing is compiled twice.
+fn native_programs() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        cargo_build(
+            &["--workspace", "--bins", "--examples", "--tests"],
+            "the native test guest and the examples",
+        )
+    });
+}
+
 /// The same test guest built as a native worker program.
 #[allow(dead_code)]
 pub fn test_guest_native() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        cargo_build(
-            &["-p", "malt-test-guest", "--bin", "malt-test-guest"],
-            "the native test guest",
-        );
-        target_dir().join("debug/malt-test-guest")
-    })
-    .clone()
+    native_programs();
+    target_dir().join("debug/malt-test-guest")
 }
 
 /// `examples/native_guest`: a program serving the script guest natively,
 /// as a user's own native worker would.
 #[allow(dead_code)]
 pub fn native_guest_example() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        cargo_build(
-            &["-p", "malt-rt", "--example", "native_guest"],
-            "examples/native_guest",
-        );
-        target_dir().join("debug/examples/native_guest")
-    })
-    .clone()
+    native_programs();
+    target_dir().join("debug/examples/native_guest")
 }

@@ -1,0 +1,126 @@
+//! A host as a process of its own: its arguments, signals, the death
+//! signal, the protocol moved off fd 1, and locking the process down.
+
+use super::*;
+
+/// Whether this process was started with `arg` as its first argument.
+#[doc(hidden)]
+pub fn first_arg_is(arg: &str) -> bool {
+    process_args().get(1).is_some_and(|a| a == arg)
+}
+
+/// This process's arguments, read from the kernel: before `main` (where
+/// malt's start-up hook runs) std's own list may not be set up yet.
+fn process_args() -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    match std::fs::read("/proc/self/cmdline") {
+        Ok(bytes) => bytes
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
+            .collect(),
+        Err(_) => std::env::args_os().collect(),
+    }
+}
+
+/// Exit codes of a host process.
+pub(crate) mod exit {
+    pub const OK: i32 = 0;
+    pub const START_FAILED: i32 = 2;
+    pub const PROTOCOL: i32 = 3;
+    pub const UNKILLABLE: i32 = 4;
+    pub const RESTART: i32 = 5;
+}
+
+/// Runs a host process on stdin/stdout and returns its exit code: the
+/// entry point behind [`HOST_ARG`] and [`main_if_host_with`].
+#[doc(hidden)]
+pub fn run_process(native: Option<NativeFactory>) -> i32 {
+    ignore_signals();
+    die_with_parent();
+    // The protocol gets its own descriptor; fd 1 and 2 become pipes whose
+    // contents are forwarded as output frames, so nothing a guest (or a
+    // library) prints can corrupt the protocol.
+    let protocol_out = match take_stdout() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("malt host: cannot set up the protocol stream: {e}");
+            return exit::START_FAILED;
+        }
+    };
+    let input = std::io::stdin().lock();
+    serve(input, protocol_out, Place::Process, native)
+}
+
+/// Duplicates fd 1 for the protocol and points fd 1 at /dev/null until
+/// output forwarding replaces it.
+fn take_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: dup/dup2 on descriptors this process owns; the duplicate is
+    // owned by the returned File alone.
+    unsafe {
+        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        if libc::dup2(null.as_raw_fd(), 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
+    }
+}
+
+/// Locks this process the way a wasm host process locks itself before
+/// guest code runs: no_new_privs, rlimits, a seccomp filter (no exec, no
+/// new processes, no sockets) and, where the kernel has Landlock, no file
+/// but those beneath `dirs`. For a process that does nothing afterwards but
+/// run a guest (`malt run`); irreversible.
+#[cfg(feature = "wasm")]
+#[doc(hidden)]
+pub fn harden_process(dirs: &[malt_protocol::DirGrant]) -> Result<(), String> {
+    harden::apply()?;
+    harden::restrict_files(dirs).map(|_| ())
+}
+
+/// A pipe whose two ends close on exec: (read end, write end).
+#[doc(hidden)]
+pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors, which we then own.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+/// Asks for SIGKILL when the manager dies, then checks that it has not
+/// died already (the manager passes its pid as the second argument).
+fn die_with_parent() {
+    let expected: Option<i32> = process_args().get(2).and_then(|p| p.to_str()?.parse().ok());
+    // SAFETY: prctl and getppid have no memory-safety preconditions.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if expected.is_some_and(|pid| libc::getppid() != pid) {
+            std::process::exit(exit::START_FAILED);
+        }
+    }
+}
+
+fn ignore_signals() {
+    // A write to a manager that is gone must fail (and end the host
+    // cleanly), not kill it; before `main`, std has not set this up yet.
+    // SAFETY: as below.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    // The manager decides what an interrupt means. A Ctrl-C in the
+    // manager's terminal reaches the whole process group, and must not
+    // kill its workers.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+}

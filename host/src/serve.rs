@@ -1,0 +1,383 @@
+//! Serving one worker: the handshake, preparing the guest, and the
+//! reader, guest and timer threads.
+
+use super::*;
+
+/// Where a host runs.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Its own process (stdin/stdout carry the protocol).
+    Process,
+    /// Threads of the manager's process (an in-process worker).
+    InProcess,
+}
+
+/// Serves one worker on a byte stream until the stream ends or the
+/// manager says stop; returns the exit code.
+#[doc(hidden)]
+pub fn serve(
+    input: impl std::io::Read,
+    output: impl Write + Send + 'static,
+    place: Place,
+    native: Option<NativeFactory>,
+) -> i32 {
+    let mut input = BufReader::with_capacity(64 << 10, input);
+    let mut output = output;
+    let config = match read_init(&mut input) {
+        Ok(c) => c,
+        Err(message) => return fatal(&mut output, FatalKind::Handshake, &message, exit::PROTOCOL),
+    };
+    let shared = Arc::new(Shared {
+        out: Mutex::new(None),
+        output_limit: config.output_limit,
+        output_used: std::sync::atomic::AtomicU64::new(0),
+        control: Control::new(config.interrupt_grace, config.call_timeout),
+        channels: Channels::default(),
+        max_frame: config.max_frame,
+    });
+
+    let (kind, guest, kill) = match prepare(&config, &shared, place, native) {
+        Ok(prepared) => prepared,
+        Err(e) => return fatal(&mut output, e.kind, &e.message, exit::START_FAILED),
+    };
+    *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
+    let (work_tx, work_rx) = std::sync::mpsc::channel();
+    let s = shared.clone();
+    let guest_thread = std::thread::Builder::new()
+        .name("malt-guest".into())
+        // Native guests recurse on this stack (a wasm guest's own stack is
+        // capped by wasmtime); address space only, touched as used.
+        .stack_size(GUEST_STACK)
+        .spawn(move || guest_loop(guest(), work_rx, &s))
+        .expect("spawn guest thread");
+    let s = shared.clone();
+    let kill = Arc::new(kill);
+    let k = kill.clone();
+    std::thread::Builder::new()
+        .name("malt-timer".into())
+        .spawn(move || {
+            if s.control.timer_loop(&s.channels, &**k) {
+                // The guest ignored both the interrupt and the kill (it is
+                // blocked in the host outside wasm): give up on it, so the
+                // manager sees the worker terminate instead of a hang.
+                let message = "the guest did not stop after being killed".to_string();
+                eprintln!("malt host: {message}");
+                s.send(&FromHost::Fatal {
+                    kind: FatalKind::Unkillable,
+                    message,
+                });
+                if place == Place::Process {
+                    s.exit(exit::UNKILLABLE);
+                }
+                s.close();
+            }
+        })
+        .expect("spawn timer thread");
+
+    shared.send(&FromHost::Hello {
+        version: PROTOCOL_VERSION,
+        malt_version: protocol::MALT_VERSION.to_string(),
+        kind,
+        pid: std::process::id(),
+    });
+
+    let code = read_loop(&mut input, &shared, &work_tx);
+    if place == Place::Process {
+        // Stop or end of stream: the process exits with the other threads
+        // wherever they are; the guest may be in the middle of a request.
+        return code;
+    }
+    // In-process: wind the threads down. A running request is killed; the
+    // guest thread ends when its queue closes, the timer when told to,
+    // and the writer (closing the stream) once nobody can send.
+    drop(work_tx);
+    shared.control.shut_down(&shared.channels, &**kill);
+    let _ = guest_thread.join();
+    shared.close();
+    code
+}
+
+pub(crate) type GuestMaker = Box<dyn FnOnce() -> Box<dyn Guest> + Send>;
+
+/// Why a guest could not be prepared.
+pub(crate) struct StartFailed {
+    kind: FatalKind,
+    message: String,
+}
+
+impl StartFailed {
+    pub fn new(kind: FatalKind, message: impl Into<String>) -> Self {
+        StartFailed {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<String> for StartFailed {
+    fn from(message: String) -> Self {
+        StartFailed::new(FatalKind::GuestStart, message)
+    }
+}
+
+impl From<&str> for StartFailed {
+    fn from(message: &str) -> Self {
+        StartFailed::new(FatalKind::GuestStart, message)
+    }
+}
+
+/// What [`prepare`] makes: the guest's kind, a maker for the guest thread,
+/// and how to kill a request.
+pub(crate) type Prepared = (GuestKind, GuestMaker, Killer);
+
+/// Makes the guest a configuration asks for: its kind, a maker for the
+/// guest thread, and how to kill a request.
+fn prepare(
+    config: &HostConfig,
+    shared: &Arc<Shared>,
+    place: Place,
+    native: Option<NativeFactory>,
+) -> Result<Prepared, StartFailed> {
+    match (&config.guest, place) {
+        (protocol::GuestSpec::Artifact { .. }, _) => prepare_wasm(config, shared, place),
+        (protocol::GuestSpec::NativeScript, Place::Process) => {
+            #[cfg(feature = "script")]
+            {
+                let factory: NativeFactory = Arc::new(|cx: GuestContext| {
+                    Box::new(ScriptGuest::new(cx)) as Box<dyn NativeGuest>
+                });
+                Ok(native::prepare(config, shared, factory)?)
+            }
+            #[cfg(not(feature = "script"))]
+            {
+                let _ = native;
+                Err("this host was built without the native script guest \
+                     (malt-host's `script` feature)"
+                    .into())
+            }
+        }
+        (protocol::GuestSpec::Native, Place::Process) => match native {
+            Some(factory) => Ok(native::prepare(config, shared, factory)?),
+            None => Err(
+                "this program serves no native guest of its own (start a native \
+                 guest program, one that calls malt::host::main_if_host_with)"
+                    .into(),
+            ),
+        },
+        (_, Place::InProcess) => Err("an in-process worker runs wasm guests only".into()),
+    }
+}
+
+#[cfg(feature = "wasm")]
+fn prepare_wasm(
+    config: &HostConfig,
+    shared: &Arc<Shared>,
+    place: Place,
+) -> Result<Prepared, StartFailed> {
+    let harden_failed =
+        |e: String| StartFailed::new(FatalKind::Harden, format!("cannot harden the host: {e}"));
+    // A wasm host runs untrusted code: lock the process first (its own
+    // process only; an in-process worker shares the manager's).
+    if place == Place::Process {
+        harden::apply().map_err(harden_failed)?;
+    }
+    let guest = wasm::WasmGuest::load(config, shared.clone())?;
+    // Loaded: from now on the process needs no file but those beneath the
+    // guest's grants.
+    if place == Place::Process {
+        harden::restrict_files(&config.dirs).map_err(harden_failed)?;
+    }
+    let kill = guest.killer();
+    Ok((
+        GuestKind::Wasm,
+        Box::new(move || Box::new(guest) as Box<dyn Guest>),
+        kill,
+    ))
+}
+
+#[cfg(not(feature = "wasm"))]
+fn prepare_wasm(_: &HostConfig, _: &Arc<Shared>, _: Place) -> Result<Prepared, StartFailed> {
+    Err("this host was built without wasm support (malt-host's `wasm` feature)".into())
+}
+
+fn read_init(input: &mut impl std::io::Read) -> Result<HostConfig, String> {
+    // The Init frame is small; cap it before the configured cap is known.
+    let body = protocol::read_frame(input, 1 << 20).map_err(|e| format!("reading init: {e}"))?;
+    match protocol::decode::<ToHost>(&body) {
+        Ok(ToHost::Init(config))
+            if config.version == PROTOCOL_VERSION
+                && config.malt_version == protocol::MALT_VERSION =>
+        {
+            Ok(*config)
+        }
+        Ok(ToHost::Init(config)) => Err(format!(
+            "version mismatch: the manager is malt {} (protocol {}), this host is malt {} \
+             (protocol {PROTOCOL_VERSION}); use a host of the manager's version",
+            config.malt_version,
+            config.version,
+            protocol::MALT_VERSION
+        )),
+        Ok(other) => Err(format!("expected Init as the first frame, got {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn fatal(out: &mut impl Write, kind: FatalKind, message: &str, code: i32) -> i32 {
+    eprintln!("malt host: {message}");
+    let frame = protocol::encode(&FromHost::Fatal {
+        kind,
+        message: message.to_string(),
+    });
+    let _ = out.write_all(&frame).and_then(|_| out.flush());
+    code
+}
+
+/// Reads and dispatches requests until the stream ends or a Stop arrives.
+fn read_loop(
+    input: &mut impl std::io::Read,
+    shared: &Shared,
+    work: &std::sync::mpsc::Sender<(u64, Work, ReplyMode)>,
+) -> i32 {
+    loop {
+        let body = match protocol::read_frame(input, shared.max_frame) {
+            Ok(body) => body,
+            // The manager is gone: a worker dies with its manager.
+            Err(FrameError::Eof) => return exit::OK,
+            Err(e) => {
+                shared.send(&FromHost::Fatal {
+                    kind: FatalKind::Protocol,
+                    message: format!("bad frame from the manager: {e}"),
+                });
+                eprintln!("malt host: bad frame from the manager: {e}");
+                return exit::PROTOCOL;
+            }
+        };
+        let message = match protocol::decode::<ToHost>(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                shared.send(&FromHost::Fatal {
+                    kind: FatalKind::Protocol,
+                    message: format!("bad frame from the manager: {e}"),
+                });
+                eprintln!("malt host: bad frame from the manager: {e}");
+                return exit::PROTOCOL;
+            }
+        };
+        match message {
+            ToHost::Call {
+                id,
+                name,
+                args,
+                reply,
+            } => {
+                let _ = work.send((id, Work::Call { name, args }, reply));
+            }
+            ToHost::Eval { id, code, reply } => {
+                let _ = work.send((id, Work::Eval { code }, reply));
+            }
+            ToHost::Interrupt { up_to } => shared.control.interrupt(up_to, &shared.channels),
+            ToHost::ChannelOpen { id, name, capacity } => {
+                let result = shared.channels.open(&name, capacity as usize);
+                shared.reply(id, result.map(|()| None).map_err(Failure::Invalid));
+            }
+            ToHost::ChannelPut { id, name, value } => {
+                shared.channels.manager_put(shared, id, &name, value)
+            }
+            ToHost::ChannelTake { id, name } => shared.channels.manager_take(shared, id, &name),
+            ToHost::ChannelIsReady { id, name } => {
+                let ready = shared.channels.is_ready(&name);
+                shared.reply(id, Ok(Some(rmp_serde::to_vec(&ready).unwrap_or_default())));
+            }
+            ToHost::Stop => return exit::OK,
+            ToHost::Init(_) => {
+                eprintln!("malt host: a second Init frame");
+                return exit::PROTOCOL;
+            }
+        }
+    }
+}
+
+/// Runs requests one at a time, in arrival order.
+fn guest_loop(mut guest: Box<dyn Guest>, work: Receiver<(u64, Work, ReplyMode)>, shared: &Shared) {
+    while let Ok((id, work, mode)) = work.recv() {
+        if !shared.control.begin(id, &shared.channels) {
+            return;
+        }
+        shared
+            .output_used
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let outcome = guest.run(&work);
+        let ended = shared.control.end();
+        if ended.shut_down {
+            // An in-process worker winding down: the manager sees the
+            // stream end, not a reply.
+            return;
+        }
+        let result = match outcome {
+            Ok(value) => Ok(value),
+            Err(GuestError::Error(message)) => Err(match ended.interrupted {
+                Some(reason) => reason.failure(false),
+                None => Failure::Remote(message),
+            }),
+            Err(GuestError::Trap {
+                message,
+                memory_limit_hit,
+                out_of_fuel,
+            }) => Err(match ended.interrupted {
+                Some(reason) if ended.killed => reason.failure(true),
+                _ if out_of_fuel => Failure::Limit {
+                    limit: protocol::Limit::Fuel,
+                    message: "the request used up its fuel; the guest was reset".into(),
+                },
+                _ if memory_limit_hit => Failure::Limit {
+                    limit: protocol::Limit::Memory,
+                    message: format!("the guest ran out of its memory limit ({message})"),
+                },
+                _ => Failure::Trap(message),
+            }),
+        };
+        match mode {
+            ReplyMode::Value => match result {
+                Ok(value) if value.len() + 64 > shared.max_frame => shared.reply(
+                    id,
+                    Err(Failure::Limit {
+                        limit: protocol::Limit::FrameSize,
+                        message: format!(
+                            "the result is {} bytes, over the {} byte frame cap",
+                            value.len(),
+                            shared.max_frame
+                        ),
+                    }),
+                ),
+                Ok(value) => shared.reply(id, Ok(Some(value))),
+                Err(f) => shared.reply(id, Err(f)),
+            },
+            ReplyMode::Ack => shared.reply(id, result.map(|_| None)),
+            ReplyMode::None => {
+                if let Err(failure) = result {
+                    let what = match &work {
+                        Work::Call { name, .. } => format!("remote_do({name})"),
+                        Work::Eval { .. } => "remote_do(eval)".to_string(),
+                    };
+                    shared.output(
+                        Stream::Stderr,
+                        format!("{what} failed: {}\n", failure_text(&failure)).as_bytes(),
+                    );
+                }
+                // No value, but the manager learns the request ran (a
+                // restarted native host must not run it twice).
+                shared.reply(id, Ok(None));
+            }
+        }
+    }
+}
+
+fn failure_text(failure: &Failure) -> String {
+    match failure {
+        Failure::Remote(m) | Failure::Trap(m) | Failure::Invalid(m) => m.clone(),
+        Failure::Interrupted { .. } => "interrupted".into(),
+        Failure::Timeout { .. } => "timed out".into(),
+        Failure::Limit { limit, message } => format!("{limit} exceeded: {message}"),
+    }
+}

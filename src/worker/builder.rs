@@ -1,0 +1,388 @@
+//! Configuring and starting a worker.
+
+use super::*;
+
+/// The kinds of worker: where the guest runs, and so which walls it meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WorkerKind {
+    /// A wasm guest in a host process of its own (wasm + process walls).
+    Wasm,
+    /// Native code in a process of its own (the process wall).
+    Native,
+    /// A wasm guest on a thread of the manager (the wasm wall).
+    InProcess,
+}
+
+impl std::fmt::Display for WorkerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerKind::Wasm => "wasm",
+            WorkerKind::Native => "native",
+            WorkerKind::InProcess => "in-process",
+        })
+    }
+}
+
+/// Default cap on a wasm guest's linear memory.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 512 << 20;
+/// Default time a guest gets to stop by itself after an interrupt.
+pub const DEFAULT_INTERRUPT_GRACE: Duration = Duration::from_millis(100);
+/// Default cap on the output of one request.
+pub const DEFAULT_OUTPUT_LIMIT: u64 = 16 << 20;
+/// Default cap on requests waiting for a reply on one worker.
+pub const DEFAULT_MAX_PENDING: usize = 1 << 20;
+/// Largest worker channel capacity (the host refuses more, too).
+pub const MAX_CHANNEL_CAPACITY: usize = protocol::MAX_CHANNEL_CAPACITY;
+/// Default time a worker gets to start.
+pub const DEFAULT_SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Worker::stop`] waits after the stop message, then after
+/// SIGTERM, before escalating.
+pub(crate) const STOP_STEP: Duration = Duration::from_secs(2);
+
+pub(crate) static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
+
+/// The embedded script guest (built by build.rs).
+pub(crate) const SCRIPT_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/malt_script.wasm"));
+pub(crate) const SCRIPT_SHA256: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/malt_script.sha256"));
+
+#[derive(Debug, Clone)]
+pub(crate) enum GuestSource {
+    /// The embedded script guest as a wasm component.
+    Script,
+    /// A wasm component file.
+    Wasm(PathBuf),
+    /// The script guest compiled into the host (no wasm).
+    NativeScript,
+    /// A program serving its own native guest.
+    NativeProgram(PathBuf),
+}
+
+/// Configures and starts a worker; made by [`Worker::script`] or
+/// [`Worker::wasm`], finished by [`spawn`](WorkerBuilder::spawn).
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until .spawn().await"]
+pub struct WorkerBuilder {
+    guest: GuestSource,
+    env: Vec<(String, String)>,
+    dirs: Vec<DirGrant>,
+    memory_limit: u64,
+    call_timeout: Option<Duration>,
+    interrupt_grace: Duration,
+    monitor_output: bool,
+    host_program: Option<PathBuf>,
+    max_frame: usize,
+    spawn_timeout: Duration,
+    fuel: Option<u64>,
+    prefix_output: bool,
+    in_process: bool,
+    output_limit: u64,
+    max_pending: usize,
+}
+
+impl WorkerBuilder {
+    pub(crate) fn new(guest: GuestSource) -> Self {
+        WorkerBuilder {
+            guest,
+            env: Vec::new(),
+            dirs: Vec::new(),
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            call_timeout: None,
+            interrupt_grace: DEFAULT_INTERRUPT_GRACE,
+            monitor_output: true,
+            host_program: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            spawn_timeout: DEFAULT_SPAWN_TIMEOUT,
+            fuel: None,
+            prefix_output: true,
+            in_process: false,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+            max_pending: DEFAULT_MAX_PENDING,
+        }
+    }
+
+    /// Sets an environment variable the guest sees. Workers inherit no
+    /// environment: this is the only way a variable gets in.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Lets the guest read and write a host directory, seen as `guest_path`.
+    pub fn dir(mut self, host_path: impl AsRef<Path>, guest_path: impl Into<String>) -> Self {
+        self.dirs.push(DirGrant {
+            host: host_path.as_ref().to_string_lossy().into_owned(),
+            guest: guest_path.into(),
+            read_only: false,
+        });
+        self
+    }
+
+    /// Lets the guest read (only) a host directory, seen as `guest_path`.
+    pub fn dir_read_only(
+        mut self,
+        host_path: impl AsRef<Path>,
+        guest_path: impl Into<String>,
+    ) -> Self {
+        self.dirs.push(DirGrant {
+            host: host_path.as_ref().to_string_lossy().into_owned(),
+            guest: guest_path.into(),
+            read_only: true,
+        });
+        self
+    }
+
+    /// Caps the guest's linear memory (default 512 MiB). Going over it
+    /// fails the request with [`Error::LimitExceeded`] and resets the guest.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = bytes;
+        self
+    }
+
+    /// Fails any call or eval that runs longer than this with
+    /// [`Error::Timeout`] (default: no limit). The guest is interrupted
+    /// like by [`Worker::interrupt`], then killed after the grace period.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
+    }
+
+    /// How long an interrupted guest may take to stop by itself (keeping
+    /// its state) before it is killed and reset (default 100 ms).
+    pub fn interrupt_grace(mut self, grace: Duration) -> Self {
+        self.interrupt_grace = grace;
+        self
+    }
+
+    /// Whether the worker's output is forwarded to this process's
+    /// stdout/stderr, each line prefixed with the worker (default: on).
+    /// When off, read it with [`Worker::take_output`].
+    pub fn monitor_output(mut self, on: bool) -> Self {
+        self.monitor_output = on;
+        self
+    }
+
+    /// Caps what one request may print (default 16 MiB); the rest is
+    /// dropped and a notice goes to the worker's stderr. A guest printing
+    /// forever cannot make the manager hold more.
+    pub fn output_limit(mut self, bytes: u64) -> Self {
+        self.output_limit = bytes;
+        self
+    }
+
+    /// Caps the requests waiting for a reply on this worker (default
+    /// 2^20); past it, new requests fail with [`Error::LimitExceeded`]
+    /// (`Limit::PendingRequests`) instead of growing memory without bound.
+    pub fn max_pending(mut self, requests: usize) -> Self {
+        self.max_pending = requests;
+        self
+    }
+
+    /// Runs the guest on a thread of this process instead of a process of
+    /// its own: the wasm sandbox is the only wall, and a start costs no
+    /// process. Same API and semantics (interrupts included). Wasm guests
+    /// only.
+    pub fn in_process(mut self) -> Self {
+        self.in_process = true;
+        self
+    }
+
+    /// Limits each request to `fuel` units (about one per wasm
+    /// instruction). A request that runs out fails with
+    /// [`Error::LimitExceeded`] (`Limit::Fuel`) and the guest is reset.
+    /// Metering costs speed, and the component is compiled separately
+    /// for it.
+    pub fn fuel(mut self, fuel: u64) -> Self {
+        self.fuel = Some(fuel);
+        self
+    }
+
+    /// Whether forwarded output lines get the `[worker N] ` prefix
+    /// (default: on). A program with a single worker may want its output
+    /// as is.
+    pub fn prefix_output(mut self, on: bool) -> Self {
+        self.prefix_output = on;
+        self
+    }
+
+    /// The program to run as the worker's host: any program that links
+    /// this same version of malt (the `malt` CLI, say). By default a
+    /// worker's host is this program itself, re-executed (see the crate
+    /// docs); a host of another version is refused at start.
+    pub fn host_program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.host_program = Some(program.into());
+        self
+    }
+
+    /// Caps one protocol frame (and so one value) in either direction
+    /// (default 256 MiB).
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
+    /// How long starting the worker may take before [`Error::Spawn`]
+    /// (default 30 s; compiling a component the first time is included).
+    pub fn spawn_timeout(mut self, timeout: Duration) -> Self {
+        self.spawn_timeout = timeout;
+        self
+    }
+
+    /// Starts the worker and waits until it is ready.
+    pub async fn spawn(self) -> Result<Worker> {
+        let number = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
+        let label = format!("worker {number}");
+        let timeout = self.spawn_timeout;
+        match tokio::time::timeout(timeout, self.spawn_inner(number, &label)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Spawn {
+                worker: label,
+                message: format!("the worker did not start within {timeout:?}"),
+                stderr: String::new(),
+            }),
+        }
+    }
+
+    pub(crate) async fn spawn_inner(self, number: u64, label: &str) -> Result<Worker> {
+        let spawn_error = |message: String, stderr: String| Error::Spawn {
+            worker: label.to_string(),
+            message,
+            stderr,
+        };
+        let fuel = self.fuel.is_some();
+        let (kind, guest, program) = match &self.guest {
+            GuestSource::Script | GuestSource::Wasm(_) => {
+                let artifact = prepare_artifact(self.guest.clone(), fuel)
+                    .await
+                    .map_err(|e| spawn_error(e.to_string(), String::new()))?;
+                let spec = GuestSpec::Artifact {
+                    path: artifact.to_string_lossy().into_owned(),
+                };
+                let program = if self.in_process {
+                    None
+                } else {
+                    Some(
+                        process::host_program(self.host_program.as_deref())
+                            .map_err(|m| spawn_error(m, String::new()))?,
+                    )
+                };
+                let kind = if self.in_process {
+                    WorkerKind::InProcess
+                } else {
+                    WorkerKind::Wasm
+                };
+                (kind, spec, program)
+            }
+            GuestSource::NativeScript | GuestSource::NativeProgram(_) if self.in_process => {
+                return Err(spawn_error(
+                    "an in-process worker runs wasm guests only".into(),
+                    String::new(),
+                ));
+            }
+            GuestSource::NativeScript => {
+                let program = process::host_program(self.host_program.as_deref())
+                    .map_err(|m| spawn_error(m, String::new()))?;
+                (WorkerKind::Native, GuestSpec::NativeScript, Some(program))
+            }
+            GuestSource::NativeProgram(path) => (
+                WorkerKind::Native,
+                GuestSpec::Native,
+                Some(process::HostProgram::Chosen(path.clone())),
+            ),
+        };
+
+        let (output, captured) = if self.monitor_output {
+            let prefix = if self.prefix_output {
+                format!("[{label}] ")
+            } else {
+                String::new()
+            };
+            (OutputSink::forward(prefix), None)
+        } else {
+            let (sink, rx) = OutputSink::capture();
+            (sink, Some(rx))
+        };
+        let mut launch = Launch {
+            program,
+            config: HostConfig {
+                version: PROTOCOL_VERSION,
+                malt_version: crate::protocol::MALT_VERSION.to_string(),
+                name: label.to_string(),
+                guest,
+                memory_limit: self.memory_limit,
+                interrupt_grace: self.interrupt_grace,
+                call_timeout: self.call_timeout,
+                max_frame: self.max_frame,
+                fuel: self.fuel,
+                output_limit: self.output_limit,
+                env: self.env.clone(),
+                dirs: self.dirs.clone(),
+            },
+            output: Arc::new(Mutex::new(output)),
+            stderr_tail: Arc::new(Mutex::new(String::new())),
+        };
+        let conn = match connection::connect(&launch).await {
+            Err(e) if e.failure == StartFailure::Fatal(FatalKind::ArtifactLoad) => {
+                // A damaged cached artifact: compile again, once.
+                if let GuestSpec::Artifact { path } = &launch.config.guest {
+                    cache::discard(Path::new(path));
+                }
+                tracing::warn!("{label}: recompiling after: {}", e.message);
+                let artifact = prepare_artifact(self.guest.clone(), fuel)
+                    .await
+                    .map_err(|e| spawn_error(e.to_string(), String::new()))?;
+                launch.config.guest = GuestSpec::Artifact {
+                    path: artifact.to_string_lossy().into_owned(),
+                };
+                connection::connect(&launch).await
+            }
+            other => other,
+        }
+        .map_err(|e| spawn_error(e.message, e.stderr))?;
+
+        let (exit, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            name: format!("{label} ({kind})"),
+            number,
+            kind,
+            pending: Mutex::new(Pending {
+                waiting: BTreeMap::new(),
+                closed: false,
+                frames: conn.frames,
+                signals: conn.signals,
+            }),
+            pid: AtomicU32::new(conn.pid),
+            next_id: AtomicU64::new(1),
+            running: AtomicBool::new(true),
+            exit,
+            // A native guest cannot be killed apart from its process: a
+            // hard interrupt restarts the host.
+            restartable: kind == WorkerKind::Native,
+            max_pending: self.max_pending,
+            launch,
+        });
+        tokio::spawn(read_frames(inner.clone(), conn.reader, conn.exited));
+        Ok(Worker {
+            inner,
+            output: Mutex::new(captured),
+        })
+    }
+}
+
+/// The compiled artifact of a wasm guest (compiling it if the cache does
+/// not have it).
+pub(crate) async fn prepare_artifact(source: GuestSource, fuel: bool) -> Result<PathBuf> {
+    tokio::task::spawn_blocking(move || match source {
+        GuestSource::Wasm(path) => {
+            let what = path.display().to_string();
+            let bytes = std::fs::read(&path)
+                .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
+            cache::check_component(&bytes, &what)?;
+            cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what, fuel)
+        }
+        _ => cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest", fuel),
+    })
+    .await
+    .map_err(|e| Error::Component(format!("preparing the guest panicked: {e}")))?
+}

@@ -1,0 +1,262 @@
+//! The state of one worker behind its handles: the pending requests, the
+//! connection to its host, and the task that reads the host's frames.
+
+use super::*;
+
+/// Reads the host's frames until the worker is gone; restarts a native
+/// host that asked for it.
+pub(crate) async fn read_frames(
+    inner: Arc<Inner>,
+    mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    mut exited: tokio::sync::oneshot::Receiver<std::process::ExitStatus>,
+) {
+    loop {
+        let mut restart = false;
+        let broken = loop {
+            let body =
+                match connection::read_body(&mut *reader, inner.launch.config.max_frame).await {
+                    Ok(Some(body)) => body,
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                };
+            match protocol::decode::<FromHost>(&body) {
+                Ok(FromHost::Reply { id, result }) => inner.resolve(id, result),
+                Ok(FromHost::Output { stream, data }) => inner.output().write(stream, &data),
+                Ok(FromHost::Restart) if inner.restartable => restart = true,
+                Ok(FromHost::Fatal { message, .. }) => break Some(message),
+                Ok(other) => break Some(format!("unexpected message {other:?}")),
+                Err(e) => break Some(e.to_string()),
+            }
+        };
+        if let Some(reason) = &broken {
+            tracing::warn!(worker = %inner.name, "killing the worker: {reason}");
+            inner.signal(Signal::Kill);
+        }
+        // `exited` is awaited at most once: a completed oneshot receiver
+        // must not be polled again (it panics).
+        let mut status = None;
+        if restart && broken.is_none() && inner.running.load(Ordering::Acquire) {
+            status = Some((&mut exited).await.ok());
+            match connection::connect(&inner.launch).await {
+                Ok(conn) => {
+                    reader = conn.reader;
+                    exited = conn.exited;
+                    inner.reconnect(conn.frames, conn.signals, conn.pid);
+                    continue;
+                }
+                Err(e) => tracing::warn!(worker = %inner.name, "cannot restart: {}", e.message),
+            }
+        }
+        inner.terminate();
+        inner.output().finish();
+        let status = match status {
+            Some(status) => status,
+            None => match tokio::time::timeout(Duration::from_secs(2), &mut exited).await {
+                Ok(status) => status.ok(),
+                Err(_) => {
+                    // The stream closed but the host lingers: make sure.
+                    inner.signal(Signal::Kill);
+                    tokio::time::timeout(Duration::from_secs(5), exited)
+                        .await
+                        .ok()
+                        .and_then(|s| s.ok())
+                }
+            },
+        };
+        inner.exit.send_replace(Some(status));
+        return;
+    }
+}
+
+pub(crate) type Reply = std::result::Result<Option<serde_bytes::ByteBuf>, Error>;
+
+/// A request not answered yet.
+pub(crate) struct Waiting {
+    /// Where the answer goes (`None` for `remote_do`).
+    pub(crate) tx: Option<oneshot::Sender<Reply>>,
+    /// The request, kept to send again to a restarted native host.
+    pub(crate) resend: Option<Vec<u8>>,
+}
+
+pub(crate) struct Pending {
+    pub(crate) waiting: BTreeMap<u64, Waiting>,
+    /// Set once the worker is gone: new requests fail at once.
+    pub(crate) closed: bool,
+    /// The current connection's outgoing frames and control.
+    pub(crate) frames: mpsc::UnboundedSender<Vec<u8>>,
+    pub(crate) signals: mpsc::UnboundedSender<Signal>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) name: String,
+    pub(crate) number: u64,
+    pub(crate) kind: WorkerKind,
+    pub(crate) pending: Mutex<Pending>,
+    pub(crate) pid: AtomicU32,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) running: AtomicBool,
+    /// The exit status once the worker is gone for good.
+    pub(crate) exit: watch::Sender<Option<Option<std::process::ExitStatus>>>,
+    pub(crate) restartable: bool,
+    pub(crate) max_pending: usize,
+    pub(crate) launch: Launch,
+}
+
+impl Inner {
+    pub(crate) fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn output(&self) -> std::sync::MutexGuard<'_, OutputSink> {
+        self.launch.output.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn signal(&self, signal: Signal) {
+        let _ = self.lock_pending().signals.send(signal);
+    }
+
+    /// Switches to a restarted host and sends it every unanswered request,
+    /// in order.
+    pub(crate) fn reconnect(
+        &self,
+        frames: mpsc::UnboundedSender<Vec<u8>>,
+        signals: mpsc::UnboundedSender<Signal>,
+        pid: u32,
+    ) {
+        let mut pending = self.lock_pending();
+        for waiting in pending.waiting.values() {
+            if let Some(frame) = &waiting.resend {
+                let _ = frames.send(frame.clone());
+            }
+        }
+        pending.frames = frames;
+        pending.signals = signals;
+        self.pid.store(pid, Ordering::Release);
+        if !self.running.load(Ordering::Acquire) {
+            // Killed while restarting.
+            let _ = pending.signals.send(Signal::Kill);
+        }
+    }
+
+    /// Marks the worker gone and fails every pending request.
+    pub(crate) fn terminate(&self) {
+        self.running.store(false, Ordering::Release);
+        let waiting = {
+            let mut pending = self.lock_pending();
+            pending.closed = true;
+            std::mem::take(&mut pending.waiting)
+        };
+        for (_, waiting) in waiting {
+            if let Some(tx) = waiting.tx {
+                let _ = tx.send(Err(Error::TerminatedWorker));
+            }
+        }
+    }
+
+    pub(crate) fn resolve(
+        &self,
+        id: u64,
+        result: std::result::Result<Option<serde_bytes::ByteBuf>, Failure>,
+    ) {
+        let Some(Waiting { tx: Some(tx), .. }) = self.lock_pending().waiting.remove(&id) else {
+            return;
+        };
+        let _ = tx.send(result.map_err(|f| self.failure(f)));
+    }
+
+    pub(crate) fn failure(&self, failure: Failure) -> Error {
+        match failure {
+            Failure::Remote(message) => Error::Remote(RemoteException {
+                worker: self.name.clone(),
+                message,
+            }),
+            Failure::Interrupted { state_lost } => Error::Interrupted { state_lost },
+            Failure::Timeout { .. } => Error::Timeout,
+            Failure::Trap(message) => Error::Trap {
+                worker: self.name.clone(),
+                message,
+            },
+            Failure::Limit { limit, message } => Error::LimitExceeded {
+                worker: self.name.clone(),
+                limit,
+                message,
+            },
+            Failure::Invalid(message) => Error::Invalid {
+                worker: self.name.clone(),
+                message,
+            },
+        }
+    }
+
+    /// Sends a request; the receiver gets its reply.
+    pub(crate) fn request(
+        &self,
+        message: impl FnOnce(u64) -> ToHost,
+    ) -> Result<oneshot::Receiver<Reply>> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(message, Some(tx))?;
+        Ok(rx)
+    }
+
+    /// Sends a request whose reply is awaited by `tx` (or by nobody).
+    pub(crate) fn submit(
+        &self,
+        message: impl FnOnce(u64) -> ToHost,
+        tx: Option<oneshot::Sender<Reply>>,
+    ) -> Result<()> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = self.frame(&message(id))?;
+        let mut pending = self.lock_pending();
+        if pending.closed {
+            return Err(Error::TerminatedWorker);
+        }
+        if pending.waiting.len() >= self.max_pending {
+            return Err(Error::LimitExceeded {
+                worker: self.name.clone(),
+                limit: protocol::Limit::PendingRequests,
+                message: format!(
+                    "{} requests are already waiting for a reply",
+                    self.max_pending
+                ),
+            });
+        }
+        let resend = self.restartable.then(|| frame.clone());
+        // Sent under the lock, so a restart sends every request once:
+        // either from this queue or from its own list, never both.
+        let _ = pending.frames.send(frame);
+        pending.waiting.insert(id, Waiting { tx, resend });
+        Ok(())
+    }
+
+    /// Sends a message that gets no reply.
+    pub(crate) fn send(&self, message: &ToHost) -> Result<()> {
+        if !self.running.load(Ordering::Acquire) {
+            return Err(Error::TerminatedWorker);
+        }
+        let frame = self.frame(message)?;
+        self.lock_pending()
+            .frames
+            .send(frame)
+            .map_err(|_| Error::TerminatedWorker)
+    }
+
+    pub(crate) fn frame(&self, message: &ToHost) -> Result<Vec<u8>> {
+        let frame = protocol::encode(message);
+        if frame.len() - protocol::HEADER_LEN > self.launch.config.max_frame {
+            return Err(Error::LimitExceeded {
+                worker: self.name.clone(),
+                limit: protocol::Limit::FrameSize,
+                message: format!(
+                    "the request is {} bytes, over the {} byte frame cap",
+                    frame.len() - protocol::HEADER_LEN,
+                    self.launch.config.max_frame
+                ),
+            });
+        }
+        Ok(frame)
+    }
+
+    pub(crate) fn decode<R: DeserializeOwned>(&self, bytes: &[u8]) -> Result<R> {
+        decode_value(&self.name, bytes)
+    }
+}
