@@ -34,7 +34,7 @@ async fn demo() -> Result<(), Error> {
     // A runaway loop is interrupted; the session survives.
     let runaway = w.remote_eval::<()>("loop { total += 1; }");
     tokio::time::sleep(Duration::from_millis(50)).await;
-    w.interrupt().await?;
+    w.interrupt()?;
     println!("runaway loop: {}", runaway.await.unwrap_err());
     let still_there: bool = w.remote_eval_fetch("total > 5").await?;
     println!("state kept: {still_there}");

@@ -266,7 +266,7 @@ impl Worker {
 
     /// Interrupts the running request.
     pub fn interrupt(&self) -> Result<()> {
-        block_on(self.inner.interrupt())
+        self.inner.interrupt()
     }
 
     /// Whether the worker is running.

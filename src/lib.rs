@@ -132,6 +132,8 @@
 //! opt-level = 2
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod blocking;
 mod cache;
 mod channel;

@@ -109,7 +109,7 @@ async fn evaluate(worker: &malt::Worker, code: &str) {
     let result = tokio::select! {
         result = &mut pending => result,
         _ = tokio::signal::ctrl_c() => {
-            let _ = worker.interrupt().await;
+            let _ = worker.interrupt();
             pending.await
         }
     };

@@ -124,14 +124,20 @@ pub trait NativeGuest {
 #[doc(hidden)]
 pub type NativeFactory = Arc<dyn Fn(GuestContext) -> Box<dyn NativeGuest> + Send + Sync>;
 
-/// What a native guest can ask of its host: the `host` interface of the
-/// `malt:worker` world.
+/// The host services, what a guest can ask of its host: the `host`
+/// interface of the `malt:worker` world. Implemented here once; the wasm
+/// backend's imports, the script guest and the SDK's native guests are thin
+/// adapters over it.
 #[derive(Clone)]
 pub struct GuestContext {
     shared: Arc<Shared>,
 }
 
 impl GuestContext {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        GuestContext { shared }
+    }
+
     /// True once the manager asked to interrupt the request now running.
     pub fn interrupted(&self) -> bool {
         self.shared.control.interrupted()

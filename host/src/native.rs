@@ -74,9 +74,7 @@ pub(super) fn prepare(
     // request's error instead.
     std::panic::set_hook(Box::new(|_| {}));
 
-    let context = GuestContext {
-        shared: shared.clone(),
-    };
+    let context = GuestContext::new(shared.clone());
     let maker: GuestMaker = Box::new(move || {
         Box::new(Native {
             guest: factory(context.clone()),

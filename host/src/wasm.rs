@@ -17,7 +17,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::{GuestError, Shared, StartFailed, Work};
+use super::{GuestContext, GuestError, Shared, StartFailed, Work};
 use malt_protocol::FatalKind;
 use malt_protocol::{GuestSpec, HostConfig, Stream};
 
@@ -46,7 +46,8 @@ pub fn engine_config(fuel: bool) -> wasmtime::Config {
 
 /// Per-store state.
 pub(crate) struct State {
-    shared: Arc<Shared>,
+    /// The host services: the one implementation every backend uses.
+    services: GuestContext,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
@@ -61,27 +62,26 @@ impl WasiView for State {
     }
 }
 
+/// The WIT imports, adapted to the host services.
 impl bindings::malt::worker::host::Host for State {
     fn interrupted(&mut self) -> bool {
-        self.shared.control.interrupted()
+        self.services.interrupted()
     }
 
     fn sleep(&mut self, ms: u64) -> bool {
-        self.shared
-            .channels
-            .sleep(&self.shared.control, Duration::from_millis(ms))
+        self.services.sleep(Duration::from_millis(ms))
     }
 
     fn channel_put(&mut self, name: String, value: Vec<u8>) -> Result<(), String> {
-        self.shared.channels.guest_put(&self.shared, &name, value)
+        self.services.channel_put(&name, value)
     }
 
     fn channel_take(&mut self, name: String) -> Result<Vec<u8>, String> {
-        self.shared.channels.guest_take(&self.shared, &name)
+        self.services.channel_take(&name)
     }
 
     fn channel_is_ready(&mut self, name: String) -> bool {
-        self.shared.channels.is_ready(&name)
+        self.services.channel_is_ready(&name)
     }
 }
 
@@ -295,7 +295,7 @@ fn instantiate(
         stream: Stream::Stderr,
     });
     let state = State {
-        shared: shared.clone(),
+        services: GuestContext::new(shared.clone()),
         wasi: wasi.build(),
         table: ResourceTable::new(),
         limiter: Limiter {

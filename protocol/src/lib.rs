@@ -15,6 +15,8 @@
 //! 3. then requests and replies flow, matched by id. Guest output travels
 //!    as [`FromHost::Output`] frames, never raw on the stream.
 
+#![deny(missing_docs)]
+
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
@@ -112,16 +114,23 @@ pub enum ToHost {
     Init(Box<HostConfig>),
     /// Call a guest function. `args` is a MessagePack array.
     Call {
+        /// The request id its reply will carry.
         id: u64,
+        /// The function's name.
         name: String,
+        /// The arguments, a MessagePack array.
         #[serde(with = "serde_bytes")]
         args: Vec<u8>,
+        /// What the manager wants back.
         reply: ReplyMode,
     },
     /// Evaluate code in the guest's session.
     Eval {
+        /// The request id its reply will carry.
         id: u64,
+        /// The source code.
         code: String,
+        /// What the manager wants back.
         reply: ReplyMode,
     },
     /// Interrupt the request now running; if none is, the next one to
@@ -132,21 +141,37 @@ pub enum ToHost {
     },
     /// Create a worker channel unless it exists; replies with no value.
     ChannelOpen {
+        /// The request id its reply will carry.
         id: u64,
+        /// The channel's name.
         name: String,
+        /// Values it holds before puts wait (at most [`MAX_CHANNEL_CAPACITY`]).
         capacity: u32,
     },
     /// Append a value to a channel; replies once it is in the queue.
     ChannelPut {
+        /// The request id its reply will carry.
         id: u64,
+        /// The channel's name.
         name: String,
+        /// The value, MessagePack.
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// Take a value from a channel; replies once there is one.
-    ChannelTake { id: u64, name: String },
+    ChannelTake {
+        /// The request id its reply will carry.
+        id: u64,
+        /// The channel's name.
+        name: String,
+    },
     /// Whether a take would not block; replies with a MessagePack bool.
-    ChannelIsReady { id: u64, name: String },
+    ChannelIsReady {
+        /// The request id its reply will carry.
+        id: u64,
+        /// The channel's name.
+        name: String,
+    },
     /// Shut down now.
     Stop,
 }
@@ -191,13 +216,24 @@ pub enum Failure {
     /// The guest returned an error.
     Remote(String),
     /// The request was interrupted.
-    Interrupted { state_lost: bool },
+    Interrupted {
+        /// Whether the guest was killed and reset (its state is gone).
+        state_lost: bool,
+    },
     /// The request ran past the call timeout.
-    Timeout { state_lost: bool },
+    Timeout {
+        /// Whether the guest was killed and reset (its state is gone).
+        state_lost: bool,
+    },
     /// The guest trapped (panic, unreachable, stack overflow); state was reset.
     Trap(String),
     /// A limit was hit.
-    Limit { limit: Limit, message: String },
+    Limit {
+        /// Which limit.
+        limit: Limit,
+        /// What happened, for people.
+        message: String,
+    },
     /// The request itself was invalid (e.g. a channel with capacity 0).
     Invalid(String),
 }
@@ -219,7 +255,9 @@ pub enum FromHost {
     /// The answer to a request. `None` when no value was asked for
     /// (`remote_do` gets one too, so the manager knows it ran).
     Reply {
+        /// The id of the request answered.
         id: u64,
+        /// Its value (MessagePack), none, or why it failed.
         result: Result<Option<serde_bytes::ByteBuf>, Failure>,
     },
     /// The host killed a request the only way a native guest can be
@@ -228,7 +266,9 @@ pub enum FromHost {
     Restart,
     /// A chunk of guest output.
     Output {
+        /// Which stream.
         stream: Stream,
+        /// The bytes, as the guest wrote them.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
@@ -281,7 +321,12 @@ pub enum FrameError {
     Io(#[from] io::Error),
     /// The frame's length is over the cap.
     #[error("frame of {len} bytes is over the {max} byte cap")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
     /// The frame's bytes are not a valid message.
     #[error("malformed frame: {0}")]
     Malformed(String),

@@ -233,7 +233,7 @@ impl Worker {
     /// false`); one that does not is killed and restarted fresh
     /// (`state_lost: true`). Either way the worker keeps running, and
     /// queued requests run afterwards.
-    pub async fn interrupt(&self) -> Result<()> {
+    pub fn interrupt(&self) -> Result<()> {
         let up_to = self.inner.next_id.load(Ordering::Relaxed) - 1;
         self.inner.send(&ToHost::Interrupt { up_to })
     }

@@ -64,7 +64,7 @@ async fn calls_on_a_stopped_worker_fail(kind: Kind) {
             .is_terminated()
     );
     assert!(w.remote_do("abs", (1,)).unwrap_err().is_terminated());
-    assert!(w.interrupt().await.unwrap_err().is_terminated());
+    assert!(w.interrupt().unwrap_err().is_terminated());
     assert!(
         w.worker_channel::<i64>("c", 1)
             .await

@@ -33,7 +33,7 @@ async fn interrupt_a_busy_loop_keeps_state(kind: Kind) {
     w.remote_eval_wait("let kept = 42;").await.unwrap();
     let running = w.remote_eval::<()>(r#"channel_put("started", 1); loop { kept += 0; }"#);
     wait_started(&w, &started).await;
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     let err = finishes("the interrupted loop", running).await.unwrap_err();
     assert!(
         matches!(err, Error::Interrupted { state_lost: false }),
@@ -49,7 +49,7 @@ async fn interrupt_a_sleep(kind: Kind) {
     let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     let running = w.remote_eval::<()>(r#"channel_put("started", 1); sleep(1000000)"#);
     wait_started(&w, &started).await;
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     let err = finishes("the interrupted sleep", running)
         .await
         .unwrap_err();
@@ -67,7 +67,7 @@ async fn interrupt_a_blocked_channel_take(kind: Kind) {
     let _never = w.worker_channel::<i64>("never", 1).await.unwrap();
     let running = w.remote_eval::<i64>(r#"channel_put("started", 1); channel_take("never")"#);
     wait_started(&w, &started).await;
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     let err = finishes("the interrupted take", running).await.unwrap_err();
     assert!(
         matches!(err, Error::Interrupted { state_lost: false }),
@@ -83,8 +83,8 @@ async fn two_interrupts_in_a_row(kind: Kind) {
     for _ in 0..2 {
         let running = w.remote_eval::<()>(r#"channel_put("started", 1); loop {}"#);
         wait_started(&w, &started).await;
-        w.interrupt().await.unwrap();
-        w.interrupt().await.unwrap();
+        w.interrupt().unwrap();
+        w.interrupt().unwrap();
         let err = finishes("the interrupted loop", running).await.unwrap_err();
         assert!(matches!(err, Error::Interrupted { .. }), "{err:?}");
         assert_eq!(w.remote_eval_fetch::<i64>("7").await.unwrap(), 7);
@@ -94,7 +94,7 @@ async fn two_interrupts_in_a_row(kind: Kind) {
 
 async fn interrupt_an_idle_worker_is_harmless(kind: Kind) {
     let w = kind.spawn().await;
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     // The next request is not hit by an interrupt aimed at nothing.
     assert_eq!(
         w.remote_eval_fetch::<i64>("sleep(0.01); 5").await.unwrap(),
@@ -110,7 +110,7 @@ async fn interrupt_right_after_sending(kind: Kind) {
     w.remote_eval_wait("let kept = 42;").await.unwrap();
     for _ in 0..5 {
         let running = w.remote_eval::<()>("loop { kept += 0; }");
-        w.interrupt().await.unwrap();
+        w.interrupt().unwrap();
         let err = finishes("the interrupted loop", running).await.unwrap_err();
         assert!(
             matches!(err, Error::Interrupted { state_lost: false }),
@@ -128,7 +128,7 @@ async fn queued_requests_run_after_an_interrupt(kind: Kind) {
     let running = w.remote_eval::<()>(r#"channel_put("started", 1); loop {}"#);
     let queued = w.remote_eval::<i64>("10 + 1");
     wait_started(&w, &started).await;
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     assert!(finishes("loop", running).await.is_err());
     assert_eq!(finishes("queued", queued).await.unwrap(), 11);
     w.stop().await.unwrap();

@@ -19,7 +19,7 @@ conformance!(
 // The wasm sandbox's limits (a native worker has only the process wall).
 conformance_wasm!(memory_limit_is_enforced, fuel_limits_a_request);
 
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat
@@ -30,7 +30,7 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
-async fn wait_gone(pid: u32) -> bool {
+pub(crate) async fn wait_gone(pid: u32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if !process_alive(pid) {
@@ -104,7 +104,7 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
     let spinning = w.remote_call::<()>("spin", ());
     let queued = w.remote_call::<i64>("add", (2, 3));
     finishes("the spin to start", started.take()).await.unwrap();
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
     assert!(
         matches!(err, Error::Interrupted { state_lost: true }),
@@ -115,7 +115,7 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
     // And again: the fresh instance can be killed too.
     let spinning = w.remote_call::<()>("spin", ());
     finishes("the spin to start", started.take()).await.unwrap();
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
     assert!(
         matches!(err, Error::Interrupted { state_lost: true }),
@@ -204,65 +204,6 @@ async fn dropping_the_handle_kills_the_worker(kind: Kind) {
     }
 }
 
-/// Env var that turns `killed_manager_child` into the child side of
-/// `no_worker_survives_its_manager`.
-const KILLED_CHILD_ENV: &str = "MALT_TEST_KILLED_MANAGER";
-
-/// No orphans: a manager killed with SIGKILL (no destructor, no exit
-/// handler) takes its workers with it.
-#[tokio::test]
-async fn no_worker_survives_its_manager() {
-    use tokio::io::AsyncBufReadExt;
-    let exe = std::env::current_exe().unwrap();
-    let mut manager = tokio::process::Command::new(exe)
-        .args([
-            "--exact",
-            "lifecycle::killed_manager_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(KILLED_CHILD_ENV, "1")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(manager.stdout.take().unwrap()).lines();
-    let mut pids = Vec::new();
-    while pids.len() < 2 {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("the child started its workers")
-            .unwrap()
-            .expect("the child printed two worker pids");
-        if let Some(pid) = line.split("worker pid ").nth(1) {
-            pids.push(pid.trim().parse::<u32>().unwrap());
-        }
-    }
-    for &pid in &pids {
-        assert!(process_alive(pid));
-    }
-    let _ = manager.start_kill();
-    let _ = manager.wait().await;
-    for pid in pids {
-        assert!(wait_gone(pid).await, "worker {pid} survived its manager");
-    }
-}
-
-/// The child side: starts a wasm and a native worker, then waits to be
-/// killed.
-#[test]
-fn killed_manager_child() {
-    if std::env::var_os(KILLED_CHILD_ENV).is_none() {
-        return;
-    }
-    let wasm = malt::blocking::Worker::script().spawn().unwrap();
-    let native = malt::blocking::Worker::native().spawn().unwrap();
-    println!("worker pid {}", wasm.pid());
-    println!("worker pid {}", native.pid());
-    std::thread::sleep(Duration::from_secs(60));
-    panic!("the parent did not kill this manager");
-}
-
 async fn fuel_limits_a_request(kind: Kind) {
     let w = test_guest_worker(kind)
         .fuel(5_000_000)
@@ -284,56 +225,6 @@ async fn fuel_limits_a_request(kind: Kind) {
     // Each request gets the full budget again.
     assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
     w.stop().await.unwrap();
-}
-
-/// Env var that turns `exiting_manager_child` into the child side of
-/// `no_worker_survives_its_manager_exiting`.
-const EXIT_CHILD_ENV: &str = "MALT_TEST_EXITING_MANAGER";
-
-/// No orphans: a manager that exits without stopping its workers (no
-/// destructors run) takes them with it.
-#[tokio::test]
-async fn no_worker_survives_its_manager_exiting() {
-    let exe = std::env::current_exe().unwrap();
-    let out = tokio::process::Command::new(exe)
-        .args([
-            "--exact",
-            "lifecycle::exiting_manager_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(EXIT_CHILD_ENV, "1")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let pids: Vec<u32> = stdout
-        .lines()
-        .filter_map(|l| l.split("worker pid ").nth(1))
-        .map(|p| p.trim().parse().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 2, "child output:\n{stdout}");
-    for pid in pids {
-        assert!(wait_gone(pid).await, "worker {pid} survived its manager");
-    }
-}
-
-/// The child side: starts a wasm and a native worker, then exits at once.
-#[test]
-fn exiting_manager_child() {
-    if std::env::var_os(EXIT_CHILD_ENV).is_none() {
-        return;
-    }
-    for builder in [
-        malt::blocking::Worker::script(),
-        malt::blocking::Worker::native(),
-    ] {
-        let w = builder.spawn().unwrap();
-        w.remote_eval_wait("1").unwrap();
-        println!("worker pid {}", w.pid());
-        std::mem::forget(w);
-    }
-    std::process::exit(0);
 }
 
 /// A wasm worker's host process is locked down before guest code runs
@@ -399,7 +290,7 @@ async fn a_native_host_that_cannot_restart_terminates_cleanly() {
         finishes("the spin to start", started.take()).await.unwrap(),
         1
     );
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     let err = finishes("the killed spin", spinning).await.unwrap_err();
     assert!(
         matches!(err, Error::Interrupted { state_lost: true }),

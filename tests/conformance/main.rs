@@ -14,6 +14,7 @@ mod channels;
 mod exceptions;
 mod interrupt;
 mod lifecycle;
+mod orphans;
 mod output;
 mod sdk;
 mod starting;

@@ -72,7 +72,7 @@ async fn sdk_sleep_is_cut_short_by_an_interrupt(kind: Kind) {
     let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     let napping = w.remote_call::<bool>("nap", (100_000,));
     finishes("the nap to start", started.take()).await.unwrap();
-    w.interrupt().await.unwrap();
+    w.interrupt().unwrap();
     let slept_fully = finishes("nap", napping).await.unwrap();
     assert!(!slept_fully);
     assert!(w.remote_call_fetch::<bool>("nap", (1,)).await.unwrap());

@@ -11,6 +11,8 @@
 //! channels) comes through the [`Host`] trait, so the Rhai code is written
 //! once for both.
 
+#![deny(missing_docs)]
+
 use std::rc::Rc;
 
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};

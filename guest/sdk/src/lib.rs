@@ -24,6 +24,8 @@
 //! and resets the guest. Long-running functions poll [`interrupted`] and
 //! use [`sleep`] and the channel functions, which an interrupt cuts short.
 
+#![deny(missing_docs)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 

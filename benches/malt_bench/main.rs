@@ -5,9 +5,15 @@
 //! samples). The floors are raw pipes between two processes: this binary
 //! started again in echo mode.
 
-#[path = "../tests/support/guests.rs"]
+#[path = "../../tests/support/guests.rs"]
 #[allow(dead_code)]
 mod guests;
+
+mod floor;
+mod report;
+
+use floor::*;
+use report::*;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -16,149 +22,7 @@ use std::time::{Duration, Instant};
 use malt::{Error, Worker, WorkerBuilder};
 use serde_bytes::ByteBuf;
 
-const ECHO_ARG: &str = "__malt_bench_echo";
-
-/// Echo mode: read length-prefixed frames on stdin, write them back.
-fn echo() -> ! {
-    let mut input = std::io::BufReader::with_capacity(64 << 10, std::io::stdin().lock());
-    let mut output = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
-    let mut header = [0u8; 4];
-    let mut body = Vec::new();
-    while input.read_exact(&mut header).is_ok() {
-        let len = u32::from_le_bytes(header) as usize;
-        body.resize(len, 0);
-        if input.read_exact(&mut body).is_err() {
-            break;
-        }
-        if output
-            .write_all(&header)
-            .and_then(|_| output.write_all(&body))
-            .is_err()
-        {
-            break;
-        }
-        // Like malt's writers: flush when no more input is waiting.
-        if input.buffer().is_empty() && output.flush().is_err() {
-            break;
-        }
-    }
-    std::process::exit(0)
-}
-
-struct Echo {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    stdout: std::process::ChildStdout,
-}
-
-impl Echo {
-    fn start() -> Echo {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .arg(ECHO_ARG)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        Echo {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn send(&mut self, body: &[u8]) {
-        self.stdin
-            .write_all(&(body.len() as u32).to_le_bytes())
-            .unwrap();
-        self.stdin.write_all(body).unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn recv(&mut self, buf: &mut Vec<u8>) {
-        let mut header = [0u8; 4];
-        self.stdout.read_exact(&mut header).unwrap();
-        buf.resize(u32::from_le_bytes(header) as usize, 0);
-        self.stdout.read_exact(buf).unwrap();
-    }
-
-    fn round_trip(&mut self, body: &[u8], buf: &mut Vec<u8>) {
-        self.send(body);
-        self.recv(buf);
-    }
-
-    fn stop(mut self) {
-        drop(self.stdin);
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Stats {
-    median: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    Stats {
-        median: at(0.5),
-        p99: at(0.99),
-    }
-}
-
-fn fmt(d: Duration) -> String {
-    let ns = d.as_nanos() as f64;
-    if ns < 10_000.0 {
-        format!("{:.2} µs", ns / 1e3)
-    } else if ns < 10_000_000.0 {
-        format!("{:.1} µs", ns / 1e3)
-    } else if ns < 10e9 {
-        format!("{:.1} ms", ns / 1e6)
-    } else {
-        format!("{:.2} s", ns / 1e9)
-    }
-}
-
-struct Table {
-    rows: Vec<[String; 5]>,
-}
-
-impl Table {
-    fn timing(&mut self, what: &str, malt: Stats, floor: Option<Stats>, goal: &str) {
-        let (floor_text, ratio) = match floor {
-            Some(f) => (
-                format!("{} (p99 {})", fmt(f.median), fmt(f.p99)),
-                format!("{:.1}×", malt.median.as_secs_f64() / f.median.as_secs_f64()),
-            ),
-            None => ("—".into(), "—".into()),
-        };
-        self.rows.push([
-            what.into(),
-            format!("{} (p99 {})", fmt(malt.median), fmt(malt.p99)),
-            floor_text,
-            ratio,
-            goal.into(),
-        ]);
-        eprintln!("  {what}: {}", self.rows.last().unwrap()[1]);
-    }
-
-    fn figure(&mut self, what: &str, value: String, floor: String, ratio: String, goal: &str) {
-        eprintln!("  {what}: {value}");
-        self.rows
-            .push([what.into(), value, floor, ratio, goal.into()]);
-    }
-
-    fn print(&self) {
-        println!("| measure | malt median (p99) | floor median (p99) | ratio | goal |");
-        println!("|---|---|---|---|---|");
-        for r in &self.rows {
-            println!("| {} | {} | {} | {} | {} |", r[0], r[1], r[2], r[3], r[4]);
-        }
-    }
-}
+pub(crate) const ECHO_ARG: &str = "__malt_bench_echo";
 
 fn host(builder: WorkerBuilder) -> WorkerBuilder {
     builder.monitor_output(false)
@@ -201,7 +65,7 @@ async fn interrupts(
             None => tokio::time::sleep(Duration::from_millis(5)).await,
         }
         let start = Instant::now();
-        w.interrupt().await?;
+        w.interrupt()?;
         let err = running.await.unwrap_err();
         to_error.push(start.elapsed());
         assert!(
@@ -212,55 +76,6 @@ async fn interrupts(
         to_answer.push(start.elapsed());
     }
     Ok((stats(to_error), stats(to_answer)))
-}
-
-fn floor_round_trip(n: usize, size: usize) -> Stats {
-    let mut echo = Echo::start();
-    let body = vec![0x5au8; size];
-    let mut buf = Vec::new();
-    for _ in 0..n / 10 {
-        echo.round_trip(&body, &mut buf);
-    }
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let start = Instant::now();
-        echo.round_trip(&body, &mut buf);
-        samples.push(start.elapsed());
-    }
-    echo.stop();
-    stats(samples)
-}
-
-/// Frames per second through the raw pipe, pipelined like the calls.
-fn floor_pipelined(calls: usize) -> f64 {
-    let Echo {
-        mut child,
-        stdin,
-        mut stdout,
-    } = Echo::start();
-    let start = Instant::now();
-    let reader = std::thread::spawn(move || {
-        let mut input = std::io::BufReader::new(&mut stdout);
-        let mut header = [0u8; 4];
-        let mut buf = Vec::new();
-        for _ in 0..calls {
-            input.read_exact(&mut header).unwrap();
-            buf.resize(u32::from_le_bytes(header) as usize, 0);
-            input.read_exact(&mut buf).unwrap();
-        }
-    });
-    let mut out = std::io::BufWriter::new(stdin);
-    let body = [0x5au8; 32];
-    for _ in 0..calls {
-        out.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
-        out.write_all(&body).unwrap();
-    }
-    out.flush().unwrap();
-    reader.join().unwrap();
-    let rate = calls as f64 / start.elapsed().as_secs_f64();
-    drop(out);
-    let _ = child.wait();
-    rate
 }
 
 fn pss_rss_kib(pid: u32) -> (u64, u64) {
