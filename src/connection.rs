@@ -101,7 +101,7 @@ async fn handshake(
         .await
         .map_err(exited)?;
     writer.flush().await.map_err(exited)?;
-    match read_message(reader, 1 << 20).await {
+    match read_message(reader, protocol::HANDSHAKE_MAX_FRAME).await {
         Ok(Some(FromHost::Hello {
             version,
             malt_version,
@@ -291,10 +291,7 @@ pub(crate) async fn read_body(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.to_string()),
     }
-    let len = u32::from_le_bytes(header) as usize;
-    if len > max {
-        return Err(format!("a frame of {len} bytes is over the {max} byte cap"));
-    }
+    let len = protocol::body_len(header, max).map_err(|e| e.to_string())?;
     let mut body = vec![0u8; len];
     reader
         .read_exact(&mut body)

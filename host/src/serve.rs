@@ -203,7 +203,8 @@ fn prepare_wasm(_: &HostConfig, _: &Arc<Shared>, _: Place) -> Result<Prepared, S
 
 fn read_init(input: &mut impl std::io::Read) -> Result<HostConfig, String> {
     // The Init frame is small; cap it before the configured cap is known.
-    let body = protocol::read_frame(input, 1 << 20).map_err(|e| format!("reading init: {e}"))?;
+    let body = protocol::read_frame(input, protocol::HANDSHAKE_MAX_FRAME)
+        .map_err(|e| format!("reading init: {e}"))?;
     match protocol::decode::<ToHost>(&body) {
         Ok(ToHost::Init(config))
             if config.version == PROTOCOL_VERSION

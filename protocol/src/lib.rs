@@ -17,7 +17,7 @@
 
 #![deny(missing_docs)]
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,10 @@ pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 /// Largest capacity of one worker channel (values it holds before puts
 /// wait). Both sides refuse more.
 pub const MAX_CHANNEL_CAPACITY: usize = 1 << 20;
+
+/// Cap on the handshake frames (`Init` and `Hello`), read before the
+/// configured cap is known.
+pub const HANDSHAKE_MAX_FRAME: usize = 1 << 20;
 
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
@@ -376,18 +380,20 @@ pub fn read_frame(reader: &mut impl Read, max: usize) -> Result<Vec<u8>, FrameEr
             Err(e) => return Err(e.into()),
         }
     }
-    let len = u32::from_le_bytes(header) as usize;
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
-    }
-    let mut body = vec![0u8; len];
+    let mut body = vec![0u8; body_len(header, max)?];
     reader.read_exact(&mut body)?;
     Ok(body)
 }
 
-/// Writes an encoded frame to a blocking writer.
-pub fn write_frame(writer: &mut impl Write, frame: &[u8]) -> io::Result<()> {
-    writer.write_all(frame)
+/// The body length a frame header announces, checked against the cap
+/// before anything is allocated. Every reader of frames (this module's
+/// blocking one, the manager's async one) goes through it.
+pub fn body_len(header: [u8; HEADER_LEN], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len)
 }
 
 #[cfg(test)]
