@@ -4,8 +4,9 @@
 # it and fails unless it is byte for byte the checked-in file (CI runs this).
 #
 # The build is reproducible: a pinned toolchain (guest/toolchain), the
-# workspace's Cargo.lock, and paths remapped so that where the sources live
-# does not leak into the component.
+# workspace's Cargo.lock, paths remapped so that where the sources live does
+# not leak into the component, and a fixed seed for the hash keys that
+# rhai's ahash otherwise draws at random at compile time (const-random).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -23,6 +24,7 @@ target_dir="${CARGO_TARGET_DIR:-$root/target}/script-guest"
 # Only this build's settings: none of an outer cargo's.
 env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u CARGO_BUILD_RUSTFLAGS \
     RUSTFLAGS="--remap-path-prefix=$root=/malt --remap-path-prefix=$cargo_home=/cargo" \
+    CONST_RANDOM_SEED=malt-script-guest \
     cargo "+$toolchain" build --quiet --locked \
     --manifest-path guest/script/Cargo.toml \
     --target "$target" --profile guest --target-dir "$target_dir"

@@ -230,11 +230,28 @@ impl WorkerBuilder {
     }
 
     /// Starts the worker and waits until it is ready.
+    ///
+    /// The spawn timeout covers starting the worker, not compiling its
+    /// component into the artifact cache the first time: that one-time cost
+    /// is ~2 s, but a minute in a debug build whose dependencies are not
+    /// optimized (see the crate docs), and a timeout there would only waste it.
     pub async fn spawn(self) -> Result<Worker> {
         let number = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
         let label = format!("worker {number}");
         let timeout = self.spawn_timeout;
-        match tokio::time::timeout(timeout, self.spawn_inner(number, &label)).await {
+        let artifact = match &self.guest {
+            GuestSource::Script | GuestSource::Wasm(_) => Some(
+                prepare_artifact(self.guest.clone(), self.fuel.is_some())
+                    .await
+                    .map_err(|e| Error::Spawn {
+                        worker: label.clone(),
+                        message: e.to_string(),
+                        stderr: String::new(),
+                    })?,
+            ),
+            _ => None,
+        };
+        match tokio::time::timeout(timeout, self.spawn_inner(number, &label, artifact)).await {
             Ok(result) => result,
             Err(_) => Err(Error::Spawn {
                 worker: label,
@@ -244,7 +261,12 @@ impl WorkerBuilder {
         }
     }
 
-    pub(crate) async fn spawn_inner(self, number: u64, label: &str) -> Result<Worker> {
+    pub(crate) async fn spawn_inner(
+        self,
+        number: u64,
+        label: &str,
+        artifact: Option<PathBuf>,
+    ) -> Result<Worker> {
         let spawn_error = |message: String, stderr: String| Error::Spawn {
             worker: label.to_string(),
             message,
@@ -253,9 +275,12 @@ impl WorkerBuilder {
         let fuel = self.fuel.is_some();
         let (kind, guest, program) = match &self.guest {
             GuestSource::Script | GuestSource::Wasm(_) => {
-                let artifact = prepare_artifact(self.guest.clone(), fuel)
-                    .await
-                    .map_err(|e| spawn_error(e.to_string(), String::new()))?;
+                let artifact = match artifact {
+                    Some(artifact) => artifact,
+                    None => prepare_artifact(self.guest.clone(), fuel)
+                        .await
+                        .map_err(|e| spawn_error(e.to_string(), String::new()))?,
+                };
                 let spec = GuestSpec::Artifact {
                     path: artifact.to_string_lossy().into_owned(),
                 };
