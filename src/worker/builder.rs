@@ -223,7 +223,8 @@ impl WorkerBuilder {
     }
 
     /// How long starting the worker may take before [`Error::Spawn`]
-    /// (default 30 s; compiling a component the first time is included).
+    /// (default 30 s). Compiling a component into the artifact cache the
+    /// first time is not counted (see [`spawn`](WorkerBuilder::spawn)).
     pub fn spawn_timeout(mut self, timeout: Duration) -> Self {
         self.spawn_timeout = timeout;
         self
