@@ -241,27 +241,19 @@ fn read_loop(
     work: &std::sync::mpsc::Sender<(u64, Work, ReplyMode)>,
 ) -> i32 {
     loop {
-        let body = match protocol::read_frame(input, shared.max_frame) {
-            Ok(body) => body,
+        let message = match protocol::read_frame(input, shared.max_frame)
+            .and_then(|body| protocol::decode::<ToHost>(&body))
+        {
+            Ok(m) => m,
             // The manager is gone: a worker dies with its manager.
             Err(FrameError::Eof) => return exit::OK,
             Err(e) => {
+                let message = format!("bad frame from the manager: {e}");
+                eprintln!("malt host: {message}");
                 shared.send(&FromHost::Fatal {
                     kind: FatalKind::Protocol,
-                    message: format!("bad frame from the manager: {e}"),
+                    message,
                 });
-                eprintln!("malt host: bad frame from the manager: {e}");
-                return exit::PROTOCOL;
-            }
-        };
-        let message = match protocol::decode::<ToHost>(&body) {
-            Ok(m) => m,
-            Err(e) => {
-                shared.send(&FromHost::Fatal {
-                    kind: FatalKind::Protocol,
-                    message: format!("bad frame from the manager: {e}"),
-                });
-                eprintln!("malt host: bad frame from the manager: {e}");
                 return exit::PROTOCOL;
             }
         };
