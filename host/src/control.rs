@@ -5,13 +5,37 @@
 //! that arrives between requests is kept for the next request to begin,
 //! and applies to it only if the manager sent that request before the
 //! interrupt (its id is at most the interrupt's `up_to`).
+//!
+//! Starting a guest (and resetting it after a trap or kill) runs under the
+//! same timer as a pseudo-request ([`Control::begin_start`]): a start that
+//! takes longer than the start timeout is killed, never interrupted.
+//!
+//! Blocked guest calls learn of an interrupt or a kill in two ways: the
+//! condition variable of [`Channels`] (malt's own host calls, which block
+//! their thread) and [`Control::until_stopped`] (async waits: WASI calls of
+//! a wasm guest, and the whole call future, which a kill drops).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::Channels;
+use tokio::sync::Notify;
+
+use super::{Channels, Killer};
 use malt_protocol::Failure;
+
+/// The id the start (or a reset) runs under: above every request id, so
+/// no interrupt aimed at requests can hit it.
+const START: u64 = u64::MAX;
+
+/// How far a stop has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Asked to stop cooperatively (an interrupt, a timeout), or killed.
+    Interrupted,
+    /// Killed: the request is abandoned wherever it is.
+    Killed,
+}
 
 /// Why the running request is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +83,11 @@ pub(crate) struct Control {
     killed: AtomicBool,
     timer: Mutex<Timer>,
     wake_timer: Condvar,
+    /// Wakes async waits when a stop begins or turns into a kill.
+    stopped: Notify,
+    /// How the backend kills a request (wasm: an epoch bump; native: a
+    /// restart); set once the backend exists.
+    killer: OnceLock<Killer>,
     grace: Duration,
     timeout: Option<Duration>,
 }
@@ -74,6 +103,8 @@ impl Control {
             killed: AtomicBool::new(false),
             timer: Mutex::new(Timer::default()),
             wake_timer: Condvar::new(),
+            stopped: Notify::new(),
+            killer: OnceLock::new(),
             grace,
             timeout,
         }
@@ -89,6 +120,51 @@ impl Control {
 
     pub fn killed(&self) -> bool {
         self.killed.load(Ordering::Acquire)
+    }
+
+    /// Sets how a request is killed (once; later calls are ignored).
+    pub fn set_killer(&self, killer: Killer) {
+        let _ = self.killer.set(killer);
+    }
+
+    /// Resolves once the running request is asked to stop (`Interrupted`:
+    /// an interrupt, a timeout or a kill) or killed (`Killed`).
+    pub async fn until_stopped(&self, level: Stop) {
+        loop {
+            let notified = self.stopped.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a stop between the two is
+            // not missed.
+            notified.as_mut().enable();
+            let stopped = match level {
+                Stop::Interrupted => self.interrupted() || self.killed(),
+                Stop::Killed => self.killed(),
+            };
+            if stopped {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The guest starts (or restarts after a trap or kill): killed if it
+    /// takes longer than `timeout`. Ends with [`Control::end`]. An
+    /// interrupt that arrives meanwhile is kept for the next request.
+    pub fn begin_start(&self, timeout: Duration) {
+        let mut t = self.lock();
+        if t.shut_down {
+            return;
+        }
+        *t = Timer {
+            id: START,
+            reason: Some(Reason::Timeout),
+            kill_at: Instant::now().checked_add(timeout),
+            pending_up_to: t.pending_up_to,
+            ..Timer::default()
+        };
+        self.interrupted.store(false, Ordering::Release);
+        self.killed.store(false, Ordering::Release);
+        self.wake_timer.notify_one();
     }
 
     /// A request starts running; false if the host is shutting down and
@@ -130,6 +206,7 @@ impl Control {
         };
         *t = Timer {
             shut_down: t.shut_down,
+            pending_up_to: if t.id == START { t.pending_up_to } else { None },
             ..Timer::default()
         };
         self.interrupted.store(false, Ordering::Release);
@@ -141,7 +218,7 @@ impl Control {
     /// last request id it had sent.
     pub fn interrupt(&self, up_to: u64, channels: &Channels) {
         let mut t = self.lock();
-        if t.id == 0 {
+        if t.id == 0 || t.id == START {
             // Between requests: the one sent before this interrupt may not
             // have begun yet.
             t.pending_up_to = Some(up_to);
@@ -158,22 +235,33 @@ impl Control {
         t.timeout_at = None;
         t.kill_at = Some(Instant::now() + self.grace);
         self.interrupted.store(true, Ordering::Release);
-        // Wake a guest blocked in sleep or a channel operation.
+        // Wake a guest blocked in sleep, a channel operation or a WASI wait.
         channels.wake_all();
+        self.stopped.notify_waiters();
         self.wake_timer.notify_one();
+    }
+
+    /// Kills the running request: the flag first (the wasm epoch callback
+    /// and blocked host calls check it), then the backend's killer.
+    fn kill(&self, t: &mut Timer, channels: &Channels) {
+        t.killed = true;
+        self.killed.store(true, Ordering::Release);
+        self.stopped.notify_waiters();
+        channels.wake_all();
+        if let Some(kill) = self.killer.get() {
+            kill(t.id, t.reason.unwrap_or(Reason::Interrupt));
+        }
     }
 
     /// Kills whatever runs and makes the timer return (an in-process
     /// worker winding down).
-    pub fn shut_down(&self, channels: &Channels, kill: &(dyn Fn(u64, Reason) + Send + Sync)) {
+    pub fn shut_down(&self, channels: &Channels) {
         let mut t = self.lock();
         t.shut_down = true;
         if t.id != 0 {
             t.reason.get_or_insert(Reason::Interrupt);
-            t.killed = true;
             self.interrupted.store(true, Ordering::Release);
-            self.killed.store(true, Ordering::Release);
-            kill(t.id, Reason::Interrupt);
+            self.kill(&mut t, channels);
         }
         channels.wake_all();
         self.wake_timer.notify_one();
@@ -182,11 +270,7 @@ impl Control {
     /// Enforces timeouts and grace periods. Returns true when a killed
     /// request failed to unwind (the host must give up on the guest),
     /// false once shut down.
-    pub fn timer_loop(
-        &self,
-        channels: &Channels,
-        kill: &(dyn Fn(u64, Reason) + Send + Sync),
-    ) -> bool {
+    pub fn timer_loop(&self, channels: &Channels) -> bool {
         let mut t = self.lock();
         loop {
             let now = Instant::now();
@@ -200,11 +284,8 @@ impl Control {
                 }
                 if t.kill_at.is_some_and(|at| now >= at) {
                     t.kill_at = None;
-                    t.killed = true;
                     t.give_up_at = Some(now + UNWIND_LIMIT.max(self.grace));
-                    self.killed.store(true, Ordering::Release);
-                    kill(t.id, t.reason.unwrap_or(Reason::Interrupt));
-                    channels.wake_all();
+                    self.kill(&mut t, channels);
                     continue;
                 }
                 if t.give_up_at.is_some_and(|at| now >= at) {
@@ -249,13 +330,12 @@ mod tests {
         ch: &Arc<Channels>,
     ) -> (mpsc::Receiver<(u64, Reason)>, std::thread::JoinHandle<bool>) {
         let (tx, rx) = mpsc::channel();
-        let (c, ch) = (c.clone(), ch.clone());
         let tx = Mutex::new(tx);
-        let timer = std::thread::spawn(move || {
-            c.timer_loop(&ch, &move |id, reason| {
-                let _ = tx.lock().unwrap().send((id, reason));
-            })
-        });
+        c.set_killer(Box::new(move |id, reason| {
+            let _ = tx.lock().unwrap().send((id, reason));
+        }));
+        let (c, ch) = (c.clone(), ch.clone());
+        let timer = std::thread::spawn(move || c.timer_loop(&ch));
         (rx, timer)
     }
 
@@ -290,7 +370,7 @@ mod tests {
         let ended = c.end();
         assert_eq!(ended.interrupted, Some(Reason::Interrupt));
         assert!(ended.killed);
-        c.shut_down(&ch, &|_, _| {});
+        c.shut_down(&ch);
         assert!(!timer.join().unwrap(), "the timer ends on shut down");
     }
 
@@ -308,7 +388,7 @@ mod tests {
         // One kill only.
         assert!(kills.recv_timeout(Duration::from_millis(200)).is_err());
         c.end();
-        c.shut_down(&ch, &|_, _| {});
+        c.shut_down(&ch);
         timer.join().unwrap();
     }
 
@@ -355,7 +435,7 @@ mod tests {
         let ended = c.end();
         assert_eq!(ended.interrupted, Some(Reason::Timeout));
         assert!(ended.killed);
-        c.shut_down(&ch, &|_, _| {});
+        c.shut_down(&ch);
         timer.join().unwrap();
     }
 
@@ -363,12 +443,76 @@ mod tests {
     fn shutting_down_kills_the_running_request_and_refuses_more() {
         let (c, ch) = control(LONG, None);
         assert!(c.begin(1, &ch));
-        let killed = Mutex::new(Vec::new());
-        c.shut_down(&ch, &|id, reason| killed.lock().unwrap().push((id, reason)));
+        let killed = Arc::new(Mutex::new(Vec::new()));
+        let k = killed.clone();
+        c.set_killer(Box::new(move |id, reason| {
+            k.lock().unwrap().push((id, reason))
+        }));
+        c.shut_down(&ch);
         assert_eq!(*killed.lock().unwrap(), vec![(1, Reason::Interrupt)]);
         assert!(c.killed());
         let ended = c.end();
         assert!(ended.shut_down);
         assert!(!c.begin(2, &ch));
+    }
+
+    #[test]
+    fn a_start_that_overruns_is_killed_not_interrupted() {
+        let (c, ch) = control(LONG, None);
+        let (kills, timer) = run_timer(&c, &ch);
+        c.begin_start(Duration::from_millis(20));
+        assert_eq!(
+            kills.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (START, Reason::Timeout)
+        );
+        assert!(c.killed());
+        let ended = c.end();
+        assert_eq!(ended.interrupted, Some(Reason::Timeout));
+        assert!(ended.killed);
+        c.shut_down(&ch);
+        timer.join().unwrap();
+    }
+
+    #[test]
+    fn an_interrupt_during_a_reset_is_kept_for_the_queued_request() {
+        let (c, ch) = control(LONG, None);
+        c.begin_start(LONG);
+        // Request 3 was sent (and queued) before the interrupt.
+        c.interrupt(3, &ch);
+        assert!(!c.interrupted(), "the start itself is never interrupted");
+        assert_eq!(c.end().interrupted, Some(Reason::Timeout));
+        assert!(c.begin(3, &ch));
+        assert!(c.interrupted());
+        c.end();
+        assert!(c.begin(4, &ch));
+        assert!(!c.interrupted());
+    }
+
+    /// Polls a future once with a no-op waker.
+    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn async_waits_wake_on_interrupt_and_on_kill() {
+        let (c, ch) = control(Duration::from_millis(20), None);
+        let (kills, timer) = run_timer(&c, &ch);
+        assert!(c.begin(1, &ch));
+        let mut interrupted = std::pin::pin!(c.until_stopped(Stop::Interrupted));
+        let mut killed = std::pin::pin!(c.until_stopped(Stop::Killed));
+        assert!(!poll_once(interrupted.as_mut()));
+        assert!(!poll_once(killed.as_mut()));
+        c.interrupt(1, &ch);
+        assert!(poll_once(interrupted.as_mut()));
+        assert!(
+            !poll_once(killed.as_mut()),
+            "not killed before the grace period"
+        );
+        kills.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(poll_once(killed.as_mut()));
+        c.end();
+        c.shut_down(&ch);
+        timer.join().unwrap();
     }
 }

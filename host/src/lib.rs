@@ -94,7 +94,8 @@ pub(crate) enum Work {
 pub(crate) enum GuestError {
     /// The guest returned an error; its state is intact.
     Error(String),
-    /// The guest trapped; it has already reset itself to a fresh state.
+    /// The guest trapped or was killed; its state is gone and the host
+    /// resets it before the next request.
     Trap {
         message: String,
         memory_limit_hit: bool,
@@ -104,7 +105,11 @@ pub(crate) enum GuestError {
 
 /// A guest served by a host: a wasm component, or a native guest.
 pub(crate) trait Guest {
+    /// Runs one request.
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError>;
+    /// Starts over with a fresh guest after a trap or a kill (run under
+    /// the start timeout).
+    fn reset(&mut self) -> Result<(), String>;
 }
 
 /// A guest written in Rust and served natively (no wasm): the script

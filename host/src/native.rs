@@ -11,9 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use super::serve::{GuestMaker, Prepared};
-use super::{
-    Guest, GuestContext, GuestError, Killer, NativeFactory, NativeGuest, Shared, Work, exit,
-};
+use super::{Guest, GuestContext, GuestError, NativeFactory, NativeGuest, Shared, Work, exit};
 use malt_protocol::{FromHost, HostConfig, Stream};
 
 struct Native {
@@ -35,8 +33,8 @@ impl Guest for Native {
         match result {
             Ok(result) => result.map_err(GuestError::Error),
             Err(panic) => {
-                // A panic may have left the guest half-updated: start over.
-                self.guest = (self.factory)(self.context.clone());
+                // A panic may have left the guest half-updated: the host
+                // starts over (`reset`).
                 let message = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
@@ -49,6 +47,11 @@ impl Guest for Native {
                 })
             }
         }
+    }
+
+    fn reset(&mut self) -> Result<(), String> {
+        self.guest = (self.factory)(self.context.clone());
+        Ok(())
     }
 }
 
@@ -84,12 +87,12 @@ pub(super) fn prepare(
         }) as Box<dyn Guest>
     });
     let s = shared.clone();
-    let kill: Killer = Box::new(move |id, reason| {
+    shared.control.set_killer(Box::new(move |id, reason| {
         s.reply(id, Err(reason.failure(true)));
         s.send(&FromHost::Restart);
         s.exit(exit::RESTART);
-    });
-    Ok((malt_protocol::GuestKind::Native, maker, kill))
+    }));
+    Ok((malt_protocol::GuestKind::Native, maker))
 }
 
 /// Forwards what native code writes to fd 1 and 2 as output frames.

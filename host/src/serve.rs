@@ -35,11 +35,17 @@ pub fn serve(
         control: Control::new(config.interrupt_grace, config.call_timeout),
         channels: Channels::default(),
         max_frame: config.max_frame,
+        start_timeout: config.start_timeout,
     });
-
-    let (kind, guest, kill) = match prepare(&config, &shared, place, native) {
+    // The timer runs from the start: it also bounds the guest's start.
+    let timer = spawn_timer(&shared, place);
+    let (kind, guest) = match prepare(&config, &shared, place, native) {
         Ok(prepared) => prepared,
-        Err(e) => return fatal(&mut output, e.kind, &e.message, exit::START_FAILED),
+        Err(e) => {
+            shared.control.shut_down(&shared.channels);
+            let _ = timer.join();
+            return fatal(&mut output, e.kind, &e.message, exit::START_FAILED);
+        }
     };
     *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
     let (work_tx, work_rx) = std::sync::mpsc::channel();
@@ -49,31 +55,8 @@ pub fn serve(
         // Native guests recurse on this stack (a wasm guest's own stack is
         // capped by wasmtime); address space only, touched as used.
         .stack_size(GUEST_STACK)
-        .spawn(move || guest_loop(guest(), work_rx, &s))
+        .spawn(move || guest_loop(guest(), work_rx, &s, place))
         .expect("spawn guest thread");
-    let s = shared.clone();
-    let kill = Arc::new(kill);
-    let k = kill.clone();
-    std::thread::Builder::new()
-        .name("malt-timer".into())
-        .spawn(move || {
-            if s.control.timer_loop(&s.channels, &**k) {
-                // The guest ignored both the interrupt and the kill (it is
-                // blocked in the host outside wasm): give up on it, so the
-                // manager sees the worker terminate instead of a hang.
-                let message = "the guest did not stop after being killed".to_string();
-                eprintln!("malt host: {message}");
-                s.send(&FromHost::Fatal {
-                    kind: FatalKind::Unkillable,
-                    message,
-                });
-                if place == Place::Process {
-                    s.exit(exit::UNKILLABLE);
-                }
-                s.close();
-            }
-        })
-        .expect("spawn timer thread");
 
     shared.send(&FromHost::Hello {
         version: PROTOCOL_VERSION,
@@ -92,10 +75,37 @@ pub fn serve(
     // guest thread ends when its queue closes, the timer when told to,
     // and the writer (closing the stream) once nobody can send.
     drop(work_tx);
-    shared.control.shut_down(&shared.channels, &**kill);
+    shared.control.shut_down(&shared.channels);
     let _ = guest_thread.join();
+    let _ = timer.join();
     shared.close();
     code
+}
+
+/// Starts the timer thread: call timeouts, grace periods, start timeouts.
+fn spawn_timer(shared: &Arc<Shared>, place: Place) -> std::thread::JoinHandle<()> {
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("malt-timer".into())
+        .spawn(move || {
+            if s.control.timer_loop(&s.channels) {
+                // The guest ignored both the interrupt and the kill (a
+                // native guest blocked outside the host's reach): give up
+                // on it, so the manager sees the worker terminate instead
+                // of a hang.
+                let message = "the guest did not stop after being killed".to_string();
+                eprintln!("malt host: {message}");
+                s.send(&FromHost::Fatal {
+                    kind: FatalKind::Unkillable,
+                    message,
+                });
+                if place == Place::Process {
+                    s.exit(exit::UNKILLABLE);
+                }
+                s.close();
+            }
+        })
+        .expect("spawn timer thread")
 }
 
 pub(crate) type GuestMaker = Box<dyn FnOnce() -> Box<dyn Guest> + Send>;
@@ -127,12 +137,12 @@ impl From<&str> for StartFailed {
     }
 }
 
-/// What [`prepare`] makes: the guest's kind, a maker for the guest thread,
-/// and how to kill a request.
-pub(crate) type Prepared = (GuestKind, GuestMaker, Killer);
+/// What [`prepare`] makes: the guest's kind and a maker for the guest
+/// thread. The backend has set its killer in [`Control`].
+pub(crate) type Prepared = (GuestKind, GuestMaker);
 
-/// Makes the guest a configuration asks for: its kind, a maker for the
-/// guest thread, and how to kill a request.
+/// Makes the guest a configuration asks for: its kind and a maker for the
+/// guest thread.
 fn prepare(
     config: &HostConfig,
     shared: &Arc<Shared>,
@@ -188,11 +198,9 @@ fn prepare_wasm(
     if place == Place::Process {
         harden::restrict_files(&config.dirs).map_err(harden_failed)?;
     }
-    let kill = guest.killer();
     Ok((
         GuestKind::Wasm,
         Box::new(move || Box::new(guest) as Box<dyn Guest>),
-        kill,
     ))
 }
 
@@ -292,7 +300,12 @@ fn read_loop(
 }
 
 /// Runs requests one at a time, in arrival order.
-fn guest_loop(mut guest: Box<dyn Guest>, work: Receiver<(u64, Work, ReplyMode)>, shared: &Shared) {
+fn guest_loop(
+    mut guest: Box<dyn Guest>,
+    work: Receiver<(u64, Work, ReplyMode)>,
+    shared: &Shared,
+    place: Place,
+) {
     while let Ok((id, work, mode)) = work.recv() {
         if !shared.control.begin(id, &shared.channels) {
             return;
@@ -307,63 +320,105 @@ fn guest_loop(mut guest: Box<dyn Guest>, work: Receiver<(u64, Work, ReplyMode)>,
             // stream end, not a reply.
             return;
         }
-        let result = match outcome {
-            Ok(value) => Ok(value),
-            Err(GuestError::Error(message)) => Err(match ended.interrupted {
-                Some(reason) => reason.failure(false),
-                None => Failure::Remote(message),
-            }),
-            Err(GuestError::Trap {
-                message,
-                memory_limit_hit,
-                out_of_fuel,
-            }) => Err(match ended.interrupted {
-                Some(reason) if ended.killed => reason.failure(true),
-                _ if out_of_fuel => Failure::Limit {
-                    limit: protocol::Limit::Fuel,
-                    message: "the request used up its fuel; the guest was reset".into(),
-                },
-                _ if memory_limit_hit => Failure::Limit {
-                    limit: protocol::Limit::Memory,
-                    message: format!("the guest ran out of its memory limit ({message})"),
-                },
-                _ => Failure::Trap(message),
-            }),
-        };
-        match mode {
-            ReplyMode::Value => match result {
-                Ok(value) if value.len() + 64 > shared.max_frame => shared.reply(
-                    id,
-                    Err(Failure::Limit {
-                        limit: protocol::Limit::FrameSize,
-                        message: format!(
-                            "the result is {} bytes, over the {} byte frame cap",
-                            value.len(),
-                            shared.max_frame
-                        ),
-                    }),
-                ),
-                Ok(value) => shared.reply(id, Ok(Some(value))),
-                Err(f) => shared.reply(id, Err(f)),
-            },
-            ReplyMode::Ack => shared.reply(id, result.map(|_| None)),
-            ReplyMode::None => {
-                if let Err(failure) = result {
-                    let what = match &work {
-                        Work::Call { name, .. } => format!("remote_do({name})"),
-                        Work::Eval { .. } => "remote_do(eval)".to_string(),
-                    };
-                    shared.output(
-                        Stream::Stderr,
-                        format!("{what} failed: {}\n", failure_text(&failure)).as_bytes(),
-                    );
-                }
-                // No value, but the manager learns the request ran (a
-                // restarted native host must not run it twice).
-                shared.reply(id, Ok(None));
-            }
+        let trapped = matches!(outcome, Err(GuestError::Trap { .. }));
+        let result = outcome.map_err(|e| failure(e, &ended));
+        reply(shared, id, &work, mode, result);
+        // The caller has its answer; the next request needs a fresh guest.
+        if trapped && !reset(&mut *guest, shared, place) {
+            return;
         }
     }
+}
+
+/// What the manager is told about a request that did not succeed.
+fn failure(error: GuestError, ended: &super::control::Ended) -> Failure {
+    match error {
+        GuestError::Error(message) => match ended.interrupted {
+            Some(reason) => reason.failure(false),
+            None => Failure::Remote(message),
+        },
+        GuestError::Trap {
+            message,
+            memory_limit_hit,
+            out_of_fuel,
+        } => match ended.interrupted {
+            Some(reason) if ended.killed => reason.failure(true),
+            _ if out_of_fuel => Failure::Limit {
+                limit: protocol::Limit::Fuel,
+                message: "the request used up its fuel; the guest was reset".into(),
+            },
+            _ if memory_limit_hit => Failure::Limit {
+                limit: protocol::Limit::Memory,
+                message: format!("the guest ran out of its memory limit ({message})"),
+            },
+            _ => Failure::Trap(message),
+        },
+    }
+}
+
+fn reply(shared: &Shared, id: u64, work: &Work, mode: ReplyMode, result: Result<Vec<u8>, Failure>) {
+    match mode {
+        ReplyMode::Value => match result {
+            Ok(value) if value.len() + 64 > shared.max_frame => shared.reply(
+                id,
+                Err(Failure::Limit {
+                    limit: protocol::Limit::FrameSize,
+                    message: format!(
+                        "the result is {} bytes, over the {} byte frame cap",
+                        value.len(),
+                        shared.max_frame
+                    ),
+                }),
+            ),
+            Ok(value) => shared.reply(id, Ok(Some(value))),
+            Err(f) => shared.reply(id, Err(f)),
+        },
+        ReplyMode::Ack => shared.reply(id, result.map(|_| None)),
+        ReplyMode::None => {
+            if let Err(failure) = result {
+                let what = match work {
+                    Work::Call { name, .. } => format!("remote_do({name})"),
+                    Work::Eval { .. } => "remote_do(eval)".to_string(),
+                };
+                shared.output(
+                    Stream::Stderr,
+                    format!("{what} failed: {}\n", failure_text(&failure)).as_bytes(),
+                );
+            }
+            // No value, but the manager learns the request ran (a
+            // restarted native host must not run it twice).
+            shared.reply(id, Ok(None));
+        }
+    }
+}
+
+/// Replaces a guest that trapped or was killed, under the start timeout.
+/// False when it cannot be: the worker ends with a `Reset` fatal frame
+/// (never the manager's process: an in-process worker just stops).
+fn reset(guest: &mut dyn Guest, shared: &Shared, place: Place) -> bool {
+    shared.control.begin_start(shared.start_timeout);
+    let result = guest.reset();
+    let ended = shared.control.end();
+    let message = match result {
+        Ok(()) if !ended.killed => return true,
+        _ if ended.shut_down => return false,
+        Ok(()) => "the guest was killed while it restarted".to_string(),
+        Err(e) if ended.killed => format!(
+            "the guest did not restart within {:?} (its start function?): {e}",
+            shared.start_timeout
+        ),
+        Err(e) => format!("cannot restart the guest after a trap or kill: {e}"),
+    };
+    eprintln!("malt host: {message}");
+    shared.send(&FromHost::Fatal {
+        kind: FatalKind::Reset,
+        message,
+    });
+    if place == Place::Process {
+        shared.exit(exit::START_FAILED);
+    }
+    shared.close();
+    false
 }
 
 fn failure_text(failure: &Failure) -> String {

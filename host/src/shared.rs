@@ -12,6 +12,8 @@ pub(crate) struct Shared {
     pub control: Control,
     pub channels: Channels,
     pub max_frame: usize,
+    /// Limit of a start or a reset of the guest.
+    pub start_timeout: std::time::Duration,
     pub(crate) output_limit: u64,
     /// Output bytes of the running request; past the limit, the rest is
     /// dropped (one notice).
@@ -37,6 +39,7 @@ impl Shared {
             control: Control::new(std::time::Duration::from_secs(600), None),
             channels: Channels::default(),
             max_frame: 1 << 20,
+            start_timeout: std::time::Duration::from_secs(30),
             output_limit: 1 << 20,
             output_used: std::sync::atomic::AtomicU64::new(0),
         })

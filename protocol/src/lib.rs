@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; the host refuses a manager that speaks another.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Version of malt that this protocol crate belongs to. A manager and a
 /// host must be the same version exactly: the host refuses another, and the
@@ -83,6 +83,9 @@ pub struct HostConfig {
     pub interrupt_grace: Duration,
     /// Wall-clock limit of one call or eval, if any.
     pub call_timeout: Option<Duration>,
+    /// Wall-clock limit of starting the guest (instantiation and its start
+    /// function), and of each reset after a trap or kill.
+    pub start_timeout: Duration,
     /// Cap on one frame in either direction.
     pub max_frame: usize,
     /// Fuel (roughly, wasm instructions) each request may burn, if limited.
@@ -312,6 +315,9 @@ pub enum FatalKind {
     Protocol,
     /// A killed guest did not stop (it is blocked outside guest code).
     Unkillable,
+    /// The guest could not be started again after a trap or a kill (its
+    /// start timed out, or the host ran out of a resource).
+    Reset,
 }
 
 /// A frame could not be read or decoded.

@@ -71,6 +71,7 @@ pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
         memory_limit: options.memory_limit.unwrap_or(crate::DEFAULT_MEMORY_LIMIT),
         interrupt_grace: Duration::ZERO,
         call_timeout: options.timeout,
+        start_timeout: Duration::from_secs(30),
         max_frame: 0,
         fuel: options.fuel,
         output_limit: u64::MAX,

@@ -339,6 +339,11 @@ impl WorkerBuilder {
                 memory_limit: self.memory_limit,
                 interrupt_grace: self.interrupt_grace,
                 call_timeout: self.call_timeout,
+                // The host's own limit on the guest's start ends first, so
+                // the spawn fails with its message (a start that loops or
+                // blocks) rather than a bare timeout.
+                start_timeout: self.spawn_timeout
+                    - (self.spawn_timeout / 10).min(Duration::from_secs(1)),
                 max_frame: self.max_frame,
                 fuel: self.fuel,
                 output_limit: self.output_limit,

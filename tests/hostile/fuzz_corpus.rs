@@ -24,6 +24,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
         memory_limit: 1 << 20,
         interrupt_grace: std::time::Duration::from_millis(100),
         call_timeout: Some(std::time::Duration::from_secs(1)),
+        start_timeout: std::time::Duration::from_secs(5),
         max_frame: 1 << 20,
         fuel: Some(1000),
         output_limit: 1 << 20,

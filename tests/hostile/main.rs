@@ -235,6 +235,7 @@ fn another_protocol_version_is_refused() {
         memory_limit: 1 << 20,
         interrupt_grace: Duration::from_millis(10),
         call_timeout: None,
+        start_timeout: Duration::from_secs(5),
         max_frame: 1 << 20,
         fuel: None,
         output_limit: 1 << 20,

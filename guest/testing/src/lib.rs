@@ -19,12 +19,48 @@
 //! - `read(path)`, `write(path, text)`, `env_var(name)`, `connect(addr)`,
 //!   `spawn(program)`: what an attacker tries; the sandbox must refuse;
 //! - `nested(code)` (native only): starts a script worker of its own and
-//!   evaluates `code` there.
+//!   evaluates `code` there;
+//! - `bump()`: adds 1 to the guest's counter and returns it (state that an
+//!   interrupt must keep and a kill loses);
+//! - `wasi_sleep(ms, obey)`: puts 1 on `started`, then sleeps with
+//!   `std::thread::sleep` (a WASI clock wait) until `ms` have passed; when
+//!   `obey`, returns the error `interrupted` as soon as it wakes to find
+//!   an interrupt, otherwise goes back to sleep;
+//! - `wasi_poll(obey)` (wasm only): polls a pollable that never becomes
+//!   ready, the same way;
+//! - `fifo_read(path, obey)`: reads from a FIFO (a blocking WASI read),
+//!   the same way; returns the number of bytes read.
+//!
+//! Set `MALT_TEST_START=loop` or `sleep` in the guest's environment and
+//! its start (`_initialize`, run when the component is instantiated)
+//! spins or sleeps forever.
 
-use std::time::Duration;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use malt_guest::Guest;
 use serde_bytes::ByteBuf;
+
+/// State that lives as long as the guest's instance.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Waits with `wait` until `ms` have passed; when `obey`, stops with an
+/// error as soon as it wakes to find an interrupt.
+fn wait_until(ms: u64, obey: bool, mut wait: impl FnMut(Duration)) -> Result<bool, String> {
+    malt_guest::channel_put("started", &1i64)?;
+    let end = Instant::now() + Duration::from_millis(ms);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(true);
+        }
+        wait(left);
+        if obey && malt_guest::interrupted() {
+            return Err("interrupted".into());
+        }
+    }
+}
 
 fn guest() -> Guest {
     let guest = Guest::new();
@@ -53,6 +89,41 @@ fn guest() -> Guest {
         .func("nap", |(ms,): (u64,)| {
             malt_guest::channel_put("started", &1i64)?;
             Ok(malt_guest::sleep(Duration::from_millis(ms)))
+        })
+        .func("bump", |(): ()| {
+            Ok(COUNTER.fetch_add(1, Ordering::SeqCst) + 1)
+        })
+        .func("wasi_sleep", |(ms, obey): (u64, bool)| {
+            wait_until(ms, obey, std::thread::sleep)
+        })
+        .func("wasi_poll", |(obey,): (bool,)| -> Result<(), String> {
+            #[cfg(target_arch = "wasm32")]
+            {
+                let never = wasip2::clocks::monotonic_clock::subscribe_duration(u64::MAX);
+                wait_until(u64::MAX / 2, obey, |_| {
+                    wasip2::io::poll::poll(&[&never]);
+                })?;
+                Ok(())
+            }
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                let _ = obey;
+                Err("wasi_poll is for wasm guests".into())
+            }
+        })
+        .func("fifo_read", |(path, obey): (String, bool)| {
+            let mut fifo = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+            malt_guest::channel_put("started", &1i64)?;
+            let mut buf = [0u8; 64];
+            loop {
+                match fifo.read(&mut buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if obey && malt_guest::interrupted() => {
+                        return Err(format!("interrupted ({e})"));
+                    }
+                    Err(_) => continue,
+                }
+            }
         })
         .func("panic", |(m,): (String,)| -> Result<(), String> {
             panic!("{m}")
@@ -95,3 +166,27 @@ fn guest() -> Guest {
 }
 
 malt_guest::guest!(guest);
+
+/// A start that never ends, on request (see the crate docs): the
+/// component model runs a module's `_initialize` when it instantiates the
+/// component, before any call.
+#[cfg(target_arch = "wasm32")]
+#[unsafe(export_name = "_initialize")]
+extern "C" fn initialize() {
+    unsafe extern "C" {
+        // Static constructors, which `_initialize` is expected to run.
+        fn __wasm_call_ctors();
+    }
+    // SAFETY: called once, first thing, as wasi-libc's reactor start does.
+    unsafe { __wasm_call_ctors() };
+    match std::env::var("MALT_TEST_START").as_deref() {
+        Ok("loop") => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        Ok("sleep") => std::thread::sleep(Duration::from_secs(3600)),
+        _ => {}
+    }
+}

@@ -1,0 +1,384 @@
+//! A wasm component as a guest, run by wasmtime on the host's guest thread.
+//!
+//! The guest thread owns the `Store` and drives each request as a future
+//! (wasmtime's async API, on a single-threaded tokio runtime of its own):
+//! WASI's blocking calls are async host functions, so a guest blocked in
+//! one is a pending future, not a blocked thread. The other threads never
+//! touch the store. A kill sets a flag, bumps the engine's epoch (which
+//! traps running wasm code within microseconds) and wakes the guest
+//! thread, which drops the call future wherever it is (inside a host
+//! call, too). Either way the store is gone with it: the guest gets a
+//! fresh store and instance (from the pre-instantiated component: ~50 µs).
+
+mod output;
+mod waits;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::{GuestContext, GuestError, Shared, StartFailed, Work};
+use crate::control::Stop;
+use malt_protocol::FatalKind;
+use malt_protocol::{GuestSpec, HostConfig, Stream};
+use output::FrameOutput;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "wit",
+        world: "worker",
+        // Calls into the guest are futures (a kill drops them); malt's own
+        // imports block their thread, and wake on an interrupt or kill.
+        exports: { default: async },
+    });
+}
+
+use bindings::Worker as Bindings;
+use bindings::WorkerPre as BindingsPre;
+
+/// The engine configuration shared by the compiler (manager side) and
+/// every host: an artifact only loads into an engine configured alike.
+///
+/// Fuel metering changes the generated code, so a worker with a fuel
+/// limit runs an artifact compiled for it.
+pub fn engine_config(fuel: bool) -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config.consume_fuel(fuel);
+    config
+}
+
+/// Per-store state.
+pub(crate) struct State {
+    /// The host services: the one implementation every backend uses.
+    services: GuestContext,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The WIT imports, adapted to the host services.
+impl bindings::malt::worker::host::Host for State {
+    fn interrupted(&mut self) -> bool {
+        self.services.interrupted()
+    }
+
+    fn sleep(&mut self, ms: u64) -> bool {
+        self.services.sleep(Duration::from_millis(ms))
+    }
+
+    fn channel_put(&mut self, name: String, value: Vec<u8>) -> Result<(), String> {
+        self.services.channel_put(&name, value)
+    }
+
+    fn channel_take(&mut self, name: String) -> Result<Vec<u8>, String> {
+        self.services.channel_take(&name)
+    }
+
+    fn channel_is_ready(&mut self, name: String) -> bool {
+        self.services.channel_is_ready(&name)
+    }
+}
+
+/// Enforces the memory cap and remembers whether the guest hit it, so a
+/// trap that follows can be reported as the limit it is.
+struct Limiter {
+    memory_limit: usize,
+    memory_hit: bool,
+}
+
+/// Most elements in one wasm table.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.memory_hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+pub(crate) struct WasmGuest {
+    engine: Engine,
+    pre: BindingsPre<State>,
+    config: Arc<HostConfig>,
+    shared: Arc<Shared>,
+    /// `None` only while being replaced or dropped.
+    instance: Option<(Store<State>, Bindings)>,
+    /// Runs the guest's futures on the guest thread; its blocking pool
+    /// serves WASI file I/O. `None` only while dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl WasmGuest {
+    /// Loads the precompiled component and instantiates it.
+    pub(crate) fn load(config: &HostConfig, shared: Arc<Shared>) -> Result<Self, StartFailed> {
+        let GuestSpec::Artifact { path } = &config.guest else {
+            return Err("not a wasm guest".into());
+        };
+        let engine = Engine::new(&engine_config(config.fuel.is_some()))
+            .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
+        // SAFETY: artifacts come from malt's private (0700) cache or a file
+        // the manager's user chose; deserialize checks the header, the
+        // wasmtime version and the engine configuration.
+        let component = unsafe { Component::deserialize_file(&engine, path) }.map_err(|e| {
+            StartFailed::new(
+                FatalKind::ArtifactLoad,
+                format!("cannot load the compiled component {path}: {e:#}"),
+            )
+        })?;
+        let pre = link(&engine, &component).map_err(|e| format!("{e:#}"))?;
+        // The timer's kill: the epoch bump traps running wasm code (the
+        // kill flag, set before, makes the epoch callback refuse to extend
+        // the deadline); a guest waiting in the host is woken by the flag.
+        let epoch = engine.clone();
+        shared
+            .control
+            .set_killer(Box::new(move |_, _| epoch.increment_epoch()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("malt-wasi")
+            .build()
+            .map_err(|e| format!("cannot start the guest's runtime: {e}"))?;
+        let mut guest = WasmGuest {
+            engine,
+            pre,
+            config: Arc::new(config.clone()),
+            shared,
+            instance: None,
+            runtime: Some(runtime),
+        };
+        // The start function runs under the start timeout, like a reset.
+        guest.shared.control.begin_start(config.start_timeout);
+        let started = guest.instantiate();
+        let ended = guest.shared.control.end();
+        match started {
+            Ok(()) if !ended.killed => Ok(guest),
+            _ if ended.killed => Err(format!(
+                "the guest did not start within {:?} (does its start function loop or block?)",
+                config.start_timeout
+            )
+            .into()),
+            Ok(()) => unreachable!("handled above"),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A fresh store and instance, replacing the current ones. Fails when
+    /// the start traps or is killed by the start timeout.
+    fn instantiate(&mut self) -> Result<(), String> {
+        self.instance = None;
+        let mut store =
+            new_store(&self.engine, &self.config, &self.shared).map_err(|e| format!("{e:#}"))?;
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("runtime lives as long as the guest");
+        let shared = &self.shared;
+        let pre = &self.pre;
+        let bindings = runtime.block_on(async {
+            tokio::select! {
+                biased;
+                bindings = pre.instantiate_async(&mut store) => {
+                    bindings.map_err(|e| format!("{e:#}"))
+                }
+                () = shared.control.until_stopped(Stop::Killed) => {
+                    Err("killed while blocked in a host call".to_string())
+                }
+            }
+        })?;
+        self.instance = Some((store, bindings));
+        Ok(())
+    }
+}
+
+impl Drop for WasmGuest {
+    fn drop(&mut self) {
+        // The store first: its pending WASI tasks are cancelled. Then the
+        // runtime, without waiting for a blocking task stuck in a read
+        // (a guest's FIFO): a worker never waits on its guest's I/O.
+        self.instance = None;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Links the component against WASI (async, with interruptible waits) and
+/// the malt host interface, once: every instance starts from this.
+fn link(engine: &Engine, component: &Component) -> wasmtime::Result<BindingsPre<State>> {
+    let mut linker = Linker::<State>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    waits::add_to_linker(&mut linker)?;
+    Bindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+    let pre = linker.instantiate_pre(component).map_err(|e| {
+        e.context(
+            "the component's imports cannot be satisfied (does it target the malt:worker world?)",
+        )
+    })?;
+    BindingsPre::new(pre)
+        .map_err(|e| e.context("the component does not implement the malt:worker world"))
+}
+
+/// The WASI context every guest gets: nothing but what was granted. No
+/// stdin, no network, no arguments; only the granted environment
+/// variables and directories.
+pub fn sandbox(config: &HostConfig) -> wasmtime::Result<WasiCtxBuilder> {
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    for (k, v) in &config.env {
+        wasi.env(k, v);
+    }
+    for dir in &config.dirs {
+        let perms = if dir.read_only {
+            wasmtime_wasi::FsPerms::ReadOnly
+        } else {
+            wasmtime_wasi::FsPerms::ReadWrite
+        };
+        wasi.preopened_dir(&dir.host, &dir.guest, perms)
+            .map_err(|e| e.context(format!("cannot open the granted directory {}", dir.host)))?;
+    }
+    Ok(wasi)
+}
+
+/// A store with the guest's sandbox and limits, ready to instantiate in.
+fn new_store(
+    engine: &Engine,
+    config: &HostConfig,
+    shared: &Arc<Shared>,
+) -> wasmtime::Result<Store<State>> {
+    let mut wasi = sandbox(config)?;
+    wasi.stdout(FrameOutput {
+        shared: shared.clone(),
+        stream: Stream::Stdout,
+    })
+    .stderr(FrameOutput {
+        shared: shared.clone(),
+        stream: Stream::Stderr,
+    });
+    let state = State {
+        services: GuestContext::new(shared.clone()),
+        wasi: wasi.build(),
+        table: ResourceTable::new(),
+        limiter: Limiter {
+            memory_limit: usize::try_from(config.memory_limit).unwrap_or(usize::MAX),
+            memory_hit: false,
+        },
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    let control = shared.clone();
+    // The epoch only moves when the timer kills a request; the flag makes
+    // sure a late bump can never hit the request that follows.
+    store.epoch_deadline_callback(move |_| {
+        if control.control.killed() {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Continue(1))
+        }
+    });
+    store.set_epoch_deadline(1);
+    if let Some(fuel) = config.fuel {
+        // Instantiation runs guest code too.
+        store.set_fuel(fuel)?;
+    }
+    Ok(store)
+}
+
+impl super::Guest for WasmGuest {
+    fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {
+        let Some((store, bindings)) = self.instance.as_mut() else {
+            return Err(GuestError::Trap {
+                message: "the guest is not running (its restart failed)".into(),
+                memory_limit_hit: false,
+                out_of_fuel: false,
+            });
+        };
+        store.data_mut().limiter.memory_hit = false;
+        store.set_epoch_deadline(1);
+        if let Some(fuel) = self.config.fuel {
+            store
+                .set_fuel(fuel)
+                .expect("fuel is enabled in the engine of a worker with a fuel limit");
+        }
+        let control = &self.shared.control;
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("runtime lives as long as the guest");
+        let outcome = runtime.block_on(async {
+            let call = async {
+                match work {
+                    Work::Call { name, args } => bindings.call_call(&mut *store, name, args).await,
+                    Work::Eval { code } => bindings.call_eval(&mut *store, code).await,
+                }
+            };
+            // Biased: a call that finishes without waiting never polls
+            // (nor pays for) the kill future.
+            tokio::select! {
+                biased;
+                result = call => Some(result),
+                () = control.until_stopped(Stop::Killed) => None,
+            }
+        });
+        match outcome {
+            Some(Ok(Ok(value))) => Ok(value),
+            Some(Ok(Err(message))) => Err(GuestError::Error(message)),
+            Some(Err(trap)) => Err(GuestError::Trap {
+                memory_limit_hit: store.data().limiter.memory_hit,
+                out_of_fuel: trap.downcast_ref::<wasmtime::Trap>()
+                    == Some(&wasmtime::Trap::OutOfFuel),
+                message: describe_trap(&trap),
+            }),
+            // Killed while waiting in the host: the future is dropped
+            // mid-call, the store cannot be entered again.
+            None => Err(GuestError::Trap {
+                message: "killed while blocked in a host call".into(),
+                memory_limit_hit: false,
+                out_of_fuel: false,
+            }),
+        }
+    }
+
+    fn reset(&mut self) -> Result<(), String> {
+        self.instantiate()
+    }
+}
+
+fn describe_trap(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{error:#}"),
+    }
+}
