@@ -207,6 +207,11 @@ impl Worker {
         self.inner.take_output()
     }
 
+    /// See [`crate::Worker::termination_reason`].
+    pub fn termination_reason(&self) -> Option<String> {
+        self.inner.termination_reason()
+    }
+
     /// See [`crate::Worker::host_stderr`].
     pub fn host_stderr(&self) -> String {
         self.inner.host_stderr()

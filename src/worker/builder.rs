@@ -392,6 +392,7 @@ impl WorkerBuilder {
             restartable: kind == WorkerKind::Native,
             max_pending: self.max_pending,
             launch,
+            ended_because: Mutex::new(None),
         });
         tokio::spawn(read_frames(inner.clone(), conn.reader, conn.exited));
         Ok(Worker {

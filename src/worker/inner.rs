@@ -30,6 +30,10 @@ pub(crate) async fn read_frames(
         };
         if let Some(reason) = &broken {
             tracing::warn!(worker = %inner.name, "killing the worker: {reason}");
+            *inner
+                .ended_because
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
             inner.signal(Signal::Kill);
         }
         // `exited` is awaited at most once: a completed oneshot receiver
@@ -100,6 +104,9 @@ pub(crate) struct Inner {
     pub(crate) restartable: bool,
     pub(crate) max_pending: usize,
     pub(crate) launch: Launch,
+    /// Why the host ended the worker, when it said (a fatal frame), or why
+    /// the manager did (a frame it could not read).
+    pub(crate) ended_because: Mutex<Option<String>>,
 }
 
 impl Inner {

@@ -294,6 +294,18 @@ impl Worker {
         self.output.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
+    /// Why the worker ended, if it ended on its own rather than by
+    /// [`stop`](Self::stop) or [`kill`](Self::kill): e.g. its guest could
+    /// not restart after a trap, or its host sent a frame that could not be
+    /// read. `None` while it runs.
+    pub fn termination_reason(&self) -> Option<String> {
+        self.inner
+            .ended_because
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The last bytes the host process itself wrote to stderr (wasmtime
     /// and host diagnostics, not guest output).
     pub fn host_stderr(&self) -> String {

@@ -29,6 +29,11 @@ impl Kind {
         }
     }
 
+    /// Whether the guest runs as wasm (in a sandbox, under wasmtime).
+    pub fn is_wasm(self) -> bool {
+        matches!(self, Kind::Wasm | Kind::InProcess)
+    }
+
     /// Whether the worker has a process of its own.
     pub fn has_process(self) -> bool {
         self != Kind::InProcess

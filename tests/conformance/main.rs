@@ -10,6 +10,7 @@ mod common;
 mod guests;
 
 mod basic;
+mod blocked;
 mod channels;
 mod exceptions;
 mod interrupt;

@@ -349,3 +349,16 @@ fn native_workers_from_the_cli() {
         .success()
         .stdout("5\n");
 }
+
+/// A guest blocked in a WASI wait (`std::thread::sleep` for a minute) is
+/// stopped by `--timeout` like any other: exit code 4, not a dead worker.
+#[test]
+fn timeout_stops_a_guest_blocked_in_a_wasi_sleep() {
+    malt()
+        .args(["call", "--timeout", "1s"])
+        .arg(test_guest())
+        .args(["wasi_sleep", "60000", "false"])
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("timed out"));
+}

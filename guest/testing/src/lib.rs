@@ -33,7 +33,8 @@
 //!
 //! Set `MALT_TEST_START=loop` or `sleep` in the guest's environment and
 //! its start (`_initialize`, run when the component is instantiated)
-//! spins or sleeps forever.
+//! spins or sleeps forever; `again:PATH` starts once (it creates the file
+//! PATH, in a granted directory) and spins on every later start.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,6 +188,17 @@ extern "C" fn initialize() {
             }
         }
         Ok("sleep") => std::thread::sleep(Duration::from_secs(3600)),
+        // Starts the first time, spins every time after (a reset).
+        Ok(v) if v.starts_with("again:") => {
+            let marker = &v["again:".len()..];
+            if std::fs::exists(marker).unwrap_or(true) {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            let _ = std::fs::write(marker, b"started");
+        }
         _ => {}
     }
 }

@@ -5,19 +5,18 @@
 //! future. These wrappers race that future against an interrupt, so the
 //! guest wakes at once and can check `interrupted()`, its state intact:
 //!
-//! - `wasi:io/poll.poll` and `pollable.block` return as if ready (a
-//!   spurious wake-up, which a guest must handle anyway): this covers
-//!   clock waits (`std::thread::sleep`) and every poll;
-//! - `input-stream.blocking-read` and `blocking-skip` fail with an error
-//!   whose text is `interrupted` (a blocking read of a pipe or FIFO).
-//!
-//! Anything else that blocks, and a guest that goes on waiting after an
-//! interrupt, meets the hard tier: the kill drops the whole call future.
+//! `wasi:io/poll.poll` and `pollable.block` return as if ready (a
+//! spurious wake-up, which a guest must handle anyway). That covers every
+//! wait a sandboxed guest can make: clock waits (`std::thread::sleep`) and
+//! polls. Its stdin is empty, it has no sockets, and wasmtime-wasi reads
+//! files (FIFOs too) without waiting. Anything that still blocks (a
+//! blocking stream call waits on its stream directly, not through these),
+//! and a guest that goes on waiting after an interrupt, meets the hard
+//! tier: the kill drops the whole call future.
 
 use wasmtime::component::{Linker, Resource};
-use wasmtime_wasi_io::bindings::wasi::io::{poll, streams};
+use wasmtime_wasi_io::bindings::wasi::io::poll;
 use wasmtime_wasi_io::poll::DynPollable;
-use wasmtime_wasi_io::streams::{DynInputStream, StreamError};
 
 use super::State;
 use crate::control::Stop;
@@ -25,7 +24,6 @@ use crate::control::Stop;
 /// The version wasmtime-wasi defines these interfaces at; guests that
 /// import any 0.2.x version link to it.
 const POLL: &str = "wasi:io/poll@0.2.12";
-const STREAMS: &str = "wasi:io/streams@0.2.12";
 
 /// Replaces wasmtime-wasi's definitions of the blocking waits with
 /// interruptible ones (call after `add_to_linker_async`).
@@ -59,50 +57,6 @@ pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
             })
         },
     )?;
-    let mut io = linker.instance(STREAMS)?;
-    io.func_wrap_async(
-        "[method]input-stream.blocking-read",
-        |mut store, (stream, len): (Resource<DynInputStream>, u64)| {
-            Box::new(async move {
-                let state = store.data_mut();
-                let shared = state.services.shared.clone();
-                let result = tokio::select! {
-                    read = streams::HostInputStream::blocking_read(&mut state.table, stream, len) => read,
-                    () = shared.control.until_stopped(Stop::Interrupted) => Err(interrupted()),
-                };
-                Ok((lower(&mut state.table, result)?,))
-            })
-        },
-    )?;
-    io.func_wrap_async(
-        "[method]input-stream.blocking-skip",
-        |mut store, (stream, len): (Resource<DynInputStream>, u64)| {
-            Box::new(async move {
-                let state = store.data_mut();
-                let shared = state.services.shared.clone();
-                let result = tokio::select! {
-                    skipped = streams::HostInputStream::blocking_skip(&mut state.table, stream, len) => skipped,
-                    () = shared.control.until_stopped(Stop::Interrupted) => Err(interrupted()),
-                };
-                Ok((lower(&mut state.table, result)?,))
-            })
-        },
-    )?;
     linker.allow_shadowing(false);
     Ok(())
-}
-
-fn interrupted() -> StreamError {
-    StreamError::LastOperationFailed(wasmtime::format_err!("interrupted"))
-}
-
-/// A stream result as the guest sees it (errors become resources).
-fn lower<T>(
-    table: &mut wasmtime::component::ResourceTable,
-    result: Result<T, StreamError>,
-) -> wasmtime::Result<Result<T, streams::StreamError>> {
-    match result {
-        Ok(value) => Ok(Ok(value)),
-        Err(e) => Ok(Err(streams::Host::convert_stream_error(table, e)?)),
-    }
 }
