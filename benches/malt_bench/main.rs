@@ -49,9 +49,20 @@ async fn interrupts(
     state_lost: bool,
     requests: impl Fn(&Worker) -> (malt::CallHandle<()>, malt::CallHandle<i64>),
 ) -> Result<(Stats, Stats), Error> {
-    // The test guest's `spin` says when it has begun; a script loop is
-    // given a moment.
-    let started = match state_lost {
+    interrupts_of(w, rounds, state_lost, state_lost, requests).await
+}
+
+/// [`interrupts`], where `announced` says whether the request puts 1 on
+/// the channel `started` when it has begun (the test guest's functions
+/// do); a script loop is given a moment instead.
+async fn interrupts_of(
+    w: &Worker,
+    rounds: usize,
+    state_lost: bool,
+    announced: bool,
+    requests: impl Fn(&Worker) -> (malt::CallHandle<()>, malt::CallHandle<i64>),
+) -> Result<(Stats, Stats), Error> {
+    let started = match announced {
         true => Some(w.worker_channel::<i64>("started", 1).await?),
         false => None,
     };
@@ -337,6 +348,47 @@ async fn run(quick: bool) -> Result<Table, Error> {
     );
     table.timing(
         "interrupt, hard: until the worker answers again (fresh instance)",
+        to_answer,
+        None,
+        "",
+    );
+
+    // Guests blocked in a WASI wait (`std::thread::sleep`): woken at once
+    // (cooperative), or killed after the grace period wherever they wait.
+    let grace = Duration::from_millis(10);
+    let w = host(Worker::wasm(guests::test_guest()))
+        .interrupt_grace(grace)
+        .spawn()
+        .await?;
+    let (to_error, _) = interrupts_of(&w, rounds, false, true, |w| {
+        (
+            w.remote_call::<()>("wasi_sleep", (600_000u64, true)),
+            w.remote_call::<i64>("add", (1, 1)),
+        )
+    })
+    .await?;
+    table.timing(
+        "interrupt, cooperative (Rust guest in `std::thread::sleep`): to the error",
+        to_error,
+        None,
+        "≤ 1 ms",
+    );
+    let (to_error, to_answer) = interrupts(&w, rounds, true, |w| {
+        (
+            w.remote_call::<()>("wasi_sleep", (600_000u64, false)),
+            w.remote_call::<i64>("add", (1, 1)),
+        )
+    })
+    .await?;
+    w.stop().await?;
+    table.timing(
+        "interrupt, hard (Rust guest sleeping again in WASI; grace 10 ms): to the error",
+        to_error,
+        None,
+        "≤ grace + 2 ms",
+    );
+    table.timing(
+        "interrupt, hard, WASI sleep: until the worker answers again",
         to_answer,
         None,
         "",

@@ -32,6 +32,7 @@ mod control;
 mod harden;
 mod native;
 mod process;
+mod requests;
 mod serve;
 mod shared;
 #[cfg(feature = "wasm")]

@@ -1,0 +1,135 @@
+//! The guest thread: runs requests one at a time, answers them, and
+//! resets the guest after a trap or a kill.
+
+use super::*;
+
+/// Runs requests one at a time, in arrival order.
+pub(crate) fn guest_loop(
+    mut guest: Box<dyn Guest>,
+    work: Receiver<(u64, Work, ReplyMode)>,
+    shared: &Shared,
+    place: Place,
+) {
+    while let Ok((id, work, mode)) = work.recv() {
+        if !shared.control.begin(id, &shared.channels) {
+            return;
+        }
+        shared
+            .output_used
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let outcome = guest.run(&work);
+        let ended = shared.control.end();
+        if ended.shut_down {
+            // An in-process worker winding down: the manager sees the
+            // stream end, not a reply.
+            return;
+        }
+        let trapped = matches!(outcome, Err(GuestError::Trap { .. }));
+        let result = outcome.map_err(|e| failure(e, &ended));
+        reply(shared, id, &work, mode, result);
+        // The caller has its answer; the next request needs a fresh guest.
+        if trapped && !reset(&mut *guest, shared, place) {
+            return;
+        }
+    }
+}
+
+/// What the manager is told about a request that did not succeed.
+fn failure(error: GuestError, ended: &super::control::Ended) -> Failure {
+    match error {
+        GuestError::Error(message) => match ended.interrupted {
+            Some(reason) => reason.failure(false),
+            None => Failure::Remote(message),
+        },
+        GuestError::Trap {
+            message,
+            memory_limit_hit,
+            out_of_fuel,
+        } => match ended.interrupted {
+            Some(reason) if ended.killed => reason.failure(true),
+            _ if out_of_fuel => Failure::Limit {
+                limit: protocol::Limit::Fuel,
+                message: "the request used up its fuel; the guest was reset".into(),
+            },
+            _ if memory_limit_hit => Failure::Limit {
+                limit: protocol::Limit::Memory,
+                message: format!("the guest ran out of its memory limit ({message})"),
+            },
+            _ => Failure::Trap(message),
+        },
+    }
+}
+
+fn reply(shared: &Shared, id: u64, work: &Work, mode: ReplyMode, result: Result<Vec<u8>, Failure>) {
+    match mode {
+        ReplyMode::Value => match result {
+            Ok(value) if value.len() + 64 > shared.max_frame => shared.reply(
+                id,
+                Err(Failure::Limit {
+                    limit: protocol::Limit::FrameSize,
+                    message: format!(
+                        "the result is {} bytes, over the {} byte frame cap",
+                        value.len(),
+                        shared.max_frame
+                    ),
+                }),
+            ),
+            Ok(value) => shared.reply(id, Ok(Some(value))),
+            Err(f) => shared.reply(id, Err(f)),
+        },
+        ReplyMode::Ack => shared.reply(id, result.map(|_| None)),
+        ReplyMode::None => {
+            if let Err(failure) = result {
+                let what = match work {
+                    Work::Call { name, .. } => format!("remote_do({name})"),
+                    Work::Eval { .. } => "remote_do(eval)".to_string(),
+                };
+                shared.output(
+                    Stream::Stderr,
+                    format!("{what} failed: {}\n", failure_text(&failure)).as_bytes(),
+                );
+            }
+            // No value, but the manager learns the request ran (a
+            // restarted native host must not run it twice).
+            shared.reply(id, Ok(None));
+        }
+    }
+}
+
+/// Replaces a guest that trapped or was killed, under the start timeout.
+/// False when it cannot be: the worker ends with a `Reset` fatal frame
+/// (never the manager's process: an in-process worker just stops).
+fn reset(guest: &mut dyn Guest, shared: &Shared, place: Place) -> bool {
+    shared.control.begin_start(shared.start_timeout);
+    let result = guest.reset();
+    let ended = shared.control.end();
+    let message = match result {
+        Ok(()) if !ended.killed => return true,
+        _ if ended.shut_down => return false,
+        Ok(()) => "the guest was killed while it restarted".to_string(),
+        Err(e) if ended.killed => format!(
+            "the guest did not restart within {:?} (its start function?): {e}",
+            shared.start_timeout
+        ),
+        Err(e) => format!("cannot restart the guest after a trap or kill: {e}"),
+    };
+    eprintln!("malt host: {message}");
+    shared.send(&FromHost::Fatal {
+        kind: FatalKind::Reset,
+        message,
+    });
+    if place == Place::Process {
+        shared.exit(exit::START_FAILED);
+    }
+    shared.close();
+    false
+}
+
+fn failure_text(failure: &Failure) -> String {
+    match failure {
+        Failure::Remote(m) | Failure::Trap(m) | Failure::Invalid(m) => m.clone(),
+        Failure::Interrupted { .. } => "interrupted".into(),
+        Failure::Timeout { .. } => "timed out".into(),
+        Failure::Limit { limit, message } => format!("{limit} exceeded: {message}"),
+    }
+}
