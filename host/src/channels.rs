@@ -133,6 +133,14 @@ impl Channels {
 
     /// Guest side: blocks while the channel is full.
     pub fn guest_put(&self, shared: &Shared, name: &str, value: Vec<u8>) -> Result<(), String> {
+        // A value must fit in the frame that takes it to the manager.
+        if value.len().saturating_add(64) > shared.max_frame {
+            return Err(format!(
+                "the value is {} bytes, over the worker's {} byte frame cap",
+                value.len(),
+                shared.max_frame
+            ));
+        }
         let mut map = self.lock();
         loop {
             if shared.control.interrupted() {

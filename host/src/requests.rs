@@ -62,21 +62,9 @@ fn failure(error: GuestError, ended: &super::control::Ended) -> Failure {
 
 fn reply(shared: &Shared, id: u64, work: &Work, mode: ReplyMode, result: Result<Vec<u8>, Failure>) {
     match mode {
-        ReplyMode::Value => match result {
-            Ok(value) if value.len() + 64 > shared.max_frame => shared.reply(
-                id,
-                Err(Failure::Limit {
-                    limit: protocol::Limit::FrameSize,
-                    message: format!(
-                        "the result is {} bytes, over the {} byte frame cap",
-                        value.len(),
-                        shared.max_frame
-                    ),
-                }),
-            ),
-            Ok(value) => shared.reply(id, Ok(Some(value))),
-            Err(f) => shared.reply(id, Err(f)),
-        },
+        // A value over the frame cap is answered with that error by
+        // `Shared::send`.
+        ReplyMode::Value => shared.reply(id, result.map(Some)),
         ReplyMode::Ack => shared.reply(id, result.map(|_| None)),
         ReplyMode::None => {
             if let Err(failure) = result {

@@ -46,9 +46,25 @@ impl Shared {
     }
 
     /// Writes a frame. A failed write means the manager is gone: the
-    /// stream is dropped and later frames go nowhere.
+    /// stream is dropped and later frames go nowhere. A reply over the
+    /// frame cap goes out as that error instead (the manager would refuse
+    /// the frame and end the worker).
     pub fn send(&self, message: &FromHost) {
-        let frame = protocol::encode(message);
+        let frame = match protocol::encode_capped(message, self.max_frame) {
+            Ok(frame) => frame,
+            Err(e) => match message {
+                FromHost::Reply { id, .. } => protocol::encode(&FromHost::Reply {
+                    id: *id,
+                    result: Err(Failure::Limit {
+                        limit: protocol::Limit::FrameSize,
+                        message: format!("the value is too large: {e}"),
+                    }),
+                }),
+                // Output is sent in pieces below the cap; nothing else
+                // carries a value.
+                _ => return,
+            },
+        };
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = out.as_mut()
             && w.write_all(&frame).and_then(|()| w.flush()).is_err()

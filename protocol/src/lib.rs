@@ -344,13 +344,27 @@ pub enum FrameError {
 
 /// Encodes a message as a frame (header included).
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Control messages are small; a value-carrying one goes through
+    // `encode_capped` with the worker's cap.
+    encode_capped(message, usize::MAX).expect("a control message is far below 4 GiB")
+}
+
+/// Encodes a message as a frame of at most `max` bytes (and at most what
+/// a frame header can say, 4 GiB): larger is [`FrameError::TooLarge`],
+/// never a length that wraps.
+pub fn encode_capped<T: Serialize>(message: &T, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; HEADER_LEN];
     // Writing into a Vec only fails for types serde cannot encode, and
     // every message type here encodes.
     rmp_serde::encode::write_named(&mut buf, message).expect("protocol messages always encode");
-    let len = (buf.len() - HEADER_LEN) as u32;
-    buf[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
-    buf
+    let len = buf.len() - HEADER_LEN;
+    let max = max.min(u32::MAX as usize);
+    let header = u32::try_from(len)
+        .ok()
+        .filter(|_| len <= max)
+        .ok_or(FrameError::TooLarge { len, max })?;
+    buf[..HEADER_LEN].copy_from_slice(&header.to_le_bytes());
+    Ok(buf)
 }
 
 /// Deepest nesting of arrays and maps a decoded value may have. Deeper
@@ -436,6 +450,21 @@ mod tests {
             read_frame(&mut &[][..], DEFAULT_MAX_FRAME),
             Err(FrameError::Eof)
         ));
+    }
+
+    #[test]
+    fn encoding_refuses_a_frame_over_the_cap() {
+        let message = FromHost::Output {
+            stream: Stream::Stdout,
+            data: vec![7; 1000],
+        };
+        let frame = encode_capped(&message, 2000).unwrap();
+        let len = u32::from_le_bytes(frame[..HEADER_LEN].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - HEADER_LEN);
+        match encode_capped(&message, 500) {
+            Err(FrameError::TooLarge { len: l, max: 500 }) => assert_eq!(l, len),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -248,19 +248,13 @@ impl Inner {
     }
 
     pub(crate) fn frame(&self, message: &ToHost) -> Result<Vec<u8>> {
-        let frame = protocol::encode(message);
-        if frame.len() - protocol::HEADER_LEN > self.launch.config.max_frame {
-            return Err(Error::LimitExceeded {
+        protocol::encode_capped(message, self.launch.config.max_frame).map_err(|e| {
+            Error::LimitExceeded {
                 worker: self.name.clone(),
                 limit: protocol::Limit::FrameSize,
-                message: format!(
-                    "the request is {} bytes, over the {} byte frame cap",
-                    frame.len() - protocol::HEADER_LEN,
-                    self.launch.config.max_frame
-                ),
-            });
-        }
-        Ok(frame)
+                message: format!("the request is too large: {e}"),
+            }
+        })
     }
 
     pub(crate) fn decode<R: DeserializeOwned>(&self, bytes: &[u8]) -> Result<R> {

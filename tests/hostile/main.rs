@@ -299,6 +299,28 @@ fn frame_caps_hold_in_both_directions() {
         );
         assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
         w.stop().await.unwrap();
+
+        // A guest's channel value too big for a frame: refused to the
+        // guest, and the worker answers on.
+        let w = Worker::script()
+            .max_frame_size(64 << 10)
+            .spawn()
+            .await
+            .unwrap();
+        let err = w
+            .remote_eval_wait(r#"channel_put("big", blob(100000))"#)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("frame cap"), "{err}");
+        w.remote_eval_wait(r#"channel_put("small", blob(100))"#)
+            .await
+            .unwrap();
+        let small = w
+            .worker_channel::<serde_bytes::ByteBuf>("small", 1)
+            .await
+            .unwrap();
+        assert_eq!(small.take().await.unwrap().len(), 100);
+        w.stop().await.unwrap();
     });
 }
 
