@@ -209,3 +209,38 @@ async fn huge_allocations_deep_recursion_and_endless_output() {
     assert!(notice, "a notice says output was cut");
     assert!(total <= (64 << 10) + 64, "{total} bytes of output kept");
 }
+
+/// An in-process guest's files are descriptors of the manager's own
+/// process: a guest that opens files without end must hit its own cap,
+/// not run the manager out of descriptors (which once made the reset
+/// after its trap fail, and the manager's process exit).
+#[tokio::test]
+async fn a_guest_cannot_exhaust_the_managers_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "x").unwrap();
+    for in_process in [true, false] {
+        let builder = Worker::wasm(test_guest()).dir_read_only(dir.path(), "/d");
+        let builder = if in_process { builder.in_process() } else { builder };
+        let w = builder.spawn().await.unwrap();
+        let err = w
+            .remote_call_fetch::<usize>("hoard", ("/d/f", 100_000))
+            .await
+            .expect_err("100 000 open files are refused");
+        assert!(
+            matches!(err, Error::Trap { .. } | Error::Remote(_)),
+            "in-process {in_process}: {err:?}"
+        );
+        if in_process {
+            // Its own cap, long before the process's descriptors run out.
+            assert!(err.to_string().contains("resource table"), "{err}");
+        }
+        // The guest was reset (its handles closed) and the worker answers.
+        assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
+        let opened = w
+            .remote_call_fetch::<usize>("hoard", ("/d/f", 100))
+            .await
+            .unwrap();
+        assert_eq!(opened, 100);
+        w.stop().await.unwrap();
+    }
+}

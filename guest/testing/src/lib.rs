@@ -28,6 +28,7 @@
 //!   an interrupt, otherwise goes back to sleep;
 //! - `wasi_poll(obey)` (wasm only): polls a pollable that never becomes
 //!   ready, the same way;
+//! - `hoard(path, n)`: opens a file `n` times, keeping every handle;
 //! - `fifo_read(path, obey)`: reads from a FIFO (a blocking WASI read),
 //!   the same way; returns the number of bytes read.
 //!
@@ -125,6 +126,14 @@ fn guest() -> Guest {
                     Err(_) => continue,
                 }
             }
+        })
+        .func("hoard", |(path, n): (String, usize)| {
+            // Keeps `n` handles of one file open at once.
+            let mut files = Vec::new();
+            for _ in 0..n {
+                files.push(std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?);
+            }
+            Ok(files.len())
         })
         .func("panic", |(m,): (String,)| -> Result<(), String> {
             panic!("{m}")

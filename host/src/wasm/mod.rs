@@ -103,6 +103,11 @@ struct Limiter {
 /// Most elements in one wasm table.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// Most host resources (open files and directories, streams, pollables) a
+/// guest may hold at once: an in-process guest's files are descriptors of
+/// the manager's process, and none may run it out of them.
+pub const MAX_HOST_RESOURCES: usize = 1024;
+
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
@@ -290,7 +295,11 @@ fn new_store(
     let state = State {
         services: GuestContext::new(shared.clone()),
         wasi: wasi.build(),
-        table: ResourceTable::new(),
+        table: {
+            let mut table = ResourceTable::new();
+            table.set_max_capacity(MAX_HOST_RESOURCES);
+            table
+        },
         limiter: Limiter {
             memory_limit: usize::try_from(config.memory_limit).unwrap_or(usize::MAX),
             memory_hit: false,
