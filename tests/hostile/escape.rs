@@ -220,7 +220,11 @@ async fn a_guest_cannot_exhaust_the_managers_file_descriptors() {
     std::fs::write(dir.path().join("f"), "x").unwrap();
     for in_process in [true, false] {
         let builder = Worker::wasm(test_guest()).dir_read_only(dir.path(), "/d");
-        let builder = if in_process { builder.in_process() } else { builder };
+        let builder = if in_process {
+            builder.in_process()
+        } else {
+            builder
+        };
         let w = builder.spawn().await.unwrap();
         let err = w
             .remote_call_fetch::<usize>("hoard", ("/d/f", 100_000))

@@ -169,8 +169,10 @@ impl WasmGuest {
         shared
             .control
             .set_killer(Box::new(move |_, _| epoch.increment_epoch()));
+        // Time only: WASI's file operations run on the blocking pool, and a
+        // guest has no sockets.
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_time()
             .thread_name("malt-wasi")
             .build()
             .map_err(|e| format!("cannot start the guest's runtime: {e}"))?;
@@ -186,15 +188,14 @@ impl WasmGuest {
         guest.shared.control.begin_start(config.start_timeout);
         let started = guest.instantiate();
         let ended = guest.shared.control.end();
-        match started {
-            Ok(()) if !ended.killed => Ok(guest),
-            _ if ended.killed => Err(format!(
+        match (started, ended.killed) {
+            (_, true) => Err(format!(
                 "the guest did not start within {:?} (does its start function loop or block?)",
                 config.start_timeout
             )
             .into()),
-            Ok(()) => unreachable!("handled above"),
-            Err(e) => Err(e.into()),
+            (Ok(()), false) => Ok(guest),
+            (Err(e), false) => Err(e.into()),
         }
     }
 
@@ -210,7 +211,7 @@ impl WasmGuest {
             .expect("runtime lives as long as the guest");
         let shared = &self.shared;
         let pre = &self.pre;
-        let bindings = runtime.block_on(async {
+        let bindings = drive(runtime, async {
             tokio::select! {
                 biased;
                 bindings = pre.instantiate_async(&mut store) => {
@@ -229,8 +230,8 @@ impl WasmGuest {
 impl Drop for WasmGuest {
     fn drop(&mut self) {
         // The store first: its pending WASI tasks are cancelled. Then the
-        // runtime, without waiting for a blocking task stuck in a read
-        // (a guest's FIFO): a worker never waits on its guest's I/O.
+        // runtime, without waiting for a blocking file operation still
+        // running on its pool: a worker never waits on its guest's I/O.
         self.instance = None;
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
@@ -346,7 +347,7 @@ impl super::Guest for WasmGuest {
             .runtime
             .as_ref()
             .expect("runtime lives as long as the guest");
-        let outcome = runtime.block_on(async {
+        let outcome = drive(runtime, async {
             let call = async {
                 match work {
                     Work::Call { name, args } => bindings.call_call(&mut *store, name, args).await,
@@ -382,6 +383,22 @@ impl super::Guest for WasmGuest {
 
     fn reset(&mut self) -> Result<(), String> {
         self.instantiate()
+    }
+}
+
+/// Runs a guest future to completion on the guest thread's runtime. Most
+/// requests never wait: they are polled once, in the runtime's context,
+/// without the cost of entering its scheduler; one that waits is handed to
+/// the runtime, which drives its timers and blocking tasks.
+fn drive<F: Future>(runtime: &tokio::runtime::Runtime, future: F) -> F::Output {
+    let _context = runtime.enter();
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => output,
+        // Polled again with the runtime's own waker, which replaces the
+        // no-op one wherever the future registered it.
+        std::task::Poll::Pending => runtime.block_on(future),
     }
 }
 
