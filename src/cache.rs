@@ -55,6 +55,50 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
+/// A path with its longest existing prefix resolved (symlinks followed),
+/// so that paths are compared as the kernel would see them.
+fn resolved(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// Refuses a read-write grant that contains the artifact cache or lies
+/// inside it: a guest that can write there can replace the compiled code
+/// that later workers run.
+pub(crate) fn check_grants(dirs: &[crate::DirGrant]) -> std::result::Result<(), String> {
+    let cache = resolved(&cache_dir());
+    for dir in dirs.iter().filter(|d| !d.read_only) {
+        let granted = resolved(Path::new(&dir.host));
+        if cache.starts_with(&granted) || granted.starts_with(&cache) {
+            return Err(format!(
+                "refusing to grant {} read-write: it {} malt's artifact cache ({}), where a \
+                 guest could replace the code other workers run; grant it read-only, or \
+                 choose another directory (or move the cache with ${CACHE_DIR_ENV})",
+                dir.host,
+                if granted.starts_with(&cache) {
+                    "lies inside"
+                } else {
+                    "contains"
+                },
+                cache.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Creates the cache directory if needed and checks that only its owner
 /// (this user) can write it.
 fn private_dir(dir: &Path) -> Result<()> {

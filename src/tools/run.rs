@@ -57,6 +57,11 @@ impl WasiView for RunState {
 /// code.
 pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
     let fuel = options.fuel.is_some();
+    cache::check_grants(&options.dirs).map_err(|message| Error::Spawn {
+        worker: "run".into(),
+        message,
+        stderr: String::new(),
+    })?;
     let (bytes, sha, kind) = read_wasm(path)?;
     let what = path.display().to_string();
     let (artifact, _) = cache::artifact_status(&bytes, &sha, &what, fuel)?;

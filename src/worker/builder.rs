@@ -240,6 +240,11 @@ impl WorkerBuilder {
         let number = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
         let label = format!("worker {number}");
         let timeout = self.spawn_timeout;
+        cache::check_grants(&self.dirs).map_err(|message| Error::Spawn {
+            worker: label.clone(),
+            message,
+            stderr: String::new(),
+        })?;
         let artifact = match &self.guest {
             GuestSource::Script | GuestSource::Wasm(_) => Some(
                 prepare_artifact(self.guest.clone(), self.fuel.is_some())

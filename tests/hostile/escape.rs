@@ -248,3 +248,41 @@ async fn a_guest_cannot_exhaust_the_managers_file_descriptors() {
         w.stop().await.unwrap();
     }
 }
+
+/// A guest that may write where the compiled artifacts live could replace
+/// the code every later worker runs (reproduced: a component granted `~`
+/// read-write overwrote the script guest's artifact). Such a grant is
+/// refused, whether it contains the cache or lies inside it; read-only is
+/// fine.
+#[tokio::test]
+async fn a_grant_that_could_write_the_artifact_cache_is_refused() {
+    // Make sure the cache exists (the first worker of a run creates it).
+    let w = Worker::wasm(test_guest()).spawn().await.unwrap();
+    w.stop().await.unwrap();
+    let cache = malt::cache_dir();
+    let inside = cache.join(format!("grant-test-{}", std::process::id()));
+    std::fs::create_dir_all(&inside).unwrap();
+    for dir in [
+        cache.parent().unwrap().to_path_buf(),
+        cache.clone(),
+        inside.clone(),
+    ] {
+        let err = Worker::wasm(test_guest())
+            .dir(&dir, "/g")
+            .spawn()
+            .await
+            .expect_err("a writable grant over the cache is refused");
+        let Error::Spawn { message, .. } = &err else {
+            panic!("{}: {err:?}", dir.display())
+        };
+        assert!(message.contains("artifact cache"), "{message}");
+        let w = Worker::wasm(test_guest())
+            .dir_read_only(&dir, "/g")
+            .spawn()
+            .await
+            .expect("a read-only grant is fine");
+        assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
+        w.stop().await.unwrap();
+    }
+    let _ = std::fs::remove_dir(&inside);
+}
