@@ -38,6 +38,7 @@ pub(crate) mod exit {
 pub fn run_process(native: Option<NativeFactory>) -> i32 {
     ignore_signals();
     die_with_parent();
+    detach();
     // The protocol gets its own descriptor; fd 1 and 2 become pipes whose
     // contents are forwarded as output frames, so nothing a guest (or a
     // library) prints can corrupt the protocol.
@@ -106,6 +107,21 @@ fn die_with_parent() {
         if expected.is_some_and(|pid| libc::getppid() != pid) {
             std::process::exit(exit::START_FAILED);
         }
+    }
+}
+
+/// Keeps nothing of the manager's but the three standard streams: every
+/// other inherited descriptor is closed (a manager's descriptor without
+/// close-on-exec must not reach guest code), and the host leads a session
+/// of its own (no controlling terminal to inject input into, no signals
+/// sent to the manager's process group).
+fn detach() {
+    // SAFETY: close_range and setsid have no memory-safety preconditions;
+    // this runs first thing in the host, before anything has opened a
+    // descriptor above 2 that it means to keep.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::setsid();
     }
 }
 

@@ -83,8 +83,9 @@ pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
         env: options.env.clone(),
         dirs: options.dirs.clone(),
     };
-    let mut wasi =
-        crate::host::wasm::sandbox(&config).map_err(|e| Error::Component(format!("{e:#}")))?;
+    let mut wasi = crate::host::wasm::Grants::open(&config.dirs)
+        .and_then(|grants| crate::host::wasm::sandbox(&config, &grants))
+        .map_err(|e| Error::Component(format!("{e:#}")))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

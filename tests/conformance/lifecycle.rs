@@ -303,3 +303,41 @@ async fn a_native_host_that_cannot_restart_terminates_cleanly() {
         .unwrap_err();
     assert!(err.is_terminated(), "{err:?}");
 }
+
+/// A host keeps nothing of its manager's but the standard streams: a
+/// descriptor the manager left without close-on-exec is closed in every
+/// host process, and each host leads its own session (no controlling
+/// terminal, out of the manager's process group).
+#[tokio::test]
+async fn hosts_inherit_no_descriptor_and_lead_their_own_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("manager-secret");
+    std::fs::write(&path, "secret").unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    // Inheritable, as a careless manager might leave it.
+    // SAFETY: fcntl on a descriptor this test owns.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        assert_eq!(libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0), 0);
+    }
+    for kind in [Kind::Wasm, Kind::Native] {
+        let w = kind.spawn().await;
+        let pid = w.pid();
+        let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .collect();
+        assert!(
+            !fds.iter().any(|target| target == &path),
+            "{kind:?}: the host holds the manager's file: {fds:?}"
+        );
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name: state, ppid, pgrp, session.
+        let after = stat.rsplit(')').next().unwrap();
+        let session: u32 = after.split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert_eq!(session, pid, "{kind:?}: the host leads its own session");
+        assert_eq!(w.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
+        w.stop().await.unwrap();
+    }
+    drop(file);
+}

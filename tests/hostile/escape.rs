@@ -286,3 +286,48 @@ async fn a_grant_that_could_write_the_artifact_cache_is_refused() {
     }
     let _ = std::fs::remove_dir(&inside);
 }
+
+/// Grants are opened once: a directory swapped for a symlink after the
+/// start (here by the test; a guest could do it through another, writable
+/// grant) is not followed when the guest is reset after a trap.
+#[tokio::test]
+async fn a_reset_does_not_follow_a_swapped_grant() {
+    let root = tempfile::tempdir().unwrap();
+    let granted = root.path().join("granted");
+    std::fs::create_dir(&granted).unwrap();
+    std::fs::write(granted.join("f"), "granted").unwrap();
+    let outside = root.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("f"), "outside").unwrap();
+    for in_process in [false, true] {
+        let builder = Worker::wasm(test_guest())
+            .dir_read_only(&granted, "/g")
+            .monitor_output(false);
+        let builder = if in_process {
+            builder.in_process()
+        } else {
+            builder
+        };
+        let w = builder.spawn().await.unwrap();
+        let read = || w.remote_call_fetch::<String>("read", ("/g/f",));
+        assert_eq!(read().await.unwrap(), "granted");
+        // Swap the granted directory for a symlink to another one.
+        let moved = root.path().join(format!("moved-{in_process}"));
+        std::fs::rename(&granted, &moved).unwrap();
+        std::os::unix::fs::symlink(&outside, &granted).unwrap();
+        let err = w
+            .remote_call_fetch::<()>("panic", ("reset",))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Trap { .. }), "{err:?}");
+        assert_eq!(
+            read().await.unwrap(),
+            "granted",
+            "in-process {in_process}: the reset reopened the directory granted at the start"
+        );
+        w.stop().await.unwrap();
+        // Back as it was, for the next kind.
+        std::fs::remove_file(&granted).unwrap();
+        std::fs::rename(&moved, &granted).unwrap();
+    }
+}

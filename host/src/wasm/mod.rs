@@ -136,6 +136,7 @@ pub(crate) struct WasmGuest {
     engine: Engine,
     pre: BindingsPre<State>,
     config: Arc<HostConfig>,
+    grants: Grants,
     shared: Arc<Shared>,
     /// `None` only while being replaced or dropped.
     instance: Option<(Store<State>, Bindings)>,
@@ -180,6 +181,7 @@ impl WasmGuest {
             engine,
             pre,
             config: Arc::new(config.clone()),
+            grants: Grants::open(&config.dirs).map_err(|e| format!("{e:#}"))?,
             shared,
             instance: None,
             runtime: Some(runtime),
@@ -203,8 +205,8 @@ impl WasmGuest {
     /// the start traps or is killed by the start timeout.
     fn instantiate(&mut self) -> Result<(), String> {
         self.instance = None;
-        let mut store =
-            new_store(&self.engine, &self.config, &self.shared).map_err(|e| format!("{e:#}"))?;
+        let mut store = new_store(&self.engine, &self.config, &self.grants, &self.shared)
+            .map_err(|e| format!("{e:#}"))?;
         let runtime = self
             .runtime
             .as_ref()
@@ -255,10 +257,37 @@ fn link(engine: &Engine, component: &Component) -> wasmtime::Result<BindingsPre<
         .map_err(|e| e.context("the component does not implement the malt:worker world"))
 }
 
+/// The granted directories, opened once when the guest is loaded. Every
+/// store (the first, and each after a reset) opens them again through
+/// these handles, never by path: a guest that swaps a directory inside one
+/// grant for a symlink cannot redirect another grant at its next reset.
+#[doc(hidden)]
+pub struct Grants(Vec<(std::os::fd::OwnedFd, malt_protocol::DirGrant)>);
+
+impl Grants {
+    /// Opens each granted directory (`O_PATH`: a handle, not a read).
+    pub fn open(dirs: &[malt_protocol::DirGrant]) -> wasmtime::Result<Grants> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut opened = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            let handle = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(&dir.host)
+                .map_err(|e| {
+                    wasmtime::format_err!("cannot open the granted directory {}: {e}", dir.host)
+                })?;
+            opened.push((handle.into(), dir.clone()));
+        }
+        Ok(Grants(opened))
+    }
+}
+
 /// The WASI context every guest gets: nothing but what was granted. No
 /// stdin, no network, no arguments; only the granted environment
 /// variables and directories.
-pub fn sandbox(config: &HostConfig) -> wasmtime::Result<WasiCtxBuilder> {
+pub fn sandbox(config: &HostConfig, grants: &Grants) -> wasmtime::Result<WasiCtxBuilder> {
+    use std::os::fd::AsRawFd;
     let mut wasi = WasiCtxBuilder::new();
     wasi.allow_tcp(false)
         .allow_udp(false)
@@ -266,13 +295,15 @@ pub fn sandbox(config: &HostConfig) -> wasmtime::Result<WasiCtxBuilder> {
     for (k, v) in &config.env {
         wasi.env(k, v);
     }
-    for dir in &config.dirs {
+    for (handle, dir) in &grants.0 {
         let perms = if dir.read_only {
             wasmtime_wasi::FsPerms::ReadOnly
         } else {
             wasmtime_wasi::FsPerms::ReadWrite
         };
-        wasi.preopened_dir(&dir.host, &dir.guest, perms)
+        // The kernel's link to the very directory opened at load.
+        let pinned = format!("/proc/self/fd/{}", handle.as_raw_fd());
+        wasi.preopened_dir(&pinned, &dir.guest, perms)
             .map_err(|e| e.context(format!("cannot open the granted directory {}", dir.host)))?;
     }
     Ok(wasi)
@@ -282,9 +313,10 @@ pub fn sandbox(config: &HostConfig) -> wasmtime::Result<WasiCtxBuilder> {
 fn new_store(
     engine: &Engine,
     config: &HostConfig,
+    grants: &Grants,
     shared: &Arc<Shared>,
 ) -> wasmtime::Result<Store<State>> {
-    let mut wasi = sandbox(config)?;
+    let mut wasi = sandbox(config, grants)?;
     wasi.stdout(FrameOutput {
         shared: shared.clone(),
         stream: Stream::Stdout,
