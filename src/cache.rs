@@ -40,7 +40,9 @@ fn engine(fuel: bool) -> Result<&'static Engine> {
 }
 
 /// The cache directory: `$MALT_CACHE_DIR`, else `$XDG_CACHE_HOME/malt`,
-/// else `~/.cache/malt`.
+/// else `~/.cache/malt` (the home from `$HOME`, else from the user
+/// database); only for a user without a home, `$TMPDIR/malt-UID`, which is
+/// used only if this user owns it and no one else can write it.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(CACHE_DIR_ENV) {
         return PathBuf::from(dir);
@@ -48,10 +50,43 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("malt");
     }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".cache").join("malt"),
+    match std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(passwd_home)
+    {
+        Some(home) => home.join(".cache").join("malt"),
+        // No home at all: a per-user directory in the shared temporary
+        // directory, which `private_dir` refuses unless this user owns it
+        // and nobody else can write it.
         // SAFETY: geteuid has no preconditions.
         None => std::env::temp_dir().join(format!("malt-{}", unsafe { libc::geteuid() })),
+    }
+}
+
+/// This user's home directory from the user database (when `$HOME` is
+/// unset, as for a service).
+fn passwd_home() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: getpwuid_r with a zeroed passwd, a buffer of its stated
+    // length and a result pointer, all living across the call; the strings
+    // it returns point into `buf`, copied out before `buf` is dropped.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            libc::geteuid(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() || pw.pw_dir.is_null() {
+            return None;
+        }
+        let dir = std::ffi::CStr::from_ptr(pw.pw_dir).to_bytes();
+        (!dir.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(dir)))
     }
 }
 
@@ -258,6 +293,18 @@ pub(crate) fn compile_to_file(bytes: &[u8], what: &str, out: &Path, fuel: bool) 
         .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))
 }
 
+/// Writes a new file only its owner can read or write (0600).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
 /// Compiles under a file lock, so that concurrent managers compile a
 /// component once, and publishes the artifact with an atomic rename.
 fn compile_into(engine: &Engine, bytes: &[u8], path: &Path, what: &str) -> Result<()> {
@@ -275,7 +322,9 @@ fn compile_into(engine: &Engine, bytes: &[u8], path: &Path, what: &str) -> Resul
     }
     let compiled = precompile(engine, bytes, what)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &compiled)
+    // Left behind by a process of the same pid that crashed.
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, &compiled)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
@@ -288,6 +337,14 @@ fn compile_into(engine: &Engine, bytes: &[u8], path: &Path, what: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_user_database_knows_this_users_home() {
+        // The fallback for a process without $HOME (a service): never a
+        // shared directory when the user has a home.
+        let home = passwd_home().expect("this user has an entry with a home");
+        assert!(home.is_absolute(), "{}", home.display());
+    }
 
     #[test]
     fn component_header_check() {

@@ -142,14 +142,34 @@ fn damaged_artifact_child() {
             .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
             .expect("an artifact in the cache");
         let original = std::fs::read(&artifact).unwrap();
-        // Truncated, then overwritten with garbage: each time the worker
-        // still starts, from a freshly compiled artifact.
-        for damaged in [original[..original.len() / 3].to_vec(), vec![0x42; 4096]] {
-            std::fs::write(&artifact, &damaged).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&artifact), 0o600, "artifacts are private files");
+        let elsewhere = cache.join("elsewhere");
+        // Truncated, overwritten with garbage, made writable by others,
+        // replaced by a symlink (to a valid artifact, even): each time the
+        // worker still starts, from a freshly compiled, private artifact.
+        let damages: [&dyn Fn(); 4] = [
+            &|| std::fs::write(&artifact, &original[..original.len() / 3]).unwrap(),
+            &|| std::fs::write(&artifact, vec![0x42; 4096]).unwrap(),
+            &|| {
+                std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o666)).unwrap()
+            },
+            &|| {
+                std::fs::write(&elsewhere, &original).unwrap();
+                std::fs::remove_file(&artifact).unwrap();
+                std::os::unix::fs::symlink(&elsewhere, &artifact).unwrap();
+            },
+        ];
+        for damage in damages {
+            damage();
             let w = Worker::wasm(&guest).spawn().await.unwrap();
             assert_eq!(w.remote_call_fetch::<i64>("add", (2, 2)).await.unwrap(), 4);
             w.stop().await.unwrap();
-            assert_eq!(std::fs::read(&artifact).unwrap().len(), original.len());
+            let meta = std::fs::symlink_metadata(&artifact).unwrap();
+            assert!(meta.file_type().is_file(), "a regular file again");
+            assert_eq!(meta.len(), original.len() as u64);
+            assert_eq!(mode(&artifact), 0o600);
         }
     });
 }

@@ -153,15 +153,21 @@ impl WasmGuest {
         };
         let engine = Engine::new(&engine_config(config.fuel.is_some()))
             .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
-        // SAFETY: artifacts come from malt's private (0700) cache or a file
-        // the manager's user chose; deserialize checks the header, the
-        // wasmtime version and the engine configuration.
-        let component = unsafe { Component::deserialize_file(&engine, path) }.map_err(|e| {
+        let load_failed = |e: String| {
             StartFailed::new(
                 FatalKind::ArtifactLoad,
-                format!("cannot load the compiled component {path}: {e:#}"),
+                format!("cannot load the compiled component {path}: {e}"),
             )
-        })?;
+        };
+        let artifact = open_artifact(path).map_err(load_failed)?;
+        // SAFETY: the artifact is a regular file of this user that nobody
+        // else may write (checked on the open file), from malt's private
+        // cache or a file the manager's user chose; deserialize checks the
+        // header, the wasmtime version and the engine configuration. It is
+        // mapped through the descriptor just checked, not its path.
+        let component = unsafe { Component::deserialize_file(&engine, fd_path(&artifact)) }
+            .map_err(|e| load_failed(format!("{e:#}")))?;
+        drop(artifact);
         let pre = link(&engine, &component).map_err(|e| format!("{e:#}"))?;
         // The timer's kill: the epoch bump traps running wasm code (the
         // kill flag, set before, makes the epoch callback refuse to extend
@@ -239,6 +245,36 @@ impl Drop for WasmGuest {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Opens a compiled artifact for loading: never through a symlink, and
+/// only a regular file owned by this user that no one else may write. A
+/// failure makes the manager compile it again, never run it.
+fn open_artifact(path: &str) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("cannot open it (a symlink is refused): {e}"))?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "refusing it: not a regular file of this user that only it can write \
+             (owner {}, mode {:o})",
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(file)
+}
+
+/// The path through which the kernel reopens exactly this open file.
+fn fd_path(file: &std::fs::File) -> String {
+    use std::os::fd::AsRawFd;
+    format!("/proc/self/fd/{}", file.as_raw_fd())
 }
 
 /// Links the component against WASI (async, with interruptible waits) and
