@@ -306,10 +306,10 @@ async fn a_native_host_that_cannot_restart_terminates_cleanly() {
 
 /// A host keeps nothing of its manager's but the standard streams: a
 /// descriptor the manager left without close-on-exec is closed in every
-/// host process, and each host leads its own session (no controlling
-/// terminal, out of the manager's process group).
+/// host process, and each host leads its own process group, without a
+/// controlling terminal.
 #[tokio::test]
-async fn hosts_inherit_no_descriptor_and_lead_their_own_session() {
+async fn hosts_inherit_no_descriptor_and_lead_their_own_process_group() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("manager-secret");
     std::fs::write(&path, "secret").unwrap();
@@ -332,10 +332,24 @@ async fn hosts_inherit_no_descriptor_and_lead_their_own_session() {
             "{kind:?}: the host holds the manager's file: {fds:?}"
         );
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        // Fields after the command name: state, ppid, pgrp, session.
-        let after = stat.rsplit(')').next().unwrap();
-        let session: u32 = after.split_whitespace().nth(3).unwrap().parse().unwrap();
-        assert_eq!(session, pid, "{kind:?}: the host leads its own session");
+        // Fields after the command name: state, ppid, pgrp, session, tty.
+        let fields: Vec<i64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .take(4)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        assert_eq!(
+            fields[1], pid as i64,
+            "{kind:?}: the host leads its own process group"
+        );
+        assert_eq!(
+            fields[3], 0,
+            "{kind:?}: the host has no controlling terminal"
+        );
         assert_eq!(w.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
         w.stop().await.unwrap();
     }
