@@ -10,6 +10,7 @@
 //! call, too). Either way the store is gone with it: the guest gets a
 //! fresh store and instance (from the pre-instantiated component: ~50 µs).
 
+mod limits;
 mod output;
 mod waits;
 
@@ -17,11 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::{GuestContext, GuestError, Shared, StartFailed, Work};
 use crate::control::Stop;
+use limits::Limiter;
 use malt_protocol::FatalKind;
 use malt_protocol::{GuestSpec, HostConfig, Stream};
 use output::FrameOutput;
@@ -93,44 +95,10 @@ impl bindings::malt::worker::host::Host for State {
     }
 }
 
-/// Enforces the memory cap and remembers whether the guest hit it, so a
-/// trap that follows can be reported as the limit it is.
-struct Limiter {
-    memory_limit: usize,
-    memory_hit: bool,
-}
-
-/// Most elements in one wasm table.
-const MAX_TABLE_ELEMENTS: usize = 1 << 20;
-
 /// Most host resources (open files and directories, streams, pollables) a
 /// guest may hold at once: an in-process guest's files are descriptors of
 /// the manager's process, and none may run it out of them.
 pub const MAX_HOST_RESOURCES: usize = 1024;
-
-impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.memory_limit {
-            self.memory_hit = true;
-            return Ok(false);
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
-}
 
 pub(crate) struct WasmGuest {
     engine: Engine,
@@ -369,10 +337,7 @@ fn new_store(
             table.set_max_capacity(MAX_HOST_RESOURCES);
             table
         },
-        limiter: Limiter {
-            memory_limit: usize::try_from(config.memory_limit).unwrap_or(usize::MAX),
-            memory_hit: false,
-        },
+        limiter: Limiter::new(usize::try_from(config.memory_limit).unwrap_or(usize::MAX)),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
