@@ -141,13 +141,20 @@ pub(crate) fn apply() -> Result<(), String> {
 /// kernel without Landlock the other layers remain.
 pub(crate) fn restrict_files(dirs: &[malt_protocol::DirGrant]) -> Result<bool, String> {
     use landlock::{
-        ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus,
+        ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope,
     };
-    let abi = ABI::V5;
+    // Files (ABI 1–5), TCP bind and connect with no port allowed (4), and
+    // scopes (6): no signal to a process outside this host, no abstract
+    // unix socket outside it. Each applies where the kernel has it.
+    let abi = ABI::V6;
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(err)?
+        .scope(Scope::from_all(abi))
         .map_err(err)?
         .create()
         .map_err(err)?;
@@ -272,6 +279,28 @@ mod tests {
                 }
                 if libc::open(new_file.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600) >= 0 {
                     libc::_exit(3);
+                }
+                // No signal out of the sandbox (the parent: this test).
+                if libc::kill(libc::getppid(), 0) == 0 || errno() != libc::EPERM {
+                    libc::_exit(4);
+                }
+                // No TCP connection (the socket call itself is seccomp's).
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 1u16.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let connected = libc::connect(
+                    fd,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                if fd < 0 || connected == 0 || errno() != libc::EACCES {
+                    libc::_exit(5);
                 }
                 libc::_exit(0);
             }

@@ -106,6 +106,11 @@ pub(crate) enum GuestError {
 
 /// A guest served by a host: a wasm component, or a native guest.
 pub(crate) trait Guest {
+    /// Starts the guest (for wasm: instantiates it, running its start
+    /// function), on the guest thread, once the host is locked down.
+    fn start(&mut self) -> Result<(), StartFailed> {
+        Ok(())
+    }
     /// Runs one request.
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError>;
     /// Starts over with a fresh guest after a trap or a kill (run under

@@ -37,27 +37,43 @@ pub fn serve(
         max_frame: config.max_frame,
         start_timeout: config.start_timeout,
     });
-    // The timer runs from the start: it also bounds the guest's start.
-    let timer = spawn_timer(&shared, place);
+    // Everything that locks the process down happens in `prepare`, before
+    // the host's other threads exist (Landlock binds a thread and the
+    // threads it starts later) and before any guest code runs.
     let (kind, guest) = match prepare(&config, &shared, place, native) {
         Ok(prepared) => prepared,
-        Err(e) => {
-            shared.control.shut_down(&shared.channels);
-            let _ = timer.join();
-            return fatal(&mut output, e.kind, &e.message, exit::START_FAILED);
-        }
+        Err(e) => return fatal(&mut output, e.kind, &e.message, exit::START_FAILED),
     };
-    *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
+    // The timer also bounds the guest's start.
+    let timer = spawn_timer(&shared, place);
     let (work_tx, work_rx) = std::sync::mpsc::channel();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     let s = shared.clone();
     let guest_thread = std::thread::Builder::new()
         .name("malt-guest".into())
         // Native guests recurse on this stack (a wasm guest's own stack is
         // capped by wasmtime); address space only, touched as used.
         .stack_size(GUEST_STACK)
-        .spawn(move || super::requests::guest_loop(guest(), work_rx, &s, place))
+        .spawn(move || {
+            let mut guest = guest();
+            let started = guest.start();
+            let ok = started.is_ok();
+            let _ = started_tx.send(started);
+            if ok {
+                super::requests::guest_loop(guest, work_rx, &s, place);
+            }
+        })
         .expect("spawn guest thread");
-
+    let started = started_rx
+        .recv()
+        .unwrap_or_else(|_| Err("the guest thread ended while starting".into()));
+    if let Err(e) = started {
+        shared.control.shut_down(&shared.channels);
+        let _ = guest_thread.join();
+        let _ = timer.join();
+        return fatal(&mut output, e.kind, &e.message, exit::START_FAILED);
+    }
+    *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
     shared.send(&FromHost::Hello {
         version: PROTOCOL_VERSION,
         malt_version: protocol::MALT_VERSION.to_string(),
@@ -110,10 +126,10 @@ fn spawn_timer(shared: &Arc<Shared>, place: Place) -> std::thread::JoinHandle<()
 
 pub(crate) type GuestMaker = Box<dyn FnOnce() -> Box<dyn Guest> + Send>;
 
-/// Why a guest could not be prepared.
+/// Why a guest could not be prepared or started.
 pub(crate) struct StartFailed {
-    kind: FatalKind,
-    message: String,
+    pub(crate) kind: FatalKind,
+    pub(crate) message: String,
 }
 
 impl StartFailed {

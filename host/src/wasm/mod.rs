@@ -114,7 +114,10 @@ pub(crate) struct WasmGuest {
 }
 
 impl WasmGuest {
-    /// Loads the precompiled component and instantiates it.
+    /// Loads the precompiled component and links it; [`start`] instantiates
+    /// it.
+    ///
+    /// [`start`]: super::Guest::start
     pub(crate) fn load(config: &HostConfig, shared: Arc<Shared>) -> Result<Self, StartFailed> {
         let GuestSpec::Artifact { path } = &config.guest else {
             return Err("not a wasm guest".into());
@@ -151,7 +154,7 @@ impl WasmGuest {
             .thread_name("malt-wasi")
             .build()
             .map_err(|e| format!("cannot start the guest's runtime: {e}"))?;
-        let mut guest = WasmGuest {
+        let guest = WasmGuest {
             engine,
             pre,
             config: Arc::new(config.clone()),
@@ -160,19 +163,7 @@ impl WasmGuest {
             instance: None,
             runtime: Some(runtime),
         };
-        // The start function runs under the start timeout, like a reset.
-        guest.shared.control.begin_start(config.start_timeout);
-        let started = guest.instantiate();
-        let ended = guest.shared.control.end();
-        match (started, ended.killed) {
-            (_, true) => Err(format!(
-                "the guest did not start within {:?} (does its start function loop or block?)",
-                config.start_timeout
-            )
-            .into()),
-            (Ok(()), false) => Ok(guest),
-            (Err(e), false) => Err(e.into()),
-        }
+        Ok(guest)
     }
 
     /// A fresh store and instance, replacing the current ones. Fails when
@@ -360,6 +351,22 @@ fn new_store(
 }
 
 impl super::Guest for WasmGuest {
+    fn start(&mut self) -> Result<(), StartFailed> {
+        // The start function runs under the start timeout, like a reset.
+        self.shared.control.begin_start(self.config.start_timeout);
+        let started = self.instantiate();
+        let ended = self.shared.control.end();
+        match (started, ended.killed) {
+            (_, true) => Err(format!(
+                "the guest did not start within {:?} (does its start function loop or block?)",
+                self.config.start_timeout
+            )
+            .into()),
+            (Ok(()), false) => Ok(()),
+            (Err(e), false) => Err(e.into()),
+        }
+    }
+
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {
         let Some((store, bindings)) = self.instance.as_mut() else {
             return Err(GuestError::Trap {
