@@ -77,6 +77,8 @@ impl WorkerBuilder {
         fn spawn_timeout(timeout: Duration);
         /// See [`crate::WorkerBuilder::fuel`].
         fn fuel(fuel: u64);
+        /// See [`crate::WorkerBuilder::require_hardening`].
+        fn require_hardening(on: bool);
         /// See [`crate::WorkerBuilder::in_process`].
         fn in_process();
         /// See [`crate::WorkerBuilder::output_limit`].
@@ -205,6 +207,11 @@ impl Worker {
     /// [`WorkerOutput::blocking_recv`](crate::WorkerOutput::blocking_recv).
     pub fn take_output(&self) -> Option<crate::WorkerOutput> {
         self.inner.take_output()
+    }
+
+    /// See [`crate::Worker::hardening`].
+    pub fn hardening(&self) -> Option<crate::Hardening> {
+        self.inner.hardening()
     }
 
     /// See [`crate::Worker::termination_reason`].

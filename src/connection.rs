@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::output::OutputSink;
 use crate::process::{self, HostProgram};
 use crate::protocol::{
-    self, FatalKind, FromHost, GuestSpec, HostConfig, MALT_VERSION, PROTOCOL_VERSION, ToHost,
+    self, FatalKind, FromHost, GuestSpec, Hardening, HostConfig, MALT_VERSION, PROTOCOL_VERSION,
+    ToHost,
 };
 
 /// Bytes of a host's own stderr kept for error messages.
@@ -44,6 +45,8 @@ pub(crate) struct Connection {
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     /// Resolves with the host's exit status once it is gone.
     pub exited: oneshot::Receiver<ExitStatus>,
+    /// What the host process locked down, if it is a hardened wasm host.
+    pub hardening: Option<Hardening>,
 }
 
 /// What kind of start failure, for the manager to act on (it never
@@ -89,7 +92,7 @@ async fn handshake(
     writer: &mut (impl AsyncWrite + Unpin),
     reader: &mut (impl AsyncRead + Unpin),
     config: &HostConfig,
-) -> Result<(), StartError> {
+) -> Result<Option<Hardening>, StartError> {
     let exited = |e: std::io::Error| {
         StartError::new(
             StartFailure::Exited,
@@ -105,8 +108,9 @@ async fn handshake(
         Ok(Some(FromHost::Hello {
             version,
             malt_version,
+            hardening,
             ..
-        })) if version == PROTOCOL_VERSION && malt_version == MALT_VERSION => Ok(()),
+        })) if version == PROTOCOL_VERSION && malt_version == MALT_VERSION => Ok(hardening),
         Ok(Some(FromHost::Hello {
             version,
             malt_version,
@@ -177,7 +181,8 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
         launch.output.clone(),
         started.clone(),
     ));
-    if let Err(mut error) = handshake(&mut stdin, &mut stdout, &launch.config).await {
+    let handshake = handshake(&mut stdin, &mut stdout, &launch.config).await;
+    if let Err(mut error) = handshake {
         let _ = child.start_kill();
         let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
@@ -204,6 +209,7 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
             .clone();
         return Err(error);
     }
+    let hardening = handshake.unwrap_or_default();
     started.store(true, Ordering::Release);
     let (frames, frames_rx) = mpsc::unbounded_channel();
     tokio::spawn(write_frames(stdin, frames_rx, None));
@@ -216,6 +222,7 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
         pid,
         reader: Box::new(stdout),
         exited,
+        hardening,
     })
 }
 
@@ -248,7 +255,7 @@ async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
     let mut writer = tokio::net::unix::pipe::Sender::from_owned_fd(to_host_w).map_err(io)?;
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(from_host_r).map_err(io)?;
     let mut reader = BufReader::with_capacity(64 << 10, reader);
-    handshake(&mut writer, &mut reader, &launch.config).await?;
+    let hardening = handshake(&mut writer, &mut reader, &launch.config).await?;
     let (frames, frames_rx) = mpsc::unbounded_channel();
     let (close_tx, close_rx) = oneshot::channel();
     tokio::spawn(write_frames(writer, frames_rx, Some(close_rx)));
@@ -266,6 +273,7 @@ async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
         pid: std::process::id(),
         reader: Box::new(reader),
         exited,
+        hardening,
     })
 }
 

@@ -164,7 +164,7 @@ pub use channel::WorkerChannel;
 pub use error::{Error, Limit, RemoteException, Result};
 pub use output::{OutputChunk, Stream, WorkerOutput};
 pub use process::HOST_PROGRAM_ENV;
-pub use protocol::DirGrant;
+pub use protocol::{DirGrant, Hardening};
 pub use worker::{
     CallHandle, DEFAULT_INTERRUPT_GRACE, DEFAULT_MAX_PENDING, DEFAULT_MEMORY_LIMIT,
     DEFAULT_OUTPUT_LIMIT, DEFAULT_SPAWN_TIMEOUT, MAX_CHANNEL_CAPACITY, Worker, WorkerBuilder,

@@ -23,6 +23,10 @@ pub(crate) struct Sandbox {
     /// Allow network access (not supported: malt workers have no network).
     #[arg(long)]
     pub(crate) allow_net: bool,
+    /// Refuse to run unless the guest's process is fully locked down
+    /// (seccomp and every Landlock rule; Linux 6.12 or later).
+    #[arg(long)]
+    pub(crate) strict: bool,
 }
 
 /// A usage error found after parsing (exit code 2).
@@ -148,6 +152,6 @@ impl Sandbox {
             };
         }
         // One worker, so its output goes to ours as is.
-        Ok(builder.prefix_output(false))
+        Ok(builder.prefix_output(false).require_hardening(self.strict))
     }
 }

@@ -210,6 +210,7 @@ pub(crate) fn run_command(
         fuel: sandbox.fuel,
         inherit_stdin: stdin,
         harden: true,
+        require_hardening: sandbox.strict,
     };
     Ok(malt::tools::run(guest, &options)?)
 }

@@ -139,7 +139,9 @@ pub(crate) fn apply() -> Result<(), String> {
 /// Restricts the filesystem the process (this thread and the threads it
 /// starts later) can reach to the granted directories. Best effort: on a
 /// kernel without Landlock the other layers remain.
-pub(crate) fn restrict_files(dirs: &[malt_protocol::DirGrant]) -> Result<bool, String> {
+pub(crate) fn restrict_files(
+    dirs: &[malt_protocol::DirGrant],
+) -> Result<malt_protocol::Hardening, String> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus, Scope,
@@ -170,7 +172,19 @@ pub(crate) fn restrict_files(dirs: &[malt_protocol::DirGrant]) -> Result<bool, S
             .map_err(err)?;
     }
     let status = ruleset.restrict_self().map_err(err)?;
-    Ok(status.ruleset != RulesetStatus::NotEnforced)
+    let landlock_abi = match status.landlock {
+        landlock::LandlockStatus::Available { effective_abi, .. } => effective_abi as u32,
+        _ => 0,
+    };
+    Ok(malt_protocol::Hardening {
+        seccomp: true,
+        landlock_abi: if status.ruleset == RulesetStatus::NotEnforced {
+            0
+        } else {
+            landlock_abi
+        },
+        landlock_full: status.ruleset == RulesetStatus::FullyEnforced,
+    })
 }
 
 #[cfg(test)]
@@ -267,8 +281,8 @@ mod tests {
             if pid == 0 {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                 match restrict_files(&grants) {
-                    Ok(true) => {}
-                    Ok(false) => libc::_exit(50), // kernel without Landlock
+                    Ok(h) if h.landlock_full => {}
+                    Ok(_) => libc::_exit(50), // kernel without (all of) Landlock
                     Err(_) => libc::_exit(51),
                 }
                 if libc::open(inside.as_ptr(), libc::O_RDONLY) < 0 {

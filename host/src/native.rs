@@ -92,7 +92,7 @@ pub(super) fn prepare(
         s.send(&FromHost::Restart);
         s.exit(exit::RESTART);
     }));
-    Ok((malt_protocol::GuestKind::Native, maker))
+    Ok((malt_protocol::GuestKind::Native, maker, None))
 }
 
 /// Forwards what native code writes to fd 1 and 2 as output frames.

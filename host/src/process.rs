@@ -76,12 +76,14 @@ fn take_stdout() -> std::io::Result<std::fs::File> {
 /// guest code runs: no_new_privs, rlimits, a seccomp filter (no exec, no
 /// new processes, no sockets) and, where the kernel has Landlock, no file
 /// but those beneath `dirs`. For a process that does nothing afterwards but
-/// run a guest (`malt run`); irreversible.
+/// run a guest (`malt run`); irreversible. Returns what is in force.
 #[cfg(feature = "wasm")]
 #[doc(hidden)]
-pub fn harden_process(dirs: &[malt_protocol::DirGrant]) -> Result<(), String> {
+pub fn harden_process(
+    dirs: &[malt_protocol::DirGrant],
+) -> Result<malt_protocol::Hardening, String> {
     harden::apply()?;
-    harden::restrict_files(dirs).map(|_| ())
+    harden::restrict_files(dirs)
 }
 
 /// A pipe whose two ends close on exec: (read end, write end).

@@ -40,7 +40,7 @@ pub fn serve(
     // Everything that locks the process down happens in `prepare`, before
     // the host's other threads exist (Landlock binds a thread and the
     // threads it starts later) and before any guest code runs.
-    let (kind, guest) = match prepare(&config, &shared, place, native) {
+    let (kind, guest, hardening) = match prepare(&config, &shared, place, native) {
         Ok(prepared) => prepared,
         Err(e) => return fatal(&mut output, e.kind, &e.message, exit::START_FAILED),
     };
@@ -79,6 +79,7 @@ pub fn serve(
         malt_version: protocol::MALT_VERSION.to_string(),
         kind,
         pid: std::process::id(),
+        hardening,
     });
 
     let code = read_loop(&mut input, &shared, &work_tx);
@@ -153,9 +154,10 @@ impl From<&str> for StartFailed {
     }
 }
 
-/// What [`prepare`] makes: the guest's kind and a maker for the guest
-/// thread. The backend has set its killer in [`Control`].
-pub(crate) type Prepared = (GuestKind, GuestMaker);
+/// What [`prepare`] makes: the guest's kind, a maker for the guest
+/// thread, and what the process locked down. The backend has set its
+/// killer in [`Control`].
+pub(crate) type Prepared = (GuestKind, GuestMaker, Option<protocol::Hardening>);
 
 /// Makes the guest a configuration asks for: its kind and a maker for the
 /// guest thread.
@@ -211,12 +213,14 @@ fn prepare_wasm(
     let guest = wasm::WasmGuest::load(config, shared.clone())?;
     // Loaded: from now on the process needs no file but those beneath the
     // guest's grants.
-    if place == Place::Process {
-        harden::restrict_files(&config.dirs).map_err(harden_failed)?;
-    }
+    let hardening = match place {
+        Place::Process => Some(harden::restrict_files(&config.dirs).map_err(harden_failed)?),
+        Place::InProcess => None,
+    };
     Ok((
         GuestKind::Wasm,
         Box::new(move || Box::new(guest) as Box<dyn Guest>),
+        hardening,
     ))
 }
 

@@ -245,6 +245,26 @@ pub enum Failure {
     Invalid(String),
 }
 
+/// What a wasm host process locked down before it ran guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardening {
+    /// The seccomp filter is on, on every thread.
+    pub seccomp: bool,
+    /// The Landlock ABI the kernel enforced the rules with; 0 without
+    /// Landlock.
+    pub landlock_abi: u32,
+    /// Every Landlock rule malt asks for was enforced (files, TCP, scopes:
+    /// ABI 6 or later).
+    pub landlock_full: bool,
+}
+
+impl Hardening {
+    /// Whether every layer is in force.
+    pub fn is_complete(&self) -> bool {
+        self.seccomp && self.landlock_full
+    }
+}
+
 /// Messages from the host to the manager.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromHost {
@@ -258,6 +278,10 @@ pub enum FromHost {
         kind: GuestKind,
         /// The host's process id.
         pid: u32,
+        /// What the host process locked down before running guest code;
+        /// `None` where it does not lock itself (an in-process or native
+        /// worker).
+        hardening: Option<Hardening>,
     },
     /// The answer to a request. `None` when no value was asked for
     /// (`remote_do` gets one too, so the manager knows it ran).

@@ -26,12 +26,32 @@ pub struct RunOptions {
     /// Irreversible: for a process that does nothing else afterwards, like
     /// the CLI's `malt run`.
     pub harden: bool,
+    /// Refuse to run unless `harden` put every layer in force (seccomp and
+    /// all of Landlock): see [`WorkerBuilder::require_hardening`].
+    ///
+    /// [`WorkerBuilder::require_hardening`]: crate::WorkerBuilder::require_hardening
+    pub require_hardening: bool,
 }
 
 fn harden(options: &RunOptions) -> Result<()> {
-    if options.harden {
-        crate::host::harden_process(&options.dirs)
-            .map_err(|e| Error::Component(format!("cannot harden this process: {e}")))?;
+    let refused = |why: String| Error::Spawn {
+        worker: "run".into(),
+        message: format!("hardening is required, but {why}"),
+        stderr: String::new(),
+    };
+    if !options.harden {
+        return match options.require_hardening {
+            true => Err(refused("this process is not hardened".into())),
+            false => Ok(()),
+        };
+    }
+    let hardening = crate::host::harden_process(&options.dirs)
+        .map_err(|e| Error::Component(format!("cannot harden this process: {e}")))?;
+    if options.require_hardening && !hardening.is_complete() {
+        return Err(refused(format!(
+            "this process locked down only partly ({hardening:?}); full Landlock needs \
+             Linux 6.12 or later"
+        )));
     }
     Ok(())
 }

@@ -77,6 +77,7 @@ pub struct WorkerBuilder {
     fuel: Option<u64>,
     prefix_output: bool,
     in_process: bool,
+    require_hardening: bool,
     output_limit: u64,
     max_pending: usize,
 }
@@ -97,6 +98,7 @@ impl WorkerBuilder {
             fuel: None,
             prefix_output: true,
             in_process: false,
+            require_hardening: false,
             output_limit: DEFAULT_OUTPUT_LIMIT,
             max_pending: DEFAULT_MAX_PENDING,
         }
@@ -188,6 +190,16 @@ impl WorkerBuilder {
         self
     }
 
+    /// Refuses to start unless the worker's host process is fully locked
+    /// down: a wasm worker in a process of its own, with the seccomp
+    /// filter and every Landlock rule in force (a kernel with Landlock ABI
+    /// 6 or later). Off by default: without Landlock the other layers
+    /// still hold (see SECURITY.md). What a worker got: [`Worker::hardening`].
+    pub fn require_hardening(mut self, on: bool) -> Self {
+        self.require_hardening = on;
+        self
+    }
+
     /// Limits each request to `fuel` units (about one per wasm
     /// instruction). A request that runs out fails with
     /// [`Error::LimitExceeded`] (`Limit::Fuel`) and the guest is reset.
@@ -240,11 +252,20 @@ impl WorkerBuilder {
         let number = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
         let label = format!("worker {number}");
         let timeout = self.spawn_timeout;
-        cache::check_grants(&self.dirs).map_err(|message| Error::Spawn {
+        let refuse = |message: String| Error::Spawn {
             worker: label.clone(),
             message,
             stderr: String::new(),
-        })?;
+        };
+        cache::check_grants(&self.dirs).map_err(refuse)?;
+        let wasm = matches!(self.guest, GuestSource::Script | GuestSource::Wasm(_));
+        if self.require_hardening && (!wasm || self.in_process) {
+            return Err(refuse(
+                "hardening is required, but only a wasm worker in a process of its own \
+                 locks itself down (this one is in-process or native)"
+                    .into(),
+            ));
+        }
         let artifact = match &self.guest {
             GuestSource::Script | GuestSource::Wasm(_) => Some(
                 prepare_artifact(self.guest.clone(), self.fuel.is_some())
@@ -398,12 +419,25 @@ impl WorkerBuilder {
             max_pending: self.max_pending,
             launch,
             ended_because: Mutex::new(None),
+            hardening: conn.hardening,
         });
         tokio::spawn(read_frames(inner.clone(), conn.reader, conn.exited));
-        Ok(Worker {
+        let worker = Worker {
             inner,
             output: Mutex::new(captured),
-        })
+        };
+        if self.require_hardening && !conn.hardening.is_some_and(|h| h.is_complete()) {
+            worker.kill();
+            return Err(spawn_error(
+                format!(
+                    "hardening is required, but the host locked down only partly ({:?}); \
+                     full Landlock needs Linux 6.12 or later",
+                    conn.hardening
+                ),
+                String::new(),
+            ));
+        }
+        Ok(worker)
     }
 }
 

@@ -107,6 +107,8 @@ pub(crate) struct Inner {
     /// Why the host ended the worker, when it said (a fatal frame), or why
     /// the manager did (a frame it could not read).
     pub(crate) ended_because: Mutex<Option<String>>,
+    /// What the host process locked down (a hardened wasm host only).
+    pub(crate) hardening: Option<crate::protocol::Hardening>,
 }
 
 impl Inner {

@@ -108,6 +108,14 @@ impl Worker {
         self.inner.pid.load(Ordering::Acquire)
     }
 
+    /// What the worker's host process locked down before it ran guest
+    /// code (seccomp, Landlock and its ABI); `None` for an in-process or a
+    /// native worker, which do not lock themselves. See
+    /// [`WorkerBuilder::require_hardening`].
+    pub fn hardening(&self) -> Option<crate::Hardening> {
+        self.inner.hardening
+    }
+
     /// What kind of worker this is.
     pub fn kind(&self) -> WorkerKind {
         self.inner.kind

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use malt::{Error, Limit};
+use malt::{Error, Limit, Worker};
 
 use crate::common::{Kind, finishes, test_guest_worker};
 use crate::{conformance, conformance_wasm};
@@ -259,6 +259,12 @@ async fn wasm_hosts_are_hardened() {
     };
     assert_eq!(limit("Max core file size"), "0");
     assert_eq!(limit("Max open files"), "256");
+    // The host reports what it locked down.
+    let hardening = w.hardening().expect("a wasm host reports its hardening");
+    assert!(hardening.seccomp);
+    if hardening.landlock_abi >= 6 {
+        assert!(hardening.landlock_full, "{hardening:?}");
+    }
     // And it still works, threads and all.
     assert_eq!(
         w.remote_eval_fetch::<i64>("sleep(0.01); 6 * 7")
@@ -354,4 +360,37 @@ async fn hosts_inherit_no_descriptor_and_lead_their_own_process_group() {
         w.stop().await.unwrap();
     }
     drop(file);
+}
+
+/// `require_hardening` refuses a worker that cannot lock itself down
+/// (in-process, native), and starts a wasm worker only where every layer
+/// is in force.
+#[tokio::test]
+async fn require_hardening_refuses_what_is_not_locked_down() {
+    for builder in [Worker::script().in_process(), Worker::native()] {
+        let err = builder.require_hardening(true).spawn().await.unwrap_err();
+        let Error::Spawn { message, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(message.contains("hardening is required"), "{message}");
+    }
+    let plain = Worker::script().spawn().await.unwrap();
+    let complete = plain.hardening().is_some_and(|h| h.is_complete());
+    plain.stop().await.unwrap();
+    assert!(
+        Worker::native()
+            .spawn()
+            .await
+            .unwrap()
+            .hardening()
+            .is_none()
+    );
+    match Worker::script().require_hardening(true).spawn().await {
+        Ok(w) => {
+            assert!(complete, "started although not fully locked down");
+            assert_eq!(w.remote_eval_fetch::<i64>("1 + 1").await.unwrap(), 2);
+            w.stop().await.unwrap();
+        }
+        Err(e) => assert!(!complete, "refused although fully locked down: {e}"),
+    }
 }

@@ -119,6 +119,7 @@ async fn a_host_of_another_version_is_refused() {
         malt_version: "0.0.1".into(),
         kind: malt::protocol::GuestKind::Wasm,
         pid: 1,
+        hardening: None,
     });
     let host = fake_host("old-host", &hello);
     let msg = spawn_error(Worker::script().host_program(&host)).await;

@@ -75,6 +75,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
             malt_version: protocol::MALT_VERSION.into(),
             kind: malt::protocol::GuestKind::Wasm,
             pid: 42,
+            hardening: None,
         },
         FromHost::Reply {
             id: 1,

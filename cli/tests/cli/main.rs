@@ -362,3 +362,25 @@ fn timeout_stops_a_guest_blocked_in_a_wasi_sleep() {
         .code(4)
         .stderr(predicate::str::contains("timed out"));
 }
+
+/// `--strict` refuses a worker that is not fully locked down: a native
+/// one always; a wasm one only on a kernel without all of Landlock.
+#[test]
+fn strict_refuses_what_is_not_locked_down() {
+    malt()
+        .args(["eval", "--strict", "--native", "1 + 1"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("hardening is required"));
+    let probe = malt::blocking::Worker::script().spawn().unwrap();
+    let complete = probe.hardening().is_some_and(|h| h.is_complete());
+    probe.stop().unwrap();
+    let strict = malt().args(["eval", "--strict", "1 + 1"]).assert();
+    if complete {
+        strict.success().stdout("2\n");
+    } else {
+        strict
+            .code(3)
+            .stderr(predicate::str::contains("locked down only partly"));
+    }
+}
