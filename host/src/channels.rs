@@ -7,6 +7,7 @@
 //! cuts every blocking host call short on an interrupt.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,8 @@ impl Chan {
             let mut progressed = false;
             while !self.takers.is_empty() && !self.queue.is_empty() {
                 let (id, value) = (self.takers.pop_front(), self.queue.pop_front());
+                let len = value.as_ref().map_or(0, Vec::len);
+                shared.channels.bytes.fetch_sub(len, Ordering::Relaxed);
                 shared.reply(id.unwrap_or_default(), Ok(value));
                 progressed = true;
             }
@@ -61,10 +64,14 @@ impl Chan {
     }
 }
 
-#[derive(Default)]
 pub(crate) struct Channels {
     map: Mutex<HashMap<String, Chan>>,
     changed: Condvar,
+    /// Bytes of every value held, queued or waiting to be put: they live
+    /// in the host's memory, so they count against the worker's memory
+    /// limit like the guest's own memory does.
+    bytes: AtomicUsize,
+    byte_limit: usize,
 }
 
 type Map<'a> = MutexGuard<'a, HashMap<String, Chan>>;
@@ -81,7 +88,37 @@ fn entry<'m>(map: &'m mut Map<'_>, name: &str, capacity: usize) -> Result<&'m mu
     Ok(map.get_mut(name).expect("inserted above"))
 }
 
+impl Default for Channels {
+    fn default() -> Self {
+        Channels::new(usize::MAX)
+    }
+}
+
 impl Channels {
+    /// Channels holding at most `byte_limit` bytes of values in all.
+    pub fn new(byte_limit: usize) -> Self {
+        Channels {
+            map: Mutex::default(),
+            changed: Condvar::new(),
+            bytes: AtomicUsize::new(0),
+            byte_limit,
+        }
+    }
+
+    /// Counts `len` more bytes held, unless that passes the limit.
+    fn hold(&self, len: usize) -> Result<(), String> {
+        let held = self.bytes.load(Ordering::Relaxed);
+        if held.saturating_add(len) > self.byte_limit {
+            return Err(format!(
+                "the worker's channels hold {held} bytes; {len} more would pass the \
+                 worker's memory limit ({} bytes)",
+                self.byte_limit
+            ));
+        }
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn lock(&self) -> Map<'_> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -109,6 +146,15 @@ impl Channels {
 
     pub fn manager_put(&self, shared: &Shared, id: u64, name: &str, value: Vec<u8>) {
         let mut map = self.lock();
+        if let Err(message) = self.hold(value.len()) {
+            return shared.reply(
+                id,
+                Err(malt_protocol::Failure::Limit {
+                    limit: malt_protocol::Limit::Memory,
+                    message,
+                }),
+            );
+        }
         match entry(&mut map, name, DEFAULT_CAPACITY) {
             Ok(chan) => {
                 chan.putters.push_back((id, value));
@@ -148,6 +194,7 @@ impl Channels {
             }
             let chan = entry(&mut map, name, DEFAULT_CAPACITY)?;
             if chan.queue.len() < chan.capacity {
+                self.hold(value.len())?;
                 chan.queue.push_back(value);
                 chan.pump(shared);
                 self.changed.notify_all();
@@ -166,6 +213,7 @@ impl Channels {
             }
             let chan = entry(&mut map, name, DEFAULT_CAPACITY)?;
             if let Some(value) = chan.queue.pop_front() {
+                self.bytes.fetch_sub(value.len(), Ordering::Relaxed);
                 chan.pump(shared);
                 self.changed.notify_all();
                 return Ok(value);
@@ -221,6 +269,32 @@ mod tests {
             }
         }
         replies
+    }
+
+    #[test]
+    fn values_held_count_against_the_memory_limit() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let s = Shared::for_tests_holding(out.clone(), 1000);
+        s.channels.open("c", 100).unwrap();
+        s.channels.guest_put(&s, "c", vec![1; 600]).unwrap();
+        let err = s.channels.guest_put(&s, "c", vec![2; 600]).unwrap_err();
+        assert!(err.contains("memory limit"), "{err}");
+        // A manager's put is refused alike (a Memory limit error).
+        s.channels.manager_put(&s, 7, "c", vec![3; 600]);
+        let bytes = out.lock().unwrap().clone();
+        let body = read_frame(&mut &bytes[..], 1 << 20).unwrap();
+        match malt_protocol::decode::<FromHost>(&body).unwrap() {
+            FromHost::Reply {
+                id: 7,
+                result: Err(malt_protocol::Failure::Limit { limit, .. }),
+            } => assert_eq!(limit, malt_protocol::Limit::Memory),
+            other => panic!("{other:?}"),
+        }
+        // Taking frees the room, whoever takes.
+        assert_eq!(s.channels.guest_take(&s, "c").unwrap().len(), 600);
+        s.channels.guest_put(&s, "c", vec![4; 900]).unwrap();
+        s.channels.manager_take(&s, 8, "c");
+        s.channels.guest_put(&s, "c", vec![5; 900]).unwrap();
     }
 
     #[test]

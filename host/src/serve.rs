@@ -33,7 +33,7 @@ pub fn serve(
         output_limit: config.output_limit,
         output_used: std::sync::atomic::AtomicU64::new(0),
         control: Control::new(config.interrupt_grace, config.call_timeout),
-        channels: Channels::default(),
+        channels: Channels::new(usize::try_from(config.memory_limit).unwrap_or(usize::MAX)),
         max_frame: config.max_frame,
         start_timeout: config.start_timeout,
     });

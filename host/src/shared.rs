@@ -24,6 +24,13 @@ impl Shared {
     /// Shared state for unit tests, writing its frames to `out`.
     #[cfg(test)]
     pub(crate) fn for_tests(out: Arc<Mutex<Vec<u8>>>) -> Arc<Self> {
+        Self::for_tests_holding(out, usize::MAX)
+    }
+
+    /// Like [`Shared::for_tests`], with channels holding at most
+    /// `channel_bytes`.
+    #[cfg(test)]
+    pub(crate) fn for_tests_holding(out: Arc<Mutex<Vec<u8>>>, channel_bytes: usize) -> Arc<Self> {
         struct Sink(Arc<Mutex<Vec<u8>>>);
         impl Write for Sink {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -37,7 +44,7 @@ impl Shared {
         Arc::new(Shared {
             out: Mutex::new(Some(Box::new(Sink(out)))),
             control: Control::new(std::time::Duration::from_secs(600), None),
-            channels: Channels::default(),
+            channels: Channels::new(channel_bytes),
             max_frame: 1 << 20,
             start_timeout: std::time::Duration::from_secs(30),
             output_limit: 1 << 20,
