@@ -222,12 +222,10 @@ pub(crate) fn check_component(bytes: &[u8], what: &str) -> Result<()> {
 }
 
 /// Compiles a component or a core module.
-fn precompile(engine: &Engine, bytes: &[u8], what: &str) -> Result<Vec<u8>> {
-    let compiled = match wasm_kind(bytes, what)? {
-        WasmKind::Component => engine.precompile_component(bytes),
-        WasmKind::CoreModule => engine.precompile_module(bytes),
-    };
-    compiled.map_err(|e| Error::Component(format!("cannot compile {what}: {e:#}")))
+/// Compiles wasm into an artifact, in a child process with limits (see
+/// `compiler`): the manager never runs Cranelift on untrusted input.
+fn precompile(bytes: &[u8], what: &str, fuel: bool) -> Result<Vec<u8>> {
+    crate::compiler::compile(bytes, wasm_kind(bytes, what)?, fuel, what)
 }
 
 /// Artifacts known to be in the cache, by (cache directory, component
@@ -261,7 +259,7 @@ pub(crate) fn artifact_status(
     let was_cached = path.exists();
     if !was_cached {
         private_dir(path.parent().expect("artifact paths have a parent"))?;
-        compile_into(engine(fuel)?, bytes, &path, what)?;
+        compile_into(bytes, &path, what, fuel)?;
     }
     known()
         .lock()
@@ -288,7 +286,7 @@ fn artifact_path(sha256: &str, fuel: bool) -> Result<PathBuf> {
 
 /// Compiles a component to a standalone artifact file (for `malt compile -o`).
 pub(crate) fn compile_to_file(bytes: &[u8], what: &str, out: &Path, fuel: bool) -> Result<()> {
-    let compiled = precompile(engine(fuel)?, bytes, what)?;
+    let compiled = precompile(bytes, what, fuel)?;
     std::fs::write(out, compiled)
         .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))
 }
@@ -307,7 +305,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Compiles under a file lock, so that concurrent managers compile a
 /// component once, and publishes the artifact with an atomic rename.
-fn compile_into(engine: &Engine, bytes: &[u8], path: &Path, what: &str) -> Result<()> {
+fn compile_into(bytes: &[u8], path: &Path, what: &str, fuel: bool) -> Result<()> {
     let lock_path = path.with_extension("lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -320,7 +318,7 @@ fn compile_into(engine: &Engine, bytes: &[u8], path: &Path, what: &str) -> Resul
     if path.exists() {
         return Ok(());
     }
-    let compiled = precompile(engine, bytes, what)?;
+    let compiled = precompile(bytes, what, fuel)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     // Left behind by a process of the same pid that crashed.
     let _ = std::fs::remove_file(&tmp);

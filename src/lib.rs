@@ -137,6 +137,7 @@
 pub mod blocking;
 mod cache;
 mod channel;
+mod compiler;
 mod connection;
 mod error;
 #[doc(hidden)]
@@ -157,6 +158,7 @@ pub use malt_host as host;
 pub use malt_protocol as protocol;
 
 pub use cache::{CACHE_DIR_ENV, WASMTIME_VERSION, cache_dir};
+pub use compiler::{COMPILE_MEMORY_ENV, COMPILE_TIMEOUT_ENV};
 
 /// This version of malt. A worker host must be the same version exactly.
 pub const VERSION: &str = malt_protocol::MALT_VERSION;

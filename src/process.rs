@@ -44,6 +44,16 @@ fn serve_if_host() {
     if malt_host::first_arg_is(malt_host::HOST_ARG) {
         std::process::exit(malt_host::run_process(None));
     }
+    if malt_host::first_arg_is(crate::compiler::COMPILE_ARG) {
+        let args = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+        let args: Vec<String> = args
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .skip(2)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        crate::compiler::serve(&args);
+    }
 }
 
 /// Where a host program came from: the user chose it, or it is this

@@ -216,5 +216,25 @@ pub(crate) fn run_command(
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Runtime::new().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // `main` restores SIGPIPE's default (to end quietly when our own
+        // reader goes away); the runtime's threads write to workers, and a
+        // worker that died must be an error there, not our death.
+        .on_thread_start(block_sigpipe)
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Makes a write to a closed pipe fail with `EPIPE` on this thread (and
+/// the threads it starts) instead of raising SIGPIPE.
+pub(crate) fn block_sigpipe() {
+    // SAFETY: sigemptyset/sigaddset on a local set, then pthread_sigmask
+    // on the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
 }

@@ -384,3 +384,39 @@ fn strict_refuses_what_is_not_locked_down() {
             .stderr(predicate::str::contains("locked down only partly"));
     }
 }
+
+/// Cranelift runs in a child process with limits: a compile that needs
+/// more memory or time than allowed (as a compile bomb would) is a clear
+/// error, and the manager (here the CLI) is unharmed: it reports it and
+/// exits with the start-failure code.
+#[test]
+fn the_compiler_runs_under_limits() {
+    for (var, value, says) in [
+        (
+            "MALT_COMPILE_MEMORY",
+            "50000000",
+            "ran out of its memory limit",
+        ),
+        ("MALT_COMPILE_TIMEOUT", "0.001", "took longer than"),
+    ] {
+        let cache = tempfile::tempdir().unwrap();
+        malt()
+            .env("MALT_CACHE_DIR", cache.path())
+            .env(var, value)
+            .arg("call")
+            .arg(test_guest())
+            .args(["add", "1", "2"])
+            .assert()
+            .code(3)
+            .stderr(predicate::str::contains(says).and(predicate::str::contains(var)));
+        // Within the default limits the same component compiles and runs.
+        malt()
+            .env("MALT_CACHE_DIR", cache.path())
+            .arg("call")
+            .arg(test_guest())
+            .args(["add", "1", "2"])
+            .assert()
+            .success()
+            .stdout("3\n");
+    }
+}
