@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "wasm")]
 use tokio::sync::Notify;
 
 use super::{Channels, Killer};
@@ -29,6 +30,7 @@ use malt_protocol::Failure;
 const START: u64 = u64::MAX;
 
 /// How far a stop has gone.
+#[cfg(feature = "wasm")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stop {
     /// Asked to stop cooperatively (an interrupt, a timeout), or killed.
@@ -84,6 +86,7 @@ pub(crate) struct Control {
     timer: Mutex<Timer>,
     wake_timer: Condvar,
     /// Wakes async waits when a stop begins or turns into a kill.
+    #[cfg(feature = "wasm")]
     stopped: Notify,
     /// How the backend kills a request (wasm: an epoch bump; native: a
     /// restart); set once the backend exists.
@@ -103,6 +106,7 @@ impl Control {
             killed: AtomicBool::new(false),
             timer: Mutex::new(Timer::default()),
             wake_timer: Condvar::new(),
+            #[cfg(feature = "wasm")]
             stopped: Notify::new(),
             killer: OnceLock::new(),
             grace,
@@ -118,8 +122,18 @@ impl Control {
         self.interrupted.load(Ordering::Acquire)
     }
 
+    // Read by the wasm backend (its epoch callback); a native guest is
+    // killed with its process.
+    #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
     pub fn killed(&self) -> bool {
         self.killed.load(Ordering::Acquire)
+    }
+
+    /// Wakes the async waits (the wasm backend's; native guests have none,
+    /// and a native guest's host builds without tokio).
+    fn wake_async(&self) {
+        #[cfg(feature = "wasm")]
+        self.stopped.notify_waiters();
     }
 
     /// Sets how a request is killed (once; later calls are ignored).
@@ -129,6 +143,7 @@ impl Control {
 
     /// Resolves once the running request is asked to stop (`Interrupted`:
     /// an interrupt, a timeout or a kill) or killed (`Killed`).
+    #[cfg(feature = "wasm")]
     pub async fn until_stopped(&self, level: Stop) {
         loop {
             let notified = self.stopped.notified();
@@ -237,7 +252,7 @@ impl Control {
         self.interrupted.store(true, Ordering::Release);
         // Wake a guest blocked in sleep, a channel operation or a WASI wait.
         channels.wake_all();
-        self.stopped.notify_waiters();
+        self.wake_async();
         self.wake_timer.notify_one();
     }
 
@@ -246,7 +261,7 @@ impl Control {
     fn kill(&self, t: &mut Timer, channels: &Channels) {
         t.killed = true;
         self.killed.store(true, Ordering::Release);
-        self.stopped.notify_waiters();
+        self.wake_async();
         channels.wake_all();
         if let Some(kill) = self.killer.get() {
             kill(t.id, t.reason.unwrap_or(Reason::Interrupt));

@@ -177,12 +177,14 @@ fn an_interrupt_during_a_reset_is_kept_for_the_queued_request() {
     assert!(!c.interrupted());
 }
 
+#[cfg(feature = "wasm")]
 /// Polls a future once with a no-op waker.
 fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     f.poll(&mut cx).is_ready()
 }
 
+#[cfg(feature = "wasm")]
 #[test]
 fn async_waits_wake_on_interrupt_and_on_kill() {
     let (c, ch) = control(Duration::from_millis(20), None);
