@@ -58,7 +58,49 @@ const DENIED: &[i64] = &[
     libc::SYS_keyctl,
     libc::SYS_add_key,
     libc::SYS_request_key,
+    // Kernel surfaces a host never uses and that have had their share of
+    // privilege escalations.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_modify_ldt,
+    libc::SYS_kcmp,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_fanotify_init,
+    libc::SYS_personality,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_mount_setattr,
+    // Other processes: signals through pidfds, their memory.
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_process_madvise,
+    libc::SYS_tkill,
+    // SysV IPC: shared with every process of the user.
+    libc::SYS_shmget,
+    libc::SYS_shmat,
+    libc::SYS_shmctl,
+    libc::SYS_semget,
+    libc::SYS_semop,
+    libc::SYS_semtimedop,
+    libc::SYS_semctl,
+    libc::SYS_msgget,
+    libc::SYS_msgsnd,
+    libc::SYS_msgrcv,
+    libc::SYS_msgctl,
 ];
+
+/// Syscall numbers with this bit set are x32 calls: another numbering on
+/// the same architecture, which rules keyed on numbers would miss.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 fn arch() -> Result<seccompiler::TargetArch, String> {
     std::env::consts::ARCH
@@ -66,8 +108,14 @@ fn arch() -> Result<seccompiler::TargetArch, String> {
         .map_err(|e| format!("seccomp: unsupported architecture: {e:?}"))
 }
 
-/// The two filters: denials (EPERM), and clone3 (ENOSYS).
-pub(crate) fn filters() -> Result<[BpfProgram; 2], String> {
+/// The filters: denials (EPERM), clone3 (ENOSYS), and x32 calls (EPERM).
+pub(crate) fn filters() -> Result<[BpfProgram; 3], String> {
+    // SAFETY: getpid has no preconditions.
+    filters_for(unsafe { libc::getpid() } as u64)
+}
+
+/// [`filters`] for a process whose id is `me`: it may signal only itself.
+fn filters_for(me: u64) -> Result<[BpfProgram; 3], String> {
     let err = |e: seccompiler::BackendError| format!("seccomp: {e}");
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
@@ -82,6 +130,28 @@ pub(crate) fn filters() -> Result<[BpfProgram; 2], String> {
     rules.insert(
         libc::SYS_clone,
         vec![SeccompRule::new(vec![new_process]).map_err(err)?],
+    );
+    // Signals to this process only (glibc's abort raises its own).
+    let other = |arg| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, me).map_err(err)
+    };
+    for nr in [
+        libc::SYS_kill,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+    ] {
+        rules.insert(nr, vec![SeccompRule::new(vec![other(0)?]).map_err(err)?]);
+    }
+    // No typing into a terminal, no console tricks.
+    let ioctl = |request: u64| {
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(err)
+    };
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![ioctl(libc::TIOCSTI)?, ioctl(libc::TIOCLINUX)?],
     );
     let deny = SeccompFilter::new(
         rules,
@@ -100,7 +170,37 @@ pub(crate) fn filters() -> Result<[BpfProgram; 2], String> {
     Ok([
         deny.try_into().map_err(|e| format!("seccomp: {e}"))?,
         clone3.try_into().map_err(|e| format!("seccomp: {e}"))?,
+        x32_filter(),
     ])
+}
+
+/// Denies every x32 call (the arch check of the other filters lets them
+/// through: they share x86-64's audit architecture).
+fn x32_filter() -> BpfProgram {
+    use seccompiler::sock_filter;
+    let stmt = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    vec![
+        // A = seccomp_data.nr
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        stmt(
+            libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
+            X32_SYSCALL_BIT,
+            0,
+            1,
+        ),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            0,
+            0,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+    ]
 }
 
 fn lower_limit(resource: libc::__rlimit_resource_t, max: u64) -> Result<(), String> {
@@ -194,14 +294,21 @@ mod tests {
     /// Runs `probe` in a forked child with the filters applied and returns
     /// its exit code (the probe's own code, or 100 + errno).
     fn in_hardened_child(probe: fn() -> i32) -> i32 {
-        let filters = filters().unwrap();
+        in_child(probe, true)
+    }
+
+    /// Runs `probe` in a forked child, with or without the filters (built
+    /// here, before the fork, for a process id that is no process: so the
+    /// probe may signal nobody, not even itself).
+    fn in_child(probe: fn() -> i32, hardened: bool) -> i32 {
+        let filters = filters_for(0).unwrap();
         // SAFETY: the child only makes raw syscalls and exits.
         unsafe {
             let pid = libc::fork();
             assert!(pid >= 0);
             if pid == 0 {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                for f in &filters {
+                for f in filters.iter().filter(|_| hardened) {
                     let prog = libc::sock_fprog {
                         len: f.len() as u16,
                         filter: f.as_ptr() as *mut libc::sock_filter,
@@ -325,6 +432,92 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         // 50: this kernel has no Landlock, which is allowed (best effort).
         assert!(code == 0 || code == 50, "probe exit code {code}");
+    }
+
+    /// Calls a host never makes, each first shown to work (or at least to
+    /// reach the kernel) without the filter, then denied with EPERM.
+    #[test]
+    fn other_processes_and_risky_kernel_surfaces_are_denied() {
+        type Probe = fn() -> i32;
+        // Each returns 0 on success, 100 + errno on failure.
+        fn ret(r: libc::c_long) -> i32 {
+            if r >= 0 { 0 } else { 100 + errno() }
+        }
+        let probes: [(&str, Probe, bool); 8] = [
+            // (name, probe, works unhardened on any Linux)
+            (
+                "kill the parent",
+                || unsafe { ret(libc::kill(libc::getppid(), 0).into()) },
+                true,
+            ),
+            (
+                "pidfd_open",
+                || unsafe { ret(libc::syscall(libc::SYS_pidfd_open, libc::getppid(), 0)) },
+                true,
+            ),
+            (
+                "SysV shared memory",
+                || unsafe {
+                    let id = libc::shmget(libc::IPC_PRIVATE, 4096, 0o600);
+                    if id >= 0 {
+                        libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+                    }
+                    ret(id.into())
+                },
+                true,
+            ),
+            (
+                "io_uring_setup",
+                || unsafe {
+                    ret(libc::syscall(
+                        libc::SYS_io_uring_setup,
+                        1,
+                        std::ptr::null_mut::<u8>(),
+                    ))
+                },
+                false,
+            ),
+            (
+                "modify_ldt",
+                || unsafe {
+                    ret(libc::syscall(
+                        libc::SYS_modify_ldt,
+                        0,
+                        std::ptr::null_mut::<u8>(),
+                        0,
+                    ))
+                },
+                false,
+            ),
+            (
+                "personality",
+                || unsafe { ret(libc::personality(0xffff_ffff).into()) },
+                true,
+            ),
+            (
+                "ioctl TIOCSTI",
+                || unsafe {
+                    let c = b'x';
+                    ret(libc::ioctl(0, libc::TIOCSTI, &c).into())
+                },
+                false,
+            ),
+            (
+                "an x32 call",
+                || unsafe {
+                    ret(libc::syscall(
+                        libc::SYS_getpid | X32_SYSCALL_BIT as libc::c_long,
+                    ))
+                },
+                false,
+            ),
+        ];
+        for (name, probe, works) in probes {
+            if works {
+                assert_eq!(in_child(probe, false), 0, "{name} works unhardened");
+            }
+            assert_eq!(in_child(probe, true), 100 + libc::EPERM, "{name} is denied");
+        }
     }
 
     #[test]
