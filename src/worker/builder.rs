@@ -237,6 +237,9 @@ impl WorkerBuilder {
     /// How long starting the worker may take before [`Error::Spawn`]
     /// (default 30 s). Compiling a component into the artifact cache the
     /// first time is not counted (see [`spawn`](WorkerBuilder::spawn)).
+    /// The guest's own start (instantiation and its start function), and
+    /// each restart after a trap or kill, is killed a little earlier (a
+    /// quarter of this, at most 2 s), so that the error says why.
     pub fn spawn_timeout(mut self, timeout: Duration) -> Self {
         self.spawn_timeout = timeout;
         self
@@ -369,7 +372,7 @@ impl WorkerBuilder {
                 // the spawn fails with its message (a start that loops or
                 // blocks) rather than a bare timeout.
                 start_timeout: self.spawn_timeout
-                    - (self.spawn_timeout / 10).min(Duration::from_secs(1)),
+                    - (self.spawn_timeout / 4).min(Duration::from_secs(2)),
                 max_frame: self.max_frame,
                 fuel: self.fuel,
                 output_limit: self.output_limit,
