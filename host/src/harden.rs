@@ -203,6 +203,25 @@ fn x32_filter() -> BpfProgram {
     ]
 }
 
+/// Memory a host needs besides the guest's: its code's data, thread
+/// stacks, buffers.
+const HOST_DATA: u64 = 256 << 20;
+
+/// Backs the guest's memory limit with one the kernel enforces and the
+/// host cannot lift: the process's private writable memory (`RLIMIT_DATA`)
+/// may hold the guest's memory and its channels (each up to
+/// `memory_limit`), a few frames in flight (`max_frame` each: read,
+/// decoded, encoded) and the host's own. Generous on purpose: wasmtime's
+/// and malt's accounting is the limit; this is what stops anything that
+/// escapes it.
+pub(crate) fn limit_data(memory_limit: u64, max_frame: u64) -> Result<(), String> {
+    let max = memory_limit
+        .saturating_mul(2)
+        .saturating_add(max_frame.saturating_mul(4))
+        .saturating_add(HOST_DATA);
+    lower_limit(libc::RLIMIT_DATA, max)
+}
+
 fn lower_limit(resource: libc::__rlimit_resource_t, max: u64) -> Result<(), String> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

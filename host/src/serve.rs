@@ -209,6 +209,7 @@ fn prepare_wasm(
     // process only; an in-process worker shares the manager's).
     if place == Place::Process {
         harden::apply().map_err(harden_failed)?;
+        harden::limit_data(config.memory_limit, config.max_frame as u64).map_err(harden_failed)?;
     }
     let guest = wasm::WasmGuest::load(config, shared.clone())?;
     // Loaded: from now on the process needs no file but those beneath the

@@ -259,6 +259,10 @@ async fn wasm_hosts_are_hardened() {
     };
     assert_eq!(limit("Max core file size"), "0");
     assert_eq!(limit("Max open files"), "256");
+    // The memory limit is backed by the kernel's: twice the guest's limit
+    // (memory and channels), four frames in flight, 256 MiB for the host.
+    let data = 2 * malt::DEFAULT_MEMORY_LIMIT + 4 * (256u64 << 20) + (256 << 20);
+    assert_eq!(limit("Max data size"), data.to_string());
     // The host reports what it locked down.
     let hardening = w.hardening().expect("a wasm host reports its hardening");
     assert!(hardening.seccomp);
