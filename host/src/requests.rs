@@ -101,15 +101,7 @@ fn reset(guest: &mut dyn Guest, shared: &Shared, place: Place) -> bool {
         ),
         Err(e) => format!("cannot restart the guest after a trap or kill: {e}"),
     };
-    eprintln!("malt host: {message}");
-    shared.send(&FromHost::Fatal {
-        kind: FatalKind::Reset,
-        message,
-    });
-    if place == Place::Process {
-        shared.exit(exit::START_FAILED);
-    }
-    shared.close();
+    shared.end_worker(FatalKind::Reset, message, place, exit::START_FAILED);
     false
 }
 

@@ -111,15 +111,7 @@ fn spawn_timer(shared: &Arc<Shared>, place: Place) -> std::thread::JoinHandle<()
                 // on it, so the manager sees the worker terminate instead
                 // of a hang.
                 let message = "the guest did not stop after being killed".to_string();
-                eprintln!("malt host: {message}");
-                s.send(&FromHost::Fatal {
-                    kind: FatalKind::Unkillable,
-                    message,
-                });
-                if place == Place::Process {
-                    s.exit(exit::UNKILLABLE);
-                }
-                s.close();
+                s.end_worker(FatalKind::Unkillable, message, place, exit::UNKILLABLE);
             }
         })
         .expect("spawn timer thread")

@@ -89,6 +89,18 @@ impl Shared {
         std::process::exit(code)
     }
 
+    /// Ends the worker with a fatal frame saying why: a host process exits
+    /// with `code`; an in-process worker closes its stream (library code
+    /// never exits the manager's process).
+    pub(crate) fn end_worker(&self, kind: FatalKind, message: String, place: Place, code: i32) {
+        eprintln!("malt host: {message}");
+        self.send(&FromHost::Fatal { kind, message });
+        if place == Place::Process {
+            self.exit(code);
+        }
+        self.close();
+    }
+
     /// Closes the stream (an in-process worker winding down).
     pub(crate) fn close(&self) {
         *self.out.lock().unwrap_or_else(|e| e.into_inner()) = None;
