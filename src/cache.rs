@@ -113,8 +113,13 @@ fn resolved(path: &Path) -> PathBuf {
 /// inside it: a guest that can write there can replace the compiled code
 /// that later workers run.
 pub(crate) fn check_grants(dirs: &[crate::DirGrant]) -> std::result::Result<(), String> {
+    let mut writable = dirs.iter().filter(|d| !d.read_only).peekable();
+    if writable.peek().is_none() {
+        // Most workers: nothing to resolve on the start-up path.
+        return Ok(());
+    }
     let cache = resolved(&cache_dir());
-    for dir in dirs.iter().filter(|d| !d.read_only) {
+    for dir in writable {
         let granted = resolved(Path::new(&dir.host));
         if cache.starts_with(&granted) || granted.starts_with(&cache) {
             return Err(format!(

@@ -45,12 +45,10 @@ fn serve_if_host() {
         std::process::exit(malt_host::run_process(None));
     }
     if malt_host::first_arg_is(crate::compiler::COMPILE_ARG) {
-        let args = std::fs::read("/proc/self/cmdline").unwrap_or_default();
-        let args: Vec<String> = args
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
+        let args: Vec<String> = malt_host::process_args()
+            .into_iter()
             .skip(2)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .map(|a| a.to_string_lossy().into_owned())
             .collect();
         crate::compiler::serve(&args);
     }

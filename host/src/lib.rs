@@ -53,7 +53,8 @@ pub(crate) use control::Control;
 pub(crate) use process::exit;
 #[cfg(feature = "wasm")]
 pub use process::harden_process;
-pub use process::{first_arg_is, pipe, run_process};
+pub use process::{first_arg_is, pipe, process_args, run_process};
+#[cfg(feature = "wasm")]
 pub(crate) use serve::StartFailed;
 pub use serve::{Place, serve};
 pub(crate) use shared::Shared;
@@ -107,8 +108,9 @@ pub(crate) enum GuestError {
 /// A guest served by a host: a wasm component, or a native guest.
 pub(crate) trait Guest {
     /// Starts the guest (for wasm: instantiates it, running its start
-    /// function), on the guest thread, once the host is locked down.
-    fn start(&mut self) -> Result<(), StartFailed> {
+    /// function), on the guest thread, once the host is locked down (run
+    /// under the start timeout).
+    fn start(&mut self) -> Result<(), String> {
         Ok(())
     }
     /// Runs one request.

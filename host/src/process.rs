@@ -11,7 +11,8 @@ pub fn first_arg_is(arg: &str) -> bool {
 
 /// This process's arguments, read from the kernel: before `main` (where
 /// malt's start-up hook runs) std's own list may not be set up yet.
-fn process_args() -> Vec<std::ffi::OsString> {
+#[doc(hidden)]
+pub fn process_args() -> Vec<std::ffi::OsString> {
     use std::os::unix::ffi::OsStrExt;
     match std::fs::read("/proc/self/cmdline") {
         Ok(bytes) => bytes

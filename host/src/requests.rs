@@ -84,25 +84,48 @@ fn reply(shared: &Shared, id: u64, work: &Work, mode: ReplyMode, result: Result<
     }
 }
 
+/// Why a start or restart failed.
+pub(crate) enum StartError {
+    /// It failed, or was killed by the start timeout: the message says.
+    Failed(String),
+    /// The host is winding down (an in-process worker stopped meanwhile).
+    ShutDown,
+}
+
+/// Runs a guest's start (`verb`: "start") or restart ("restart") under
+/// the start timeout, so that one that loops or blocks is killed.
+pub(crate) fn under_start_timeout(
+    shared: &Shared,
+    verb: &str,
+    start: impl FnOnce() -> Result<(), String>,
+) -> Result<(), StartError> {
+    shared.control.begin_start(shared.start_timeout);
+    let result = start();
+    let ended = shared.control.end();
+    match (result, ended.killed) {
+        _ if ended.shut_down => Err(StartError::ShutDown),
+        (Ok(()), false) => Ok(()),
+        (Err(e), false) => Err(StartError::Failed(e)),
+        (_, true) => Err(StartError::Failed(format!(
+            "the guest did not {verb} within {:?} (does its start function loop or block?)",
+            shared.start_timeout
+        ))),
+    }
+}
+
 /// Replaces a guest that trapped or was killed, under the start timeout.
 /// False when it cannot be: the worker ends with a `Reset` fatal frame
 /// (never the manager's process: an in-process worker just stops).
 fn reset(guest: &mut dyn Guest, shared: &Shared, place: Place) -> bool {
-    shared.control.begin_start(shared.start_timeout);
-    let result = guest.reset();
-    let ended = shared.control.end();
-    let message = match result {
-        Ok(()) if !ended.killed => return true,
-        _ if ended.shut_down => return false,
-        Ok(()) => "the guest was killed while it restarted".to_string(),
-        Err(e) if ended.killed => format!(
-            "the guest did not restart within {:?} (its start function?): {e}",
-            shared.start_timeout
-        ),
-        Err(e) => format!("cannot restart the guest after a trap or kill: {e}"),
-    };
-    shared.end_worker(FatalKind::Reset, message, place, exit::START_FAILED);
-    false
+    match under_start_timeout(shared, "restart", || guest.reset()) {
+        Ok(()) => true,
+        Err(StartError::ShutDown) => false,
+        Err(StartError::Failed(why)) => {
+            let message = format!("cannot restart the guest after a trap or kill: {why}");
+            shared.end_worker(FatalKind::Reset, message, place, exit::START_FAILED);
+            false
+        }
+    }
 }
 
 fn failure_text(failure: &Failure) -> String {

@@ -2,6 +2,7 @@
 //! reader, guest and timer threads.
 
 use super::*;
+use crate::requests::{StartError, under_start_timeout};
 
 /// Where a host runs.
 #[doc(hidden)]
@@ -56,7 +57,7 @@ pub fn serve(
         .stack_size(GUEST_STACK)
         .spawn(move || {
             let mut guest = guest();
-            let started = guest.start();
+            let started = under_start_timeout(&s, "start", || guest.start());
             let ok = started.is_ok();
             let _ = started_tx.send(started);
             if ok {
@@ -64,14 +65,25 @@ pub fn serve(
             }
         })
         .expect("spawn guest thread");
-    let started = started_rx
-        .recv()
-        .unwrap_or_else(|_| Err("the guest thread ended while starting".into()));
+    let started = started_rx.recv().unwrap_or_else(|_| {
+        Err(StartError::Failed(
+            "the guest thread ended while starting".into(),
+        ))
+    });
     if let Err(e) = started {
         shared.control.shut_down(&shared.channels);
         let _ = guest_thread.join();
         let _ = timer.join();
-        return fatal(&mut output, e.kind, &e.message, exit::START_FAILED);
+        let message = match e {
+            StartError::Failed(message) => message,
+            StartError::ShutDown => "the host was stopped while the guest started".into(),
+        };
+        return fatal(
+            &mut output,
+            FatalKind::GuestStart,
+            &message,
+            exit::START_FAILED,
+        );
     }
     *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
     shared.send(&FromHost::Hello {
@@ -121,8 +133,8 @@ pub(crate) type GuestMaker = Box<dyn FnOnce() -> Box<dyn Guest> + Send>;
 
 /// Why a guest could not be prepared or started.
 pub(crate) struct StartFailed {
-    pub(crate) kind: FatalKind,
-    pub(crate) message: String,
+    kind: FatalKind,
+    message: String,
 }
 
 impl StartFailed {

@@ -34,26 +34,21 @@ pub struct RunOptions {
 }
 
 fn harden(options: &RunOptions) -> Result<()> {
-    let refused = |why: String| Error::Spawn {
-        worker: "run".into(),
-        message: format!("hardening is required, but {why}"),
-        stderr: String::new(),
+    let hardening = match options.harden {
+        true => Some(
+            crate::host::harden_process(&options.dirs)
+                .map_err(|e| Error::Component(format!("cannot harden this process: {e}")))?,
+        ),
+        false => None,
     };
-    if !options.harden {
-        return match options.require_hardening {
-            true => Err(refused("this process is not hardened".into())),
-            false => Ok(()),
-        };
+    match crate::worker::hardening_shortfall(hardening).filter(|_| options.require_hardening) {
+        Some(message) => Err(Error::Spawn {
+            worker: "run".into(),
+            message,
+            stderr: String::new(),
+        }),
+        None => Ok(()),
     }
-    let hardening = crate::host::harden_process(&options.dirs)
-        .map_err(|e| Error::Component(format!("cannot harden this process: {e}")))?;
-    if options.require_hardening && !hardening.is_complete() {
-        return Err(refused(format!(
-            "this process locked down only partly ({hardening:?}); full Landlock needs \
-             Linux 6.12 or later"
-        )));
-    }
-    Ok(())
 }
 
 struct RunState {

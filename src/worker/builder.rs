@@ -269,17 +269,13 @@ impl WorkerBuilder {
                     .into(),
             ));
         }
-        let artifact = match &self.guest {
-            GuestSource::Script | GuestSource::Wasm(_) => Some(
+        let artifact = match wasm {
+            true => Some(
                 prepare_artifact(self.guest.clone(), self.fuel.is_some())
                     .await
-                    .map_err(|e| Error::Spawn {
-                        worker: label.clone(),
-                        message: e.to_string(),
-                        stderr: String::new(),
-                    })?,
+                    .map_err(|e| refuse(e.to_string()))?,
             ),
-            _ => None,
+            false => None,
         };
         match tokio::time::timeout(timeout, self.spawn_inner(number, &label, artifact)).await {
             Ok(result) => result,
@@ -305,12 +301,7 @@ impl WorkerBuilder {
         let fuel = self.fuel.is_some();
         let (kind, guest, program) = match &self.guest {
             GuestSource::Script | GuestSource::Wasm(_) => {
-                let artifact = match artifact {
-                    Some(artifact) => artifact,
-                    None => prepare_artifact(self.guest.clone(), fuel)
-                        .await
-                        .map_err(|e| spawn_error(e.to_string(), String::new()))?,
-                };
+                let artifact = artifact.expect("spawn prepares a wasm guest's artifact first");
                 let spec = GuestSpec::Artifact {
                     path: artifact.to_string_lossy().into_owned(),
                 };
@@ -429,16 +420,9 @@ impl WorkerBuilder {
             inner,
             output: Mutex::new(captured),
         };
-        if self.require_hardening && !conn.hardening.is_some_and(|h| h.is_complete()) {
+        if let Some(why) = hardening_shortfall(conn.hardening).filter(|_| self.require_hardening) {
             worker.kill();
-            return Err(spawn_error(
-                format!(
-                    "hardening is required, but the host locked down only partly ({:?}); \
-                     full Landlock needs Linux 6.12 or later",
-                    conn.hardening
-                ),
-                String::new(),
-            ));
+            return Err(spawn_error(why, String::new()));
         }
         Ok(worker)
     }

@@ -14,6 +14,19 @@ pub use handle::CallHandle;
 pub(crate) use handle::{encode_args, encode_value, reply_bytes};
 pub(crate) use inner::Inner;
 
+/// Why a host's lockdown falls short of what `require_hardening` asks,
+/// if it does (`None`: it did not lock itself down at all).
+pub(crate) fn hardening_shortfall(hardening: Option<crate::Hardening>) -> Option<String> {
+    match hardening {
+        Some(h) if h.is_complete() => None,
+        Some(h) => Some(format!(
+            "hardening is required, but the process locked down only partly ({h:?}); full \
+             Landlock needs Linux 6.12 or later"
+        )),
+        None => Some("hardening is required, but the process is not locked down".into()),
+    }
+}
+
 use builder::*;
 
 use handle::*;

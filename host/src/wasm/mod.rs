@@ -230,9 +230,9 @@ fn open_artifact(path: &str) -> Result<std::fs::File, String> {
     Ok(file)
 }
 
-/// The path through which the kernel reopens exactly this open file.
-fn fd_path(file: &std::fs::File) -> String {
-    use std::os::fd::AsRawFd;
+/// The path through which the kernel reopens exactly this open file (or
+/// directory), whatever has become of its path since.
+fn fd_path(file: &impl std::os::fd::AsRawFd) -> String {
     format!("/proc/self/fd/{}", file.as_raw_fd())
 }
 
@@ -282,7 +282,6 @@ impl Grants {
 /// stdin, no network, no arguments; only the granted environment
 /// variables and directories.
 pub fn sandbox(config: &HostConfig, grants: &Grants) -> wasmtime::Result<WasiCtxBuilder> {
-    use std::os::fd::AsRawFd;
     let mut wasi = WasiCtxBuilder::new();
     wasi.allow_tcp(false)
         .allow_udp(false)
@@ -296,9 +295,8 @@ pub fn sandbox(config: &HostConfig, grants: &Grants) -> wasmtime::Result<WasiCtx
         } else {
             wasmtime_wasi::FsPerms::ReadWrite
         };
-        // The kernel's link to the very directory opened at load.
-        let pinned = format!("/proc/self/fd/{}", handle.as_raw_fd());
-        wasi.preopened_dir(&pinned, &dir.guest, perms)
+        // The very directory opened at load.
+        wasi.preopened_dir(fd_path(handle), &dir.guest, perms)
             .map_err(|e| e.context(format!("cannot open the granted directory {}", dir.host)))?;
     }
     Ok(wasi)
@@ -351,20 +349,8 @@ fn new_store(
 }
 
 impl super::Guest for WasmGuest {
-    fn start(&mut self) -> Result<(), StartFailed> {
-        // The start function runs under the start timeout, like a reset.
-        self.shared.control.begin_start(self.config.start_timeout);
-        let started = self.instantiate();
-        let ended = self.shared.control.end();
-        match (started, ended.killed) {
-            (_, true) => Err(format!(
-                "the guest did not start within {:?} (does its start function loop or block?)",
-                self.config.start_timeout
-            )
-            .into()),
-            (Ok(()), false) => Ok(()),
-            (Err(e), false) => Err(e.into()),
-        }
+    fn start(&mut self) -> Result<(), String> {
+        self.instantiate()
     }
 
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {

@@ -36,10 +36,12 @@ pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
             Box::new(async move {
                 let state = store.data_mut();
                 let shared = state.services.shared.clone();
-                let all = (0..pollables.len() as u32).collect::<Vec<_>>();
+                let count = pollables.len() as u32;
                 tokio::select! {
                     ready = poll::Host::poll(&mut state.table, pollables) => Ok((ready?,)),
-                    () = shared.control.until_stopped(Stop::Interrupted) => Ok((all,)),
+                    () = shared.control.until_stopped(Stop::Interrupted) => {
+                        Ok(((0..count).collect(),))
+                    }
                 }
             })
         },
