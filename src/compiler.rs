@@ -180,7 +180,9 @@ fn compile_here(args: &[String]) -> std::result::Result<(), String> {
     let engine = wasmtime::Engine::new(&malt_host::wasm::engine_config(fuel == "fuel"))
         .map_err(|e| format!("cannot create the compiler: {e:#}"))?;
     // The wasm is untrusted: no file, no process, no network from here on.
-    malt_host::harden_process(&[]).map_err(|e| format!("cannot lock the compiler: {e}"))?;
+    // Its memory is capped already (the address space, by the manager).
+    malt_host::harden_process(&[], u64::MAX)
+        .map_err(|e| format!("cannot lock the compiler: {e}"))?;
     let compiled = match kind.as_str() {
         "component" => engine.precompile_component(&bytes),
         _ => engine.precompile_module(&bytes),

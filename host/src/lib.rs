@@ -53,7 +53,7 @@ pub(crate) use control::Control;
 pub(crate) use process::exit;
 #[cfg(feature = "wasm")]
 pub use process::harden_process;
-pub use process::{first_arg_is, pipe, process_args, run_process};
+pub use process::{close_inherited_files, first_arg_is, pipe, process_args, run_process};
 #[cfg(feature = "wasm")]
 pub(crate) use serve::StartFailed;
 pub use serve::{Place, serve};

@@ -78,13 +78,30 @@ fn take_stdout() -> std::io::Result<std::fs::File> {
 /// new processes, no sockets) and, where the kernel has Landlock, no file
 /// but those beneath `dirs`. For a process that does nothing afterwards but
 /// run a guest (`malt run`); irreversible. Returns what is in force.
+/// The kernel also caps private writable memory by `memory_limit`, as
+/// for a host.
 #[cfg(feature = "wasm")]
 #[doc(hidden)]
 pub fn harden_process(
     dirs: &[malt_protocol::DirGrant],
+    memory_limit: u64,
 ) -> Result<malt_protocol::Hardening, String> {
     harden::apply()?;
+    harden::limit_data(memory_limit, 0)?;
     harden::restrict_files(dirs)
+}
+
+/// Closes every descriptor above 2: what this process inherited (an
+/// open file, a socket, another program's pipe) is not for the guest it
+/// is about to run. For a process about to be hardened, before it opens
+/// anything of its own.
+#[doc(hidden)]
+pub fn close_inherited_files() {
+    // SAFETY: close_range has no memory-safety preconditions; the caller
+    // holds no descriptor above 2 that it means to keep.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
 }
 
 /// A pipe whose two ends close on exec: (read end, write end).
@@ -121,12 +138,12 @@ fn die_with_parent() {
 /// a session of its own: the scheduler would put each host in a group of
 /// its own (autogroup), which costs every call a slower switch.
 fn detach() {
-    // SAFETY: close_range, open, ioctl, close and setpgid have no
-    // memory-safety preconditions; this runs first thing in the host,
-    // before anything has opened a descriptor above 2 that it means to
-    // keep, and the path is a valid C string.
+    // This runs first thing in the host, before anything has opened a
+    // descriptor above 2 that it means to keep.
+    // SAFETY: open, ioctl, close and setpgid have no memory-safety
+    // preconditions, and the path is a valid C string.
+    close_inherited_files();
     unsafe {
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         let tty = libc::open(
             c"/dev/tty".as_ptr(),
             libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,

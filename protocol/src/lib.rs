@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; the host refuses a manager that speaks another.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Version of malt that this protocol crate belongs to. A manager and a
 /// host must be the same version exactly: the host refuses another, and the
@@ -106,12 +106,60 @@ pub enum GuestSpec {
     Artifact {
         /// Path of the artifact.
         path: String,
+        /// The file the manager verified (see [`ArtifactIdentity`]): the
+        /// host loads the file at `path` only if it is still that file,
+        /// unchanged since. `None` for an artifact the user chose.
+        identity: Option<ArtifactIdentity>,
     },
     /// The script guest, compiled into the host natively (no wasm).
     NativeScript,
     /// The native guest the host program registered (see
     /// `malt::host::main_if_host_with`).
     Native,
+}
+
+/// Which file, in which state, an artifact was when the manager verified
+/// its bytes (against a keyed MAC in malt's cache): any write, rename or
+/// replacement since changes one of these (the kernel sets `ctime` on each
+/// and no user can set it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactIdentity {
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode of the file.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Last status change, nanoseconds since the epoch.
+    pub ctime_ns: i128,
+}
+
+impl ArtifactIdentity {
+    /// The identity of an open file, from its metadata.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        ArtifactIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// The bytes a MAC of this identity covers.
+    pub fn to_bytes(&self) -> [u8; 56] {
+        let mut out = [0; 56];
+        out[..8].copy_from_slice(&self.dev.to_le_bytes());
+        out[8..16].copy_from_slice(&self.ino.to_le_bytes());
+        out[16..24].copy_from_slice(&self.size.to_le_bytes());
+        out[24..40].copy_from_slice(&self.mtime_ns.to_le_bytes());
+        out[40..56].copy_from_slice(&self.ctime_ns.to_le_bytes());
+        out
+    }
 }
 
 /// Messages from the manager to the host.

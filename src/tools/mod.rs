@@ -96,7 +96,7 @@ pub fn compile(path: &Path, out: Option<&Path>, fuel: bool) -> Result<Compiled> 
         None => {
             let (artifact, was_cached) = cache::artifact_status(&bytes, &sha, &what, fuel)?;
             Ok(Compiled {
-                artifact,
+                artifact: artifact.path,
                 was_cached,
             })
         }
@@ -112,19 +112,32 @@ fn load_error(artifact: &Path, e: wasmtime::Error) -> Error {
     Error::Component(format!("cannot load {}: {e:#}", artifact.display()))
 }
 
-fn load(artifact: &Path, fuel: bool) -> Result<(Engine, Component)> {
+/// Opens a cached artifact the way a host does: the very file whose bytes
+/// were checked against the cache's seal, unchanged since.
+fn open_checked(artifact: &cache::Artifact) -> Result<(std::fs::File, String)> {
+    let path = artifact.path.to_string_lossy();
+    let file = crate::host::wasm::open_artifact(&path, Some(&artifact.identity))
+        .map_err(|e| Error::Component(format!("cannot load {path}: {e}")))?;
+    let through = crate::host::wasm::fd_path(&file);
+    Ok((file, through))
+}
+
+fn load(artifact: &cache::Artifact, fuel: bool) -> Result<(Engine, Component)> {
     let engine = new_engine(fuel)?;
-    // SAFETY: the artifact comes from malt's private cache.
-    let component = unsafe { Component::deserialize_file(&engine, artifact) }
-        .map_err(|e| load_error(artifact, e))?;
+    let (_file, through) = open_checked(artifact)?;
+    // SAFETY: the artifact is the file of malt's private cache whose bytes
+    // match the seal made when malt compiled it, opened as checked.
+    let component = unsafe { Component::deserialize_file(&engine, through) }
+        .map_err(|e| load_error(&artifact.path, e))?;
     Ok((engine, component))
 }
 
-fn load_module(artifact: &Path, fuel: bool) -> Result<(Engine, Module)> {
+fn load_module(artifact: &cache::Artifact, fuel: bool) -> Result<(Engine, Module)> {
     let engine = new_engine(fuel)?;
-    // SAFETY: the artifact comes from malt's private cache.
-    let module = unsafe { Module::deserialize_file(&engine, artifact) }
-        .map_err(|e| load_error(artifact, e))?;
+    let (_file, through) = open_checked(artifact)?;
+    // SAFETY: as in `load`.
+    let module = unsafe { Module::deserialize_file(&engine, through) }
+        .map_err(|e| load_error(&artifact.path, e))?;
     Ok((engine, module))
 }
 
@@ -135,7 +148,7 @@ fn inspect_module(
     path: &Path,
     bytes: &[u8],
     sha: String,
-    artifact: PathBuf,
+    artifact: cache::Artifact,
     was_cached: bool,
 ) -> Result<ComponentInfo> {
     let (_, module) = load_module(&artifact, false)?;
@@ -179,7 +192,7 @@ fn inspect_module(
         is_worker: false,
         is_command,
         was_cached,
-        artifact,
+        artifact: artifact.path,
     })
 }
 
@@ -242,6 +255,6 @@ pub fn inspect(path: &Path) -> Result<ComponentInfo> {
         is_worker,
         is_command,
         was_cached,
-        artifact,
+        artifact: artifact.path,
     })
 }

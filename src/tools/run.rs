@@ -21,8 +21,9 @@ pub struct RunOptions {
     /// Whether the program may read this process's stdin.
     pub inherit_stdin: bool,
     /// Lock this process before the program runs, as a worker host locks
-    /// itself (no_new_privs, rlimits, seccomp: no exec, no new processes,
-    /// no sockets; Landlock: no file outside the granted directories).
+    /// itself (every descriptor above 2 closed first; no_new_privs,
+    /// rlimits, the seccomp allowlist: no exec, no new processes, no
+    /// sockets; Landlock: no file outside the granted directories).
     /// Irreversible: for a process that does nothing else afterwards, like
     /// the CLI's `malt run`.
     pub harden: bool,
@@ -36,8 +37,11 @@ pub struct RunOptions {
 fn harden(options: &RunOptions) -> Result<()> {
     let hardening = match options.harden {
         true => Some(
-            crate::host::harden_process(&options.dirs)
-                .map_err(|e| Error::Component(format!("cannot harden this process: {e}")))?,
+            crate::host::harden_process(
+                &options.dirs,
+                options.memory_limit.unwrap_or(crate::DEFAULT_MEMORY_LIMIT),
+            )
+            .map_err(|e| Error::Component(format!("cannot harden this process: {e}")))?,
         ),
         false => None,
     };
@@ -71,6 +75,9 @@ impl WasiView for RunState {
 /// a WASI preview 1 core module (its `_start`). Returns the program's exit
 /// code.
 pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
+    if options.harden {
+        crate::host::close_inherited_files();
+    }
     let fuel = options.fuel.is_some();
     cache::check_grants(&options.dirs).map_err(|message| Error::Spawn {
         worker: "run".into(),
@@ -86,7 +93,8 @@ pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
         malt_version: crate::protocol::MALT_VERSION.to_string(),
         name: "run".into(),
         guest: crate::protocol::GuestSpec::Artifact {
-            path: artifact.to_string_lossy().into_owned(),
+            path: artifact.path.to_string_lossy().into_owned(),
+            identity: Some(artifact.identity),
         },
         memory_limit: options.memory_limit.unwrap_or(crate::DEFAULT_MEMORY_LIMIT),
         interrupt_grace: Duration::ZERO,
@@ -177,7 +185,7 @@ type Outcome = std::result::Result<i32, wasmtime::Error>;
 
 fn run_component(
     path: &Path,
-    artifact: &Path,
+    artifact: &cache::Artifact,
     mut wasi: WasiCtxBuilder,
     limits: wasmtime::StoreLimits,
     options: &RunOptions,
@@ -224,7 +232,7 @@ struct ModuleState {
 
 fn run_module(
     path: &Path,
-    artifact: &Path,
+    artifact: &cache::Artifact,
     mut wasi: WasiCtxBuilder,
     limits: wasmtime::StoreLimits,
     options: &RunOptions,

@@ -291,7 +291,7 @@ impl WorkerBuilder {
         self,
         number: u64,
         label: &str,
-        artifact: Option<PathBuf>,
+        artifact: Option<cache::Artifact>,
     ) -> Result<Worker> {
         let spawn_error = |message: String, stderr: String| Error::Spawn {
             worker: label.to_string(),
@@ -303,7 +303,8 @@ impl WorkerBuilder {
             GuestSource::Script | GuestSource::Wasm(_) => {
                 let artifact = artifact.expect("spawn prepares a wasm guest's artifact first");
                 let spec = GuestSpec::Artifact {
-                    path: artifact.to_string_lossy().into_owned(),
+                    path: artifact.path.to_string_lossy().into_owned(),
+                    identity: Some(artifact.identity),
                 };
                 let program = if self.in_process {
                     None
@@ -376,7 +377,7 @@ impl WorkerBuilder {
         let conn = match connection::connect(&launch).await {
             Err(e) if e.failure == StartFailure::Fatal(FatalKind::ArtifactLoad) => {
                 // A damaged cached artifact: compile again, once.
-                if let GuestSpec::Artifact { path } = &launch.config.guest {
+                if let GuestSpec::Artifact { path, .. } = &launch.config.guest {
                     cache::discard(Path::new(path));
                 }
                 tracing::warn!("{label}: recompiling after: {}", e.message);
@@ -384,7 +385,8 @@ impl WorkerBuilder {
                     .await
                     .map_err(|e| spawn_error(e.to_string(), String::new()))?;
                 launch.config.guest = GuestSpec::Artifact {
-                    path: artifact.to_string_lossy().into_owned(),
+                    path: artifact.path.to_string_lossy().into_owned(),
+                    identity: Some(artifact.identity),
                 };
                 connection::connect(&launch).await
             }
@@ -430,7 +432,7 @@ impl WorkerBuilder {
 
 /// The compiled artifact of a wasm guest (compiling it if the cache does
 /// not have it).
-pub(crate) async fn prepare_artifact(source: GuestSource, fuel: bool) -> Result<PathBuf> {
+pub(crate) async fn prepare_artifact(source: GuestSource, fuel: bool) -> Result<cache::Artifact> {
     tokio::task::spawn_blocking(move || match source {
         GuestSource::Wasm(path) => {
             let what = path.display().to_string();

@@ -249,11 +249,12 @@ async fn a_guest_cannot_exhaust_the_managers_file_descriptors() {
 
 /// A guest that may write where the compiled artifacts live could replace
 /// the code every later worker runs (reproduced: a component granted `~`
-/// read-write overwrote the script guest's artifact). Such a grant is
-/// refused, whether it contains the cache or lies inside it; read-only is
-/// fine.
+/// read-write overwrote the script guest's artifact); one that may read
+/// there could read the key that seals them. Such a grant is refused,
+/// read-write or read-only, whether it contains the cache or lies inside
+/// it; a sibling directory is fine.
 #[tokio::test]
-async fn a_grant_that_could_write_the_artifact_cache_is_refused() {
+async fn a_grant_that_could_reach_the_artifact_cache_is_refused() {
     // Make sure the cache exists (the first worker of a run creates it).
     let w = Worker::wasm(test_guest()).spawn().await.unwrap();
     w.stop().await.unwrap();
@@ -265,24 +266,31 @@ async fn a_grant_that_could_write_the_artifact_cache_is_refused() {
         cache.clone(),
         inside.clone(),
     ] {
-        let err = Worker::wasm(test_guest())
-            .dir(&dir, "/g")
-            .spawn()
-            .await
-            .expect_err("a writable grant over the cache is refused");
-        let Error::Spawn { message, .. } = &err else {
-            panic!("{}: {err:?}", dir.display())
-        };
-        assert!(message.contains("artifact cache"), "{message}");
-        let w = Worker::wasm(test_guest())
-            .dir_read_only(&dir, "/g")
-            .spawn()
-            .await
-            .expect("a read-only grant is fine");
-        assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
-        w.stop().await.unwrap();
+        for read_only in [false, true] {
+            let builder = Worker::wasm(test_guest());
+            let builder = match read_only {
+                true => builder.dir_read_only(&dir, "/g"),
+                false => builder.dir(&dir, "/g"),
+            };
+            let err = builder
+                .spawn()
+                .await
+                .expect_err("a grant over the cache is refused");
+            let Error::Spawn { message, .. } = &err else {
+                panic!("{}: {err:?}", dir.display())
+            };
+            assert!(message.contains("artifact cache"), "{message}");
+        }
     }
     let _ = std::fs::remove_dir(&inside);
+    let sibling = tempfile::tempdir().unwrap();
+    let w = Worker::wasm(test_guest())
+        .dir(sibling.path(), "/g")
+        .spawn()
+        .await
+        .expect("a grant beside the cache is fine");
+    assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
+    w.stop().await.unwrap();
 }
 
 /// Grants are opened once: a directory swapped for a symlink after the

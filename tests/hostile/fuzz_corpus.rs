@@ -20,6 +20,13 @@ fn seed_frames() -> Vec<Vec<u8>> {
         name: "worker 1".into(),
         guest: GuestSpec::Artifact {
             path: "/tmp/x.cwasm".into(),
+            identity: Some(protocol::ArtifactIdentity {
+                dev: 1,
+                ino: 2,
+                size: 3,
+                mtime_ns: 4,
+                ctime_ns: 5,
+            }),
         },
         memory_limit: 1 << 20,
         interrupt_grace: std::time::Duration::from_millis(100),

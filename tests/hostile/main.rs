@@ -174,6 +174,85 @@ fn damaged_artifact_child() {
     });
 }
 
+/// Set in the children of `a_substituted_artifact_never_runs`: what the
+/// child does (`plant`, then `check`).
+const SUBSTITUTE_CHILD_ENV: &str = "MALT_TEST_SUBSTITUTE_ARTIFACT";
+
+/// The code-substitution attack: the valid artifact of another component
+/// (the attacker's) copied over the script guest's, private and regular
+/// like the original. A later manager (a new process: nothing memoized)
+/// checks the bytes against the cache's seal, refuses them, compiles the
+/// script guest again and runs it. Before the seal, `40 + 2` ran the
+/// attacker's component.
+#[test]
+fn a_substituted_artifact_never_runs() {
+    let cache = tempfile::tempdir().unwrap();
+    for stage in ["plant", "check"] {
+        let out = Command::new(this_program())
+            .args([
+                "--exact",
+                "substituted_artifact_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SUBSTITUTE_CHILD_ENV, stage)
+            .env(malt::CACHE_DIR_ENV, cache.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "the {stage} child failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn substituted_artifact_child() {
+    let Some(stage) = std::env::var_os(SUBSTITUTE_CHILD_ENV) else {
+        return;
+    };
+    let cache = PathBuf::from(std::env::var_os(malt::CACHE_DIR_ENV).unwrap());
+    let artifacts = || -> Vec<PathBuf> {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        if stage == "plant" {
+            let w = Worker::wasm(guests::test_guest()).spawn().await.unwrap();
+            w.stop().await.unwrap();
+            let attacker = artifacts().pop().expect("the test guest's artifact");
+            let w = Worker::script().spawn().await.unwrap();
+            w.stop().await.unwrap();
+            let script = artifacts()
+                .into_iter()
+                .find(|p| *p != attacker)
+                .expect("the script guest's artifact");
+            std::fs::copy(&attacker, &script).unwrap();
+            return;
+        }
+        let w = Worker::script().spawn().await.unwrap();
+        assert_eq!(w.remote_eval_fetch::<i64>("40 + 2").await.unwrap(), 42);
+        w.stop().await.unwrap();
+        let mut bytes: Vec<Vec<u8>> = artifacts()
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
+        bytes.dedup();
+        assert_eq!(
+            bytes.len(),
+            2,
+            "the script guest's artifact is its own again"
+        );
+    });
+}
+
 /// 20 workers, 10 000 calls in flight across them, workers SIGKILLed at
 /// random: every call resolves to its value or TerminatedWorker; none
 /// hangs, none is lost.

@@ -124,3 +124,63 @@ fn run_a_wasi_preview1_module() {
             "core WebAssembly module, not a component",
         ));
 }
+
+/// `malt run` locks its own process as a host does before the program's
+/// first instruction: seccomp and no_new_privs in force, and nothing it
+/// inherited (here a file on descriptor 9) left open for the program.
+#[test]
+fn run_locks_its_process_and_keeps_nothing_it_inherited() {
+    use std::os::unix::process::CommandExt;
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    let secret_path = secret.path().to_path_buf();
+    let file = std::fs::File::open(&secret_path).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_malt"));
+    cmd.arg("run")
+        .arg(test_command())
+        .args(["--timeout", "20s", "--", "spin"])
+        .stdout(std::process::Stdio::null());
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: dup2 is async-signal-safe; it gives the child the file on
+    // descriptor 9, without close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut status = String::new();
+    while std::time::Instant::now() < deadline {
+        status = std::fs::read_to_string(&status_path).unwrap_or_default();
+        if status
+            .lines()
+            .any(|l| l.starts_with("Seccomp:") && l.ends_with('2'))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let open: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2"),
+        "a seccomp filter is in force:\n{status}"
+    );
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
+    assert!(!open.is_empty(), "the program was running");
+    assert!(
+        !open.contains(&secret_path),
+        "the inherited file is closed: {open:?}"
+    );
+}

@@ -119,7 +119,7 @@ impl WasmGuest {
     ///
     /// [`start`]: super::Guest::start
     pub(crate) fn load(config: &HostConfig, shared: Arc<Shared>) -> Result<Self, StartFailed> {
-        let GuestSpec::Artifact { path } = &config.guest else {
+        let GuestSpec::Artifact { path, identity } = &config.guest else {
             return Err("not a wasm guest".into());
         };
         let engine = Engine::new(&engine_config(config.fuel.is_some()))
@@ -130,12 +130,13 @@ impl WasmGuest {
                 format!("cannot load the compiled component {path}: {e}"),
             )
         };
-        let artifact = open_artifact(path).map_err(load_failed)?;
+        let artifact = open_artifact(path, identity.as_ref()).map_err(load_failed)?;
         // SAFETY: the artifact is a regular file of this user that nobody
-        // else may write (checked on the open file), from malt's private
-        // cache or a file the manager's user chose; deserialize checks the
-        // header, the wasmtime version and the engine configuration. It is
-        // mapped through the descriptor just checked, not its path.
+        // else may write (checked on the open file), the very file whose
+        // bytes the manager verified against its cache's MAC, unchanged
+        // since (or a file the manager's user chose); deserialize checks
+        // the header, the wasmtime version and the engine configuration.
+        // It is mapped through the descriptor just checked, not its path.
         let component = unsafe { Component::deserialize_file(&engine, fd_path(&artifact)) }
             .map_err(|e| load_failed(format!("{e:#}")))?;
         drop(artifact);
@@ -206,10 +207,16 @@ impl Drop for WasmGuest {
     }
 }
 
-/// Opens a compiled artifact for loading: never through a symlink, and
-/// only a regular file owned by this user that no one else may write. A
-/// failure makes the manager compile it again, never run it.
-fn open_artifact(path: &str) -> Result<std::fs::File, String> {
+/// Opens a compiled artifact for loading: never through a symlink, only a
+/// regular file owned by this user that no one else may write, and, given
+/// the identity under which the manager verified its bytes, only that file
+/// unchanged since. A failure makes the manager compile it again, never
+/// run it.
+#[doc(hidden)]
+pub fn open_artifact(
+    path: &str,
+    identity: Option<&malt_protocol::ArtifactIdentity>,
+) -> Result<std::fs::File, String> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -227,12 +234,16 @@ fn open_artifact(path: &str) -> Result<std::fs::File, String> {
             meta.mode() & 0o7777
         ));
     }
+    if identity.is_some_and(|verified| *verified != malt_protocol::ArtifactIdentity::of(&meta)) {
+        return Err("refusing it: it was replaced or written since the manager verified it".into());
+    }
     Ok(file)
 }
 
 /// The path through which the kernel reopens exactly this open file (or
 /// directory), whatever has become of its path since.
-fn fd_path(file: &impl std::os::fd::AsRawFd) -> String {
+#[doc(hidden)]
+pub fn fd_path(file: &impl std::os::fd::AsRawFd) -> String {
     format!("/proc/self/fd/{}", file.as_raw_fd())
 }
 

@@ -6,7 +6,11 @@
 //! artifact in a private directory, keyed on the component's SHA-256, the
 //! wasmtime version and the engine's compatibility hash. Loading an
 //! artifact runs native code, so the directory must be writable by its
-//! owner only: malt creates it 0700 and refuses one that is not.
+//! owner only (malt creates it 0700 and refuses one that is not), no guest
+//! may be granted it, and an artifact runs only once its bytes check out
+//! against the cache's keyed seal (see `seal`).
+
+mod seal;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -14,6 +18,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use malt_protocol::ArtifactIdentity;
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 
@@ -109,30 +114,35 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
-/// Refuses a read-write grant that contains the artifact cache or lies
-/// inside it: a guest that can write there can replace the compiled code
-/// that later workers run.
+/// Refuses a grant, read-only or read-write, that contains the artifact
+/// cache or lies inside it: a guest that can write there could replace the
+/// compiled code other workers run, and one that can read it could read
+/// the key that seals those artifacts.
 pub(crate) fn check_grants(dirs: &[crate::DirGrant]) -> std::result::Result<(), String> {
-    let mut writable = dirs.iter().filter(|d| !d.read_only).peekable();
-    if writable.peek().is_none() {
+    if dirs.is_empty() {
         // Most workers: nothing to resolve on the start-up path.
         return Ok(());
     }
     let cache = resolved(&cache_dir());
-    for dir in writable {
+    for dir in dirs {
         let granted = resolved(Path::new(&dir.host));
         if cache.starts_with(&granted) || granted.starts_with(&cache) {
             return Err(format!(
-                "refusing to grant {} read-write: it {} malt's artifact cache ({}), where a \
-                 guest could replace the code other workers run; grant it read-only, or \
-                 choose another directory (or move the cache with ${CACHE_DIR_ENV})",
+                "refusing to grant {}: it {} malt's artifact cache ({}), where a guest could \
+                 {} the code other workers run; grant another directory (or move the cache \
+                 with ${CACHE_DIR_ENV})",
                 dir.host,
                 if granted.starts_with(&cache) {
                     "lies inside"
                 } else {
                     "contains"
                 },
-                cache.display()
+                cache.display(),
+                if dir.read_only {
+                    "read the key that vouches for"
+                } else {
+                    "replace"
+                }
             ));
         }
     }
@@ -233,20 +243,29 @@ fn precompile(bytes: &[u8], what: &str, fuel: bool) -> Result<Vec<u8>> {
     crate::compiler::compile(bytes, wasm_kind(bytes, what)?, fuel, what)
 }
 
-/// Artifacts known to be in the cache, by (cache directory, component
+/// A compiled component in the cache, checked against its seal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Artifact {
+    /// Where it is.
+    pub path: PathBuf,
+    /// The file whose bytes were checked: a host loads only this file.
+    pub identity: ArtifactIdentity,
+}
+
+/// Artifacts checked by this process, by (cache directory, component
 /// hash, fuel).
-type Known = Mutex<HashMap<(PathBuf, String, bool), PathBuf>>;
+type Known = Mutex<HashMap<(PathBuf, String, bool), Artifact>>;
 
 fn known() -> &'static Known {
     static KNOWN: OnceLock<Known> = OnceLock::new();
     KNOWN.get_or_init(Default::default)
 }
 
-/// Returns the path of the compiled artifact for a component, compiling
-/// it first if the cache does not have it. Blocking: call it off the
-/// async runtime.
-pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Result<PathBuf> {
-    artifact_status(bytes, sha256, what, fuel).map(|(path, _)| path)
+/// Returns the compiled artifact of a component, compiling it first if the
+/// cache does not have it (or has one that fails its seal). Blocking: call
+/// it off the async runtime.
+pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Result<Artifact> {
+    artifact_status(bytes, sha256, what, fuel).map(|(artifact, _)| artifact)
 }
 
 /// Like [`artifact`], and tells whether the cache had it already.
@@ -255,38 +274,66 @@ pub(crate) fn artifact_status(
     sha256: &str,
     what: &str,
     fuel: bool,
-) -> Result<(PathBuf, bool)> {
-    let key = (cache_dir(), sha256.to_string(), fuel);
-    if let Some(path) = known().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok((path.clone(), true));
+) -> Result<(Artifact, bool)> {
+    let dir = cache_dir();
+    let key = (dir.clone(), sha256.to_string(), fuel);
+    if let Some(artifact) = known().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok((artifact.clone(), true));
     }
-    let path = artifact_path(sha256, fuel)?;
-    let was_cached = path.exists();
-    if !was_cached {
-        private_dir(path.parent().expect("artifact paths have a parent"))?;
-        compile_into(bytes, &path, what, fuel)?;
-    }
+    let path = artifact_path(&dir, sha256, fuel)?;
+    private_dir(&dir)?;
+    let mut was_cached = path.exists();
+    let checked = match was_cached {
+        true => seal::verify(&dir, &path)?,
+        false => Err(String::new()),
+    };
+    let identity = match checked {
+        Ok(identity) => identity,
+        Err(why) => {
+            if was_cached {
+                tracing::warn!(
+                    "{what}: not running the cached artifact {}: {why}; compiling again",
+                    path.display()
+                );
+                remove(&path);
+                was_cached = false;
+            }
+            compile_into(bytes, &dir, &path, what, fuel)?;
+            seal::verify(&dir, &path)?.map_err(|why| {
+                Error::Component(format!(
+                    "the artifact just compiled for {what} ({}) fails its check: {why}",
+                    path.display()
+                ))
+            })?
+        }
+    };
+    let artifact = Artifact { path, identity };
     known()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(key, path.clone());
-    Ok((path, was_cached))
+        .insert(key, artifact.clone());
+    Ok((artifact, was_cached))
+}
+
+fn remove(artifact: &Path) {
+    let _ = std::fs::remove_file(artifact);
+    seal::discard(artifact);
 }
 
 /// Removes an artifact that failed to load, so the next request compiles
 /// the component again.
 pub(crate) fn discard(artifact: &Path) {
-    let _ = std::fs::remove_file(artifact);
+    remove(artifact);
     known()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .retain(|_, path| path != artifact);
+        .retain(|_, known| known.path != artifact);
 }
 
 /// Where the artifact of a component (by hash) lives in the cache.
-fn artifact_path(sha256: &str, fuel: bool) -> Result<PathBuf> {
+fn artifact_path(dir: &Path, sha256: &str, fuel: bool) -> Result<PathBuf> {
     let engine = engine(fuel)?;
-    Ok(cache_dir().join(format!("{sha256}-{}.cwasm", compatibility_key(engine))))
+    Ok(dir.join(format!("{sha256}-{}.cwasm", compatibility_key(engine))))
 }
 
 /// Compiles a component to a standalone artifact file (for `malt compile -o`).
@@ -310,7 +357,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Compiles under a file lock, so that concurrent managers compile a
 /// component once, and publishes the artifact with an atomic rename.
-fn compile_into(bytes: &[u8], path: &Path, what: &str, fuel: bool) -> Result<()> {
+fn compile_into(bytes: &[u8], dir: &Path, path: &Path, what: &str, fuel: bool) -> Result<()> {
     let lock_path = path.with_extension("lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -327,6 +374,9 @@ fn compile_into(bytes: &[u8], path: &Path, what: &str, fuel: bool) -> Result<()>
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     // Left behind by a process of the same pid that crashed.
     let _ = std::fs::remove_file(&tmp);
+    // Sealed before it is published: a manager that finds the artifact
+    // finds its seal.
+    seal::seal(dir, path, &compiled)?;
     write_private(&tmp, &compiled)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
