@@ -125,6 +125,10 @@ pub enum Error {
     /// A wasm component could not be loaded or compiled.
     #[error("{0}")]
     Component(String),
+    /// A pool has no worker left: each died more often than its restart
+    /// policy allows.
+    #[error("the pool has no worker left: {0}")]
+    PoolExhausted(String),
 }
 
 fn stderr_tail(stderr: &str) -> String {

@@ -146,6 +146,7 @@ pub mod __fuzz {
 }
 mod fuzz;
 mod output;
+pub mod pool;
 mod process;
 pub mod tools;
 mod worker;
@@ -165,6 +166,7 @@ pub const VERSION: &str = malt_protocol::MALT_VERSION;
 pub use channel::WorkerChannel;
 pub use error::{Error, Limit, RemoteException, Result};
 pub use output::{OutputChunk, Stream, WorkerOutput};
+pub use pool::{Pool, PoolBuilder, PoolCall, PoolStats, RestartPolicy};
 pub use process::HOST_PROGRAM_ENV;
 pub use protocol::{DirGrant, Hardening};
 pub use worker::{

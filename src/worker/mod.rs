@@ -153,6 +153,23 @@ impl Worker {
         CallHandle::new(&self.inner, sent)
     }
 
+    /// [`remote_call`](Self::remote_call) with arguments already encoded
+    /// (a MessagePack array).
+    pub(crate) fn call_encoded<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        args: Vec<u8>,
+        reply: ReplyMode,
+    ) -> CallHandle<R> {
+        let sent = self.inner.request(|id| ToHost::Call {
+            id,
+            name: name.to_string(),
+            args,
+            reply,
+        });
+        CallHandle::new(&self.inner, sent)
+    }
+
     /// Calls the guest function `name` and waits for its value.
     pub async fn remote_call_fetch<R: DeserializeOwned>(
         &self,

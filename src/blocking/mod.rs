@@ -26,6 +26,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 
+mod pool;
+pub use pool::{Pool, PoolBuilder};
+
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
@@ -303,10 +306,15 @@ mod tests {
 
     /// The public methods of `impl Worker { … }` blocks in `source`.
     fn worker_methods(source: &str) -> BTreeSet<String> {
+        methods(source, "impl Worker {")
+    }
+
+    /// The public methods of the `impl` blocks that start with `opening`.
+    fn methods(source: &str, opening: &str) -> BTreeSet<String> {
         let mut methods = BTreeSet::new();
         let mut inside = false;
         for line in source.lines() {
-            if line.starts_with("impl Worker {") {
+            if line.starts_with(opening) {
                 inside = true;
             } else if inside && line.starts_with('}') {
                 inside = false;
@@ -329,12 +337,28 @@ mod tests {
 
     #[test]
     fn the_blocking_worker_has_every_method_of_the_async_one() {
-        let async_api = worker_methods(include_str!("worker/mod.rs"));
-        let blocking_api = worker_methods(include_str!("blocking.rs"));
+        let async_api = worker_methods(include_str!("../worker/mod.rs"));
+        let blocking_api = worker_methods(include_str!("mod.rs"));
         assert!(async_api.len() > 20, "found {async_api:?}");
         let missing: Vec<_> = async_api.difference(&blocking_api).collect();
         assert!(missing.is_empty(), "blocking::Worker lacks {missing:?}");
         // And nothing of its own but the way back to the async worker.
+        let extra: Vec<_> = blocking_api.difference(&async_api).collect();
+        assert_eq!(extra, ["as_async"]);
+    }
+
+    #[test]
+    fn the_blocking_pool_has_every_method_of_the_async_one() {
+        let async_api = methods(include_str!("../pool/mod.rs"), "impl Pool {");
+        let blocking_api = methods(include_str!("pool.rs"), "impl Pool {");
+        assert!(async_api.len() > 10, "found {async_api:?}");
+        // A blocking call takes its retries as an argument; there is no
+        // blocking form of a request to await, nor of a stream.
+        let missing: Vec<_> = async_api
+            .difference(&blocking_api)
+            .filter(|m| !["eval", "map_stream"].contains(&m.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "blocking::Pool lacks {missing:?}");
         let extra: Vec<_> = blocking_api.difference(&async_api).collect();
         assert_eq!(extra, ["as_async"]);
     }
