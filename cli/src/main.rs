@@ -2,6 +2,7 @@
 
 mod args;
 mod commands;
+mod map;
 mod repl;
 mod report;
 mod values;
@@ -96,6 +97,38 @@ enum Command {
         #[command(flatten)]
         sandbox: Sandbox,
     },
+    /// Call a function once per line of JSON input, across a pool of workers.
+    #[command(
+        after_help = "Each input line is a JSON array of arguments; each output line is
+the JSON result, or {\"error\": ...} for that input, in input order.
+Exits 1 if any input failed.
+
+EXAMPLES:
+  malt map guest.wasm add --workers 4 < inputs.jsonl > outputs.jsonl
+  malt map script square --setup 'fn square(x) { x * x }' < numbers.jsonl"
+    )]
+    Map {
+        /// The guest component, or `script` for the built-in script guest;
+        /// with --native, a native worker program (or `script`).
+        guest: String,
+        /// The function.
+        function: String,
+        /// Run the guests in native workers.
+        #[arg(long)]
+        native: bool,
+        /// How many workers (default: the number of CPUs).
+        #[arg(long, short = 'j', value_name = "N")]
+        workers: Option<usize>,
+        /// Code every worker evaluates first (repeatable), e.g. the function.
+        #[arg(long, value_name = "CODE")]
+        setup: Vec<String>,
+        /// Run an input again on another worker if its worker dies, up to N
+        /// times (for functions safe to repeat).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        retries: u32,
+        #[command(flatten)]
+        sandbox: Sandbox,
+    },
     /// Run a WASI command (a component, or a WASI preview 1 module) in the sandbox.
     #[command(after_help = "EXAMPLES:
   malt run hello.wasm
@@ -173,6 +206,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             args,
             sandbox,
         } => runtime()?.block_on(call(json, &guest, native, &function, &args, &sandbox))?,
+        Command::Map {
+            guest,
+            function,
+            native,
+            workers,
+            setup,
+            retries,
+            sandbox,
+        } => {
+            let builder = sandbox.apply(builder_for(Some(Path::new(&guest)), native), native)?;
+            let workers = workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            if workers == 0 {
+                return Err(args::usage("--workers must be at least 1"));
+            }
+            let options = map::MapOptions {
+                function,
+                workers,
+                setup,
+                retries,
+            };
+            let failed = runtime()?.block_on(map::map(builder, options))?;
+            return Ok(if failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
         Command::Run {
             guest,
             args,

@@ -420,3 +420,54 @@ fn the_compiler_runs_under_limits() {
             .stdout("3\n");
     }
 }
+
+/// `malt map`: one output line per input line, in input order, errors in
+/// their place, across several workers.
+#[test]
+fn map_keeps_input_order_and_reports_each_error_in_place() {
+    let inputs: String = (0..300)
+        .map(|i| match i {
+            100 => "{\"not\": \"an array\"}\n".to_string(),
+            200 => "[\"text\", 1]\n".to_string(),
+            _ => format!("[{i}, {i}]\n"),
+        })
+        .collect();
+    let out = malt()
+        .args(["map"])
+        .arg(test_guest())
+        .args(["add", "--workers", "3"])
+        .write_stdin(inputs)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("2 of 300 inputs failed"))
+        .get_output()
+        .stdout
+        .clone();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 300);
+    for (i, line) in lines.iter().enumerate() {
+        match i {
+            100 | 200 => assert!(line["error"].is_string(), "{i}: {line}"),
+            _ => assert_eq!(line, &serde_json::json!(2 * i), "{i}"),
+        }
+    }
+    // The script guest, with the function defined by --setup: all good.
+    malt()
+        .args([
+            "map",
+            "script",
+            "sq",
+            "-j",
+            "2",
+            "--setup",
+            "fn sq(x) { x * x }",
+        ])
+        .write_stdin("[1]\n\n[2]\n[3]\n")
+        .assert()
+        .success()
+        .stdout("1\n4\n9\n");
+}
