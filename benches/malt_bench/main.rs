@@ -11,6 +11,7 @@ mod guests;
 
 mod floor;
 mod interrupts;
+mod pools;
 mod report;
 
 use floor::*;
@@ -57,6 +58,11 @@ fn pss_rss_kib(pid: u32) -> (u64, u64) {
 async fn run(quick: bool) -> Result<Table, Error> {
     let n = if quick { 2_000 } else { 20_000 };
     let mut table = Table { rows: Vec::new() };
+    // `-- --pools` measures pools alone.
+    if std::env::args().any(|a| a == "--pools") {
+        pools::measure(&mut table, quick).await?;
+        return Ok(table);
+    }
     let guest = guests::test_guest();
 
     // 1. Call round trip. The call frame is ~30 bytes.
@@ -264,7 +270,10 @@ async fn run(quick: bool) -> Result<Table, Error> {
     // 5. Interrupts.
     interrupts::measure(&mut table, quick).await?;
 
-    // 6. Memory per idle wasm worker, and 7. scale.
+    // 6. Pools.
+    pools::measure(&mut table, quick).await?;
+
+    // 7. Memory per idle wasm worker, and 8. scale.
     for count in [1usize, 10, 100, 200] {
         let start = Instant::now();
         let mut workers = Vec::new();

@@ -8,13 +8,13 @@
 //!   files.
 //! - seccomp, an allowlist: only the syscalls a host makes (memory,
 //!   threads, clocks, its descriptors, files beneath its grants) are
-//!   allowed; every other call answers `ENOSYS`, and those an attacker
-//!   would reach for answer `EPERM`: starting programs (`execve`,
-//!   `execveat`), new processes (`fork`, `vfork`, `clone` without
-//!   `CLONE_THREAD`), network sockets (workers have no network), tracing,
-//!   signalling or reading other processes, and kernel administration.
-//!   `clone3` is not allowed (its flags live in memory a filter cannot
-//!   read): the C library falls back to `clone` with `CLONE_THREAD`.
+//!   allowed; every other call fails with `EPERM`, among them all an
+//!   attacker would reach for: starting programs (`execve`, `execveat`),
+//!   new processes (`fork`, `vfork`, `clone` without `CLONE_THREAD`),
+//!   network sockets (workers have no network), tracing, signalling or
+//!   reading other processes, and kernel administration. `clone3` answers
+//!   `ENOSYS` (its flags live in memory a filter cannot read): the C
+//!   library falls back to `clone` with `CLONE_THREAD`.
 //! - Landlock (where the kernel has it): once the guest's artifact is
 //!   loaded, the process may open files only beneath the directories
 //!   granted to the guest (read-only grants: read rights only).
@@ -29,7 +29,9 @@ use seccompiler::{
 /// Most files a hardened host may have open.
 pub(crate) const MAX_OPEN_FILES: u64 = 256;
 
-/// Syscalls denied outright.
+/// Calls an attacker would reach for: outside the allowlist, so denied
+/// (a test keeps them out of it and checks each).
+#[cfg(test)]
 const DENIED: &[i64] = &[
     libc::SYS_execve,
     libc::SYS_execveat,
@@ -102,10 +104,10 @@ const DENIED: &[i64] = &[
 ];
 
 /// Syscalls a hardened host may make, whatever their arguments: the rest
-/// (but for the few with conditions in [`allow_filter`]) answer `ENOSYS`,
-/// which the C library and std take as "not on this kernel". Drawn from
-/// what hosts call in the whole test suite (traced with `strace -f`) and
-/// from the calls behind WASI's filesystem and clocks.
+/// (but for the few with conditions in [`allow_filter`]) fail with
+/// `EPERM`. Drawn from what hosts call in the whole test suite (traced
+/// with `strace -f`) and from the calls behind WASI's filesystem and
+/// clocks.
 const ALLOWED: &[i64] = &[
     // Memory.
     libc::SYS_brk,
@@ -223,28 +225,126 @@ fn bpf_err(e: seccompiler::BackendError) -> String {
     format!("seccomp: {e}")
 }
 
-/// The filters, in the order they are installed: the allowlist (the rest
-/// `ENOSYS`), the denials (`EPERM`, which win over the allowlist's
-/// `ENOSYS` as the later filter's answer), and x32 calls (`EPERM`).
-pub(crate) fn filters() -> Result<[BpfProgram; 3], String> {
+/// The filters: by number, a binary search over the allowlist (everything
+/// else `EPERM`, `clone3` `ENOSYS` so that the C library falls back to
+/// `clone`, whose flags a filter can read; x32 calls `EPERM`, another
+/// architecture's calls kill the process); then the argument checks of
+/// the few allowed calls that have some. Shaped for the kernel: a filter
+/// that decides by number alone lets it answer those calls from its
+/// per-syscall cache, and a search costs a few steps where a chain over
+/// a hundred calls costs a hundred (at every call the cache cannot answer,
+/// and for each syscall number when the filter is loaded).
+pub(crate) fn filters() -> Result<[BpfProgram; 2], String> {
     // SAFETY: getpid has no preconditions.
     filters_for(unsafe { libc::getpid() } as u64)
 }
 
 /// [`filters`] for a process whose id is `me`: it may signal only itself.
-fn filters_for(me: u64) -> Result<[BpfProgram; 3], String> {
-    let program = |f: SeccompFilter| BpfProgram::try_from(f).map_err(|e| format!("seccomp: {e}"));
-    Ok([
-        program(allow_filter(me)?)?,
-        program(deny_filter(me)?)?,
-        x32_filter(),
-    ])
+fn filters_for(me: u64) -> Result<[BpfProgram; 2], String> {
+    let allow = libc::SECCOMP_RET_ALLOW;
+    let mut by_number: Vec<(i64, u32)> = ALLOWED
+        .iter()
+        .chain(CONDITIONAL)
+        .map(|&nr| (nr, allow))
+        .collect();
+    by_number.push((
+        libc::SYS_clone3,
+        libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+    ));
+    by_number.sort_unstable();
+    by_number.dedup();
+    let conditions =
+        BpfProgram::try_from(argument_filter(me)?).map_err(|e| format!("seccomp: {e}"))?;
+    Ok([number_filter(&by_number)?, conditions])
+}
+
+/// Allowed calls whose arguments [`argument_filter`] checks.
+const CONDITIONAL: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_kill,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_socketpair,
+    libc::SYS_prlimit64,
+    libc::SYS_prctl,
+    libc::SYS_ioctl,
+];
+
+/// The audit architecture of this build's syscalls.
+fn audit_arch() -> Result<u32, String> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(0xc000_003e),
+        "aarch64" => Ok(0xc000_00b7),
+        other => Err(format!("seccomp: unsupported architecture: {other}")),
+    }
+}
+
+fn stmt(code: u32, k: u32) -> seccompiler::sock_filter {
+    jump(code, k, 0, 0)
+}
+
+fn jump(code: u32, k: u32, jt: u8, jf: u8) -> seccompiler::sock_filter {
+    seccompiler::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+
+/// A filter deciding by syscall number alone: `entries` (sorted numbers,
+/// each with its action), every other number `EPERM`.
+fn number_filter(entries: &[(i64, u32)]) -> Result<BpfProgram, String> {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    let mut program = vec![
+        // seccomp_data.arch
+        stmt(BPF_LD | BPF_W | BPF_ABS, 4),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, audit_arch()?, 1, 0),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+        // seccomp_data.nr
+        stmt(BPF_LD | BPF_W | BPF_ABS, 0),
+        // x32 calls share x86-64's audit architecture: deny them all.
+        jump(BPF_JMP | BPF_JSET | BPF_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(BPF_RET | BPF_K, EPERM),
+    ];
+    program.extend(search(entries)?);
+    Ok(program)
+}
+
+/// Binary search over `entries` on the number in the accumulator.
+fn search(entries: &[(i64, u32)]) -> Result<BpfProgram, String> {
+    use libc::{BPF_JA, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_RET};
+    let number = |nr: i64| u32::try_from(nr).map_err(|_| format!("seccomp: syscall {nr}"));
+    if entries.len() <= 4 {
+        let mut code = Vec::with_capacity(2 * entries.len() + 1);
+        for &(nr, action) in entries {
+            code.push(jump(BPF_JMP | BPF_JEQ | BPF_K, number(nr)?, 0, 1));
+            code.push(stmt(BPF_RET | BPF_K, action));
+        }
+        code.push(stmt(BPF_RET | BPF_K, EPERM));
+        return Ok(code);
+    }
+    let (low, high) = entries.split_at(entries.len() / 2);
+    let low = search(low)?;
+    let skip = u32::try_from(low.len()).map_err(|_| "seccomp: filter too long".to_string())?;
+    // At or above the split: jump over the lower half (an unconditional
+    // jump, whose offset is not limited to 255).
+    let mut code = vec![
+        jump(BPF_JMP | BPF_JGE | BPF_K, number(high[0].0)?, 0, 1),
+        stmt(BPF_JMP | BPF_JA, skip),
+    ];
+    code.extend(low);
+    code.extend(search(high)?);
+    Ok(code)
 }
 
 /// A rule that holds when every `(argument, op, value)` holds, comparing
-/// whole 64-bit registers: strict for an allowed value (stray upper bits
-/// fail to match), so use [`rule32`] where the kernel truncates an
-/// argument that is denied by value.
+/// whole 64-bit registers: a value with stray upper bits is another value,
+/// so a denial on `Ne` catches it; use [`rule32`] where the kernel
+/// truncates an argument that is denied on `Eq`.
 fn rule(conditions: Vec<(u8, SeccompCmpOp, u64)>) -> Result<SeccompRule, String> {
     rule_sized(|| SeccompCmpArgLen::Qword, conditions)
 }
@@ -267,75 +367,13 @@ fn rule_sized(
     SeccompRule::new(conditions).map_err(bpf_err)
 }
 
-/// What a host may call: [`ALLOWED`], and with conditions: threads but no
-/// processes, signals to itself, its own rlimits, unix socket pairs, the
-/// `prctl` options threads and hardening use, and `ioctl` but for terminal
-/// injection.
-fn allow_filter(me: u64) -> Result<SeccompFilter, String> {
+/// The argument checks of [`CONDITIONAL`] calls (`EPERM` when one
+/// fails): threads but no processes, signals to itself only, its own
+/// rlimits, unix socket pairs only, the `prctl` options that name threads
+/// and lock the process, and `ioctl` but for terminal injection.
+fn argument_filter(me: u64) -> Result<SeccompFilter, String> {
     use SeccompCmpOp::{Eq, MaskedEq, Ne};
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let thread = libc::CLONE_THREAD as u64;
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![(0, MaskedEq(thread), thread)])?],
-    );
-    for nr in [
-        libc::SYS_kill,
-        libc::SYS_tgkill,
-        libc::SYS_rt_sigqueueinfo,
-        libc::SYS_rt_tgsigqueueinfo,
-    ] {
-        rules.insert(nr, vec![rule(vec![(0, Eq, me)])?]);
-    }
-    // A connected pair, reaching nothing else (tokio's signal driver
-    // makes one): local only.
-    rules.insert(
-        libc::SYS_socketpair,
-        vec![rule(vec![(0, Eq, libc::AF_UNIX as u64)])?],
-    );
-    rules.insert(
-        libc::SYS_prlimit64,
-        vec![rule(vec![(0, Eq, 0)])?, rule(vec![(0, Eq, me)])?],
-    );
-    rules.insert(
-        libc::SYS_prctl,
-        [
-            libc::PR_SET_NAME,
-            libc::PR_GET_NAME,
-            libc::PR_SET_NO_NEW_PRIVS,
-            libc::PR_GET_NO_NEW_PRIVS,
-            libc::PR_SET_SECCOMP,
-            libc::PR_GET_SECCOMP,
-            libc::PR_SET_VMA,
-        ]
-        .into_iter()
-        .map(|option| rule(vec![(0, Eq, option as u64)]))
-        .collect::<Result<_, _>>()?,
-    );
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![rule32(vec![
-            (1, Ne, libc::TIOCSTI),
-            (1, Ne, libc::TIOCLINUX),
-        ])?],
-    );
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        SeccompAction::Allow,
-        arch()?,
-    )
-    .map_err(bpf_err)
-}
-
-/// Calls denied with `EPERM` (already outside the allowlist: this makes
-/// the answer to an attempt explicit): [`DENIED`], new processes, signals
-/// to other processes, terminal injection.
-fn deny_filter(me: u64) -> Result<SeccompFilter, String> {
-    use SeccompCmpOp::{Eq, MaskedEq, Ne};
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     // clone(flags, ...) without CLONE_THREAD makes a process.
     rules.insert(
         libc::SYS_clone,
@@ -350,6 +388,34 @@ fn deny_filter(me: u64) -> Result<SeccompFilter, String> {
     ] {
         rules.insert(nr, vec![rule(vec![(0, Ne, me)])?]);
     }
+    // A connected pair, reaching nothing else (tokio's signal driver
+    // makes one).
+    rules.insert(
+        libc::SYS_socketpair,
+        vec![rule(vec![(0, Ne, libc::AF_UNIX as u64)])?],
+    );
+    rules.insert(
+        libc::SYS_prlimit64,
+        vec![rule(vec![(0, Ne, 0), (0, Ne, me)])?],
+    );
+    rules.insert(
+        libc::SYS_prctl,
+        vec![rule(
+            [
+                libc::PR_SET_NAME,
+                libc::PR_GET_NAME,
+                libc::PR_SET_NO_NEW_PRIVS,
+                libc::PR_GET_NO_NEW_PRIVS,
+                libc::PR_SET_SECCOMP,
+                libc::PR_GET_SECCOMP,
+                libc::PR_SET_VMA,
+            ]
+            .into_iter()
+            .map(|option| (0, Ne, option as u64))
+            .collect(),
+        )?],
+    );
+    // No typing into a terminal, no console tricks.
     rules.insert(
         libc::SYS_ioctl,
         vec![
@@ -364,35 +430,6 @@ fn deny_filter(me: u64) -> Result<SeccompFilter, String> {
         arch()?,
     )
     .map_err(bpf_err)
-}
-
-/// Denies every x32 call (the arch check of the other filters lets them
-/// through: they share x86-64's audit architecture).
-fn x32_filter() -> BpfProgram {
-    use seccompiler::sock_filter;
-    let stmt = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
-    vec![
-        // A = seccomp_data.nr
-        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
-        stmt(
-            libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
-            X32_SYSCALL_BIT,
-            0,
-            1,
-        ),
-        stmt(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-            0,
-            0,
-        ),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
-    ]
 }
 
 /// Memory a host needs besides the guest's: its code's data, thread
@@ -784,10 +821,16 @@ mod tests {
         }
     }
 
-    /// A call that is neither allowed nor denied by name answers ENOSYS:
-    /// the filter is an allowlist.
+    /// A call nobody thought of denying is denied all the same: the filter
+    /// is an allowlist, and no call of [`DENIED`] is on it.
     #[test]
-    fn calls_outside_the_allowlist_are_not_there() {
+    fn calls_outside_the_allowlist_are_denied() {
+        for nr in DENIED {
+            assert!(
+                !ALLOWED.contains(nr),
+                "syscall {nr} is both denied and allowed"
+            );
+        }
         type Probe = fn() -> i32;
         let probes: [(&str, Probe); 4] = [
             ("setpriority", || unsafe {
@@ -805,7 +848,7 @@ mod tests {
             assert_eq!(in_child(probe, false), 0, "{name} works unhardened");
             assert_eq!(
                 in_child(probe, true),
-                100 + libc::ENOSYS,
+                100 + libc::EPERM,
                 "{name} is not allowed"
             );
         }

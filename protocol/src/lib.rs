@@ -138,6 +138,7 @@ pub struct ArtifactIdentity {
 
 impl ArtifactIdentity {
     /// The identity of an open file, from its metadata.
+    #[cfg(unix)]
     pub fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
         let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);

@@ -103,21 +103,28 @@ const DAMAGED_CHILD_ENV: &str = "MALT_TEST_DAMAGED_ARTIFACT";
 #[test]
 fn a_damaged_artifact_is_replaced() {
     let cache = tempfile::tempdir().unwrap();
+    run_child_test(
+        "damaged_artifact_child",
+        (DAMAGED_CHILD_ENV, "1"),
+        cache.path(),
+    );
+}
+
+/// Runs the test `name` of this binary alone in a child process, with
+/// `env` set and a cache directory of its own, and fails if it does.
+fn run_child_test(name: &str, env: (&str, &str), cache: &std::path::Path) {
     let out = Command::new(this_program())
-        .args([
-            "--exact",
-            "damaged_artifact_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(DAMAGED_CHILD_ENV, "1")
-        .env(malt::CACHE_DIR_ENV, cache.path())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env.0, env.1)
+        .env(malt::CACHE_DIR_ENV, cache)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("1 passed"),
-        "the child failed:\n{stdout}\n{}",
+        "the child {name} ({}={}) failed:\n{stdout}\n{}",
+        env.0,
+        env.1,
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -188,22 +195,10 @@ const SUBSTITUTE_CHILD_ENV: &str = "MALT_TEST_SUBSTITUTE_ARTIFACT";
 fn a_substituted_artifact_never_runs() {
     let cache = tempfile::tempdir().unwrap();
     for stage in ["plant", "check"] {
-        let out = Command::new(this_program())
-            .args([
-                "--exact",
-                "substituted_artifact_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(SUBSTITUTE_CHILD_ENV, stage)
-            .env(malt::CACHE_DIR_ENV, cache.path())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "the {stage} child failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_child_test(
+            "substituted_artifact_child",
+            (SUBSTITUTE_CHILD_ENV, stage),
+            cache.path(),
         );
     }
 }
