@@ -85,6 +85,22 @@ pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error>
             },
         );
     }
+    let pool = Pool::builder(Worker::wasm(guests::test_guest()).monitor_output(false))
+        .size(workers)
+        .requests_per_worker(8)
+        .spawn()
+        .await?;
+    let rate = malt_rate(&pool, n).await?;
+    pool.stop().await;
+    table.figure(
+        &format!("pool of {workers} (Rust guest), 8 requests per worker: {n} tiny calls"),
+        format!("{rate:.0} calls/s"),
+        py_one.clone(),
+        python.map_or("—".into(), |(one, _)| {
+            format!("{:.1}× Python", rate / one)
+        }),
+        "≥ 5× Python chunksize=1",
+    );
     let pool = Pool::builder(Worker::script().monitor_output(false))
         .size(workers)
         .setup("fn add(a, b) { a + b }")

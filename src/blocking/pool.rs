@@ -28,6 +28,11 @@ impl PoolBuilder {
         PoolBuilder(self.0.max_queued(requests))
     }
 
+    /// How many requests each worker may hold at once.
+    pub fn requests_per_worker(self, requests: usize) -> Self {
+        PoolBuilder(self.0.requests_per_worker(requests))
+    }
+
     /// How dead workers are replaced.
     pub fn restart_policy(self, policy: RestartPolicy) -> Self {
         PoolBuilder(self.0.restart_policy(policy))

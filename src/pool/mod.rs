@@ -122,6 +122,7 @@ pub struct PoolBuilder {
     size: usize,
     setup: Vec<String>,
     max_queued: usize,
+    per_worker: usize,
     restart: RestartPolicy,
 }
 
@@ -147,6 +148,17 @@ impl PoolBuilder {
         self
     }
 
+    /// How many requests each worker may hold at once (default 1: a request
+    /// goes only to an idle worker). More keeps a worker busy between tiny
+    /// requests (the next one is already there when one ends), for more
+    /// throughput, at the price of a request waiting behind another on its
+    /// worker; and after a reset, a request already sent may run before
+    /// the setup code runs again.
+    pub fn requests_per_worker(mut self, requests: usize) -> Self {
+        self.per_worker = requests.max(1);
+        self
+    }
+
     /// How dead workers are replaced (default: [`RestartPolicy::default`]).
     pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
         self.restart = policy;
@@ -161,6 +173,7 @@ impl PoolBuilder {
             self.size,
             self.setup,
             self.max_queued,
+            self.per_worker,
             self.restart,
         )
         .await?;
@@ -198,6 +211,7 @@ impl Pool {
             size: std::thread::available_parallelism().map_or(1, |n| n.get()),
             setup: Vec::new(),
             max_queued: DEFAULT_MAX_QUEUED,
+            per_worker: 1,
             restart: RestartPolicy::default(),
         }
     }
@@ -258,7 +272,7 @@ impl Pool {
     /// Calls `name` once per input (each input is the arguments: a tuple,
     /// or one value) across the workers, and returns the results in input
     /// order, one per input. Inputs are sent as workers free up: at most
-    /// twice the pool's size are in flight.
+    /// twice the requests the workers may hold are in flight.
     pub async fn map<A, R>(&self, name: &str, inputs: impl IntoIterator<Item = A>) -> Vec<Result<R>>
     where
         A: Serialize,
@@ -271,7 +285,7 @@ impl Pool {
 
     /// [`map`](Self::map) for inputs that arrive as a stream, and may not
     /// fit in memory: results come out as a stream, in input order, with at
-    /// most twice the pool's size in flight.
+    /// most twice the requests the workers may hold in flight.
     pub fn map_stream<A, R, S>(
         &self,
         name: &str,
@@ -318,7 +332,7 @@ impl Pool {
     }
 }
 
-/// One call per input, in order, twice the pool's size in flight.
+/// One call per input, in order, twice the pool's capacity in flight.
 fn calls<A, R, S>(
     shared: &Arc<Shared>,
     name: &str,
@@ -331,7 +345,7 @@ where
 {
     let shared = shared.clone();
     let name = name.to_string();
-    let in_flight = 2 * shared.size();
+    let in_flight = 2 * shared.capacity();
     inputs
         .map(move |input| {
             PoolCall::<R>::new(

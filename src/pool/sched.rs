@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// Slots whose worker the pool gave up.
     given_up: AtomicUsize,
+    /// Tickets per worker: requests it may hold at once.
+    per_worker: usize,
     queued: AtomicUsize,
     supervisors: Mutex<Vec<JoinHandle<()>>>,
     pub(super) recorder: Recorder,
@@ -70,6 +72,7 @@ impl Shared {
         size: usize,
         setup: Vec<String>,
         max_queued: usize,
+        per_worker: usize,
         policy: RestartPolicy,
     ) -> Result<Arc<Shared>> {
         let mut starting = tokio::task::JoinSet::new();
@@ -83,7 +86,10 @@ impl Shared {
                 .map_err(|e| Error::Component(format!("starting a pool worker panicked: {e}")))?;
             workers[i] = Some(started?);
         }
-        let room = size.saturating_add(max_queued).min(Semaphore::MAX_PERMITS);
+        let room = size
+            .saturating_mul(per_worker)
+            .saturating_add(max_queued)
+            .min(Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
             builder,
             slots: (0..size)
@@ -99,13 +105,22 @@ impl Shared {
             closed: AtomicBool::new(false),
             given_up: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            per_worker,
             supervisors: Mutex::new(Vec::with_capacity(size)),
             recorder: Recorder::default(),
         });
         for (i, worker) in workers.into_iter().enumerate() {
             let worker = worker.expect("every slot started");
-            let generation = shared.install(i, worker);
-            let task = tokio::spawn(supervise(shared.clone(), i, generation));
+            *lock(&shared.slots[i].worker) = Some((0, Arc::new(worker)));
+        }
+        // Seat by seat: the first requests spread over every worker.
+        for _ in 0..per_worker {
+            for i in 0..size {
+                shared.free_ticket((i, 0));
+            }
+        }
+        for i in 0..size {
+            let task = tokio::spawn(supervise(shared.clone(), i, 0));
             lock(&shared.supervisors).push(task);
         }
         Ok(shared)
@@ -115,11 +130,9 @@ impl Shared {
         self.slots.len()
     }
 
-    /// Puts a first worker in slot `i` and hands out its first ticket.
-    fn install(&self, i: usize, worker: Worker) -> u64 {
-        *lock(&self.slots[i].worker) = Some((0, Arc::new(worker)));
-        self.free_ticket((i, 0));
-        0
+    /// Requests the workers may hold at once.
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len() * self.per_worker
     }
 
     fn free_ticket(&self, ticket: Ticket) {
@@ -310,12 +323,14 @@ impl Shared {
             .iter()
             .filter(|s| s.current().is_some_and(|(_, w)| w.is_running()))
             .count();
-        let idle = {
-            let free = lock(&self.free);
-            free.iter()
-                .filter(|(i, g)| self.slots[*i].current().is_some_and(|(cur, _)| cur == *g))
-                .count()
-        };
+        // A worker is idle when all its tickets are free.
+        let mut free_seats = vec![0; self.slots.len()];
+        for (i, g) in lock(&self.free).iter() {
+            if self.slots[*i].current().is_some_and(|(cur, _)| cur == *g) {
+                free_seats[*i] += 1;
+            }
+        }
+        let idle = free_seats.iter().filter(|&&n| n >= self.per_worker).count();
         self.recorder.stats(
             self.slots.len(),
             alive,
@@ -390,7 +405,9 @@ async fn supervise(shared: Arc<Shared>, i: usize, mut generation: u64) {
                 Ok(worker) => {
                     generation += 1;
                     *lock(&shared.slots[i].worker) = Some((generation, Arc::new(worker)));
-                    shared.free_ticket((i, generation));
+                    for _ in 0..shared.per_worker {
+                        shared.free_ticket((i, generation));
+                    }
                     break;
                 }
                 Err(e) => tracing::warn!("pool: cannot replace worker slot {i}: {e}"),

@@ -46,6 +46,31 @@ async fn an_ordered_map_of_ten_thousand_inputs_over_eight_workers() {
     pool.stop().await;
 }
 
+/// Several requests per worker: the next is already there when one ends;
+/// the order of results and the bound on busy workers hold.
+#[tokio::test]
+async fn pipelined_workers_keep_the_order() {
+    let pool = Pool::builder(Worker::wasm(guests::test_guest()))
+        .size(2)
+        .requests_per_worker(8)
+        .spawn()
+        .await
+        .unwrap();
+    let sums: Vec<i64> = pool
+        .map("add", (0..5_000i64).map(|i| (i, 1)))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(sums, (1..=5_000).collect::<Vec<i64>>());
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.done, stats.busy, stats.alive),
+        (5_000, 0, 2),
+        "{stats:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_streaming_map_keeps_input_order() {
     use futures_util::StreamExt;
