@@ -628,6 +628,9 @@ mod tests {
             std::ffi::CString::new(dir.join("granted.txt").to_string_lossy().as_bytes()).unwrap();
         let new_file =
             std::ffi::CString::new(dir.join("new.txt").to_string_lossy().as_bytes()).unwrap();
+        // The child's parent: this process.
+        let parent_mem =
+            std::ffi::CString::new(format!("/proc/{}/mem", std::process::id())).unwrap();
         // SAFETY: the child makes raw syscalls and exits; the ruleset is
         // built and applied in the child (Landlock is per thread tree).
         let code = unsafe {
@@ -645,6 +648,10 @@ mod tests {
                 }
                 if libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) >= 0 {
                     libc::_exit(2);
+                }
+                // No reading the manager's memory through /proc.
+                if libc::open(parent_mem.as_ptr(), libc::O_RDONLY) >= 0 {
+                    libc::_exit(6);
                 }
                 if libc::open(new_file.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600) >= 0 {
                     libc::_exit(3);
