@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use malt::{Error, Pool, Worker};
+use malt::{Error, Pool, PoolBuilder, Worker};
 
 use crate::guests;
 use crate::report::Table;
@@ -36,7 +36,10 @@ if __name__ == "__main__":
     Some((rates.next()??, rates.next()??))
 }
 
-async fn malt_rate(pool: &Pool, n: usize) -> Result<f64, Error> {
+/// Starts the pool, maps `add(i, 1)` over `n` inputs (after a warm-up),
+/// stops it: calls per second.
+async fn malt_rate(pool: PoolBuilder, n: usize) -> Result<f64, Error> {
+    let pool = pool.spawn().await?;
     let _ = pool
         .map::<_, i64>("add", (0..1000i64).map(|i| (i, 1)))
         .await;
@@ -45,6 +48,7 @@ async fn malt_rate(pool: &Pool, n: usize) -> Result<f64, Error> {
         .map::<_, i64>("add", (0..n as i64).map(|i| (i, 1)))
         .await;
     let elapsed = start.elapsed();
+    pool.stop().await;
     for (i, r) in results.into_iter().enumerate() {
         assert_eq!(r?, i as i64 + 1);
     }
@@ -62,52 +66,39 @@ pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error>
         ),
         None => ("python3 not found: skipped".into(), String::new()),
     };
-    for size in [1, workers] {
-        let pool = Pool::builder(Worker::wasm(guests::test_guest()).monitor_output(false))
-            .size(size)
-            .spawn()
-            .await?;
-        let rate = malt_rate(&pool, n).await?;
-        pool.stop().await;
-        let (peer, ratio) = match (size == workers, python) {
+    let rust = || Pool::builder(Worker::wasm(guests::test_guest()).monitor_output(false));
+    let goal = "≥ 5× Python chunksize=1";
+    // (what, pool, compared with Python's chunksize=1)
+    let rows = [
+        (
+            format!("pool of 1 (Rust guest): {n} tiny calls, one per request"),
+            rust().size(1),
+            false,
+        ),
+        (
+            format!("pool of {workers} (Rust guest): {n} tiny calls, one per request"),
+            rust().size(workers),
+            true,
+        ),
+        (
+            format!("pool of {workers} (Rust guest), 8 requests per worker: {n} tiny calls"),
+            rust().size(workers).requests_per_worker(8),
+            true,
+        ),
+    ];
+    for (what, pool, compared) in rows {
+        let rate = malt_rate(pool, n).await?;
+        let (peer, ratio) = match (compared, python) {
             (true, Some((one, _))) => (py_one.clone(), format!("{:.1}× Python", rate / one)),
             _ => ("—".into(), "—".into()),
         };
-        table.figure(
-            &format!("pool of {size} (Rust guest): {n} tiny calls, one per request"),
-            format!("{rate:.0} calls/s"),
-            peer,
-            ratio,
-            if size == workers {
-                "≥ 5× Python chunksize=1"
-            } else {
-                ""
-            },
-        );
+        let goal = if compared { goal } else { "" };
+        table.figure(&what, format!("{rate:.0} calls/s"), peer, ratio, goal);
     }
-    let pool = Pool::builder(Worker::wasm(guests::test_guest()).monitor_output(false))
+    let script = Pool::builder(Worker::script().monitor_output(false))
         .size(workers)
-        .requests_per_worker(8)
-        .spawn()
-        .await?;
-    let rate = malt_rate(&pool, n).await?;
-    pool.stop().await;
-    table.figure(
-        &format!("pool of {workers} (Rust guest), 8 requests per worker: {n} tiny calls"),
-        format!("{rate:.0} calls/s"),
-        py_one.clone(),
-        python.map_or("—".into(), |(one, _)| {
-            format!("{:.1}× Python", rate / one)
-        }),
-        "≥ 5× Python chunksize=1",
-    );
-    let pool = Pool::builder(Worker::script().monitor_output(false))
-        .size(workers)
-        .setup("fn add(a, b) { a + b }")
-        .spawn()
-        .await?;
-    let rate = malt_rate(&pool, n).await?;
-    pool.stop().await;
+        .setup("fn add(a, b) { a + b }");
+    let rate = malt_rate(script, n).await?;
     table.figure(
         &format!("pool of {workers} (script guest): {n} tiny calls"),
         format!("{rate:.0} calls/s"),

@@ -346,23 +346,23 @@ fn search(entries: &[(i64, u32)]) -> Result<BpfProgram, String> {
 /// so a denial on `Ne` catches it; use [`rule32`] where the kernel
 /// truncates an argument that is denied on `Eq`.
 fn rule(conditions: Vec<(u8, SeccompCmpOp, u64)>) -> Result<SeccompRule, String> {
-    rule_sized(|| SeccompCmpArgLen::Qword, conditions)
+    rule_sized(SeccompCmpArgLen::Qword, conditions)
 }
 
 /// A rule on 32-bit arguments (the low half of each register), for
 /// arguments the kernel reads as `int`: `ioctl(fd, TIOCSTI | 1 << 32)` is
 /// a `TIOCSTI` to the kernel.
 fn rule32(conditions: Vec<(u8, SeccompCmpOp, u64)>) -> Result<SeccompRule, String> {
-    rule_sized(|| SeccompCmpArgLen::Dword, conditions)
+    rule_sized(SeccompCmpArgLen::Dword, conditions)
 }
 
 fn rule_sized(
-    len: fn() -> SeccompCmpArgLen,
+    len: SeccompCmpArgLen,
     conditions: Vec<(u8, SeccompCmpOp, u64)>,
 ) -> Result<SeccompRule, String> {
     let conditions = conditions
         .into_iter()
-        .map(|(arg, op, value)| SeccompCondition::new(arg, len(), op, value).map_err(bpf_err))
+        .map(|(arg, op, value)| SeccompCondition::new(arg, len.clone(), op, value).map_err(bpf_err))
         .collect::<Result<Vec<_>, _>>()?;
     SeccompRule::new(conditions).map_err(bpf_err)
 }

@@ -75,7 +75,9 @@ fn load_or_create_key(dir: &Path) -> Result<[u8; KEY_LEN]> {
             }
             Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut key = [0u8; KEY_LEN];
-                getrandom(&mut key)?;
+                getrandom::fill(&mut key).map_err(|e| {
+                    Error::io("cannot get random bytes for the cache key", e.into())
+                })?;
                 // Published with a link, which never replaces: concurrent
                 // managers agree on the first key.
                 let tmp = dir.join(format!("key.tmp{}", std::process::id()));
@@ -99,24 +101,6 @@ fn load_or_create_key(dir: &Path) -> Result<[u8; KEY_LEN]> {
         }
     }
     Err(bad_key("keeps disappearing".into()))
-}
-
-fn getrandom(buf: &mut [u8]) -> Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of buf.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::io("cannot get random bytes for the cache key", e));
-            }
-            continue;
-        }
-        filled += n as usize;
-    }
-    Ok(())
 }
 
 enum OpenError {
@@ -153,10 +137,6 @@ fn tag(key: &[u8; KEY_LEN], parts: &[&[u8]]) -> Tag {
     mac
 }
 
-fn hex(bytes: &[u8]) -> String {
-    super::hex(bytes)
-}
-
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -177,8 +157,11 @@ impl Seal {
     fn render(&self) -> String {
         format!(
             "content {}\nstamp {}\n",
-            hex(&self.content),
-            self.stamp.as_deref().map(hex).unwrap_or_else(|| "-".into())
+            super::hex(&self.content),
+            self.stamp
+                .as_deref()
+                .map(super::hex)
+                .unwrap_or_else(|| "-".into())
         )
     }
 

@@ -228,8 +228,11 @@ impl Shared {
                     }
             )
         );
-        let setup = lock(&self.setup).clone();
-        if !state_lost || setup.is_empty() {
+        let setup = match state_lost {
+            true => lock(&self.setup).clone(),
+            false => Vec::new(),
+        };
+        if setup.is_empty() {
             self.free_ticket(ticket);
             return;
         }
@@ -277,33 +280,29 @@ impl Shared {
         }
     }
 
-    pub(crate) fn close(&self) {
+    /// Ends the pool: no more requests, waiters fail, supervisors end.
+    /// Returns the workers, for the caller to kill or stop.
+    fn shut(&self) -> Vec<Arc<Worker>> {
         self.closed.store(true, Ordering::Release);
         self.room.close();
         self.wake.notify_waiters();
         for task in lock(&self.supervisors).drain(..) {
             task.abort();
         }
-        for slot in &self.slots {
-            if let Some((_, worker)) = lock(&slot.worker).take() {
-                worker.kill();
-            }
+        self.slots
+            .iter()
+            .filter_map(|s| lock(&s.worker).take().map(|(_, w)| w))
+            .collect()
+    }
+
+    pub(crate) fn close(&self) {
+        for worker in self.shut() {
+            worker.kill();
         }
     }
 
     pub(crate) async fn stop(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.room.close();
-        self.wake.notify_waiters();
-        for task in lock(&self.supervisors).drain(..) {
-            task.abort();
-        }
-        let workers: Vec<Arc<Worker>> = self
-            .slots
-            .iter()
-            .filter_map(|s| lock(&s.worker).take().map(|(_, w)| w))
-            .collect();
-        for worker in &workers {
+        for worker in self.shut() {
             let _ = worker.stop().await;
         }
     }
