@@ -10,22 +10,36 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::launcher::Launcher;
 use crate::output::OutputSink;
 use crate::process::{self, HostProgram};
 use crate::protocol::{
     self, FatalKind, FromHost, GuestSpec, Hardening, HostConfig, MALT_VERSION, PROTOCOL_VERSION,
     ToHost,
 };
+use crate::worker::GuestSource;
 
 /// Bytes of a host's own stderr kept for error messages.
 const STDERR_TAIL: usize = 4096;
 
+/// How a host is started.
+pub(crate) enum Via {
+    /// A host program on this machine.
+    Program(HostProgram),
+    /// Threads of this process.
+    InProcess,
+    /// A launcher's command (the host may be on another machine).
+    Launcher(Launcher),
+}
+
 /// Everything needed to start a worker's host, again if need be (a
 /// native worker's host restarts after a hard interrupt).
 pub(crate) struct Launch {
-    /// The host program; `None` for an in-process worker.
-    pub program: Option<HostProgram>,
+    pub via: Via,
     pub config: HostConfig,
+    /// Where the bytes of a [`GuestSpec::Component`] come from, when the
+    /// host asks for them.
+    pub component: Option<GuestSource>,
     pub output: Arc<Mutex<OutputSink>>,
     pub stderr_tail: Arc<Mutex<String>>,
 }
@@ -47,6 +61,8 @@ pub(crate) struct Connection {
     pub exited: oneshot::Receiver<ExitStatus>,
     /// What the host process locked down, if it is a hardened wasm host.
     pub hardening: Option<Hardening>,
+    /// The host's process id on its own machine.
+    pub host_pid: u32,
 }
 
 /// What kind of start failure, for the manager to act on (it never
@@ -87,12 +103,20 @@ fn status_from_code(code: i32) -> ExitStatus {
     ExitStatus::from_raw((code & 0xff) << 8)
 }
 
-/// Sends the configuration and waits for the host's hello.
+/// What a host says in its hello that the manager keeps.
+struct Hello {
+    hardening: Option<Hardening>,
+    pid: u32,
+}
+
+/// Sends the configuration and waits for the host's hello, sending the
+/// component on the way if the host asks for it.
 async fn handshake(
     writer: &mut (impl AsyncWrite + Unpin),
     reader: &mut (impl AsyncRead + Unpin),
     config: &HostConfig,
-) -> Result<Option<Hardening>, StartError> {
+    component: Option<&GuestSource>,
+) -> Result<Hello, StartError> {
     let exited = |e: std::io::Error| {
         StartError::new(
             StartFailure::Exited,
@@ -104,13 +128,27 @@ async fn handshake(
         .await
         .map_err(exited)?;
     writer.flush().await.map_err(exited)?;
-    match read_message(reader, protocol::HANDSHAKE_MAX_FRAME).await {
+    let mut message = read_message(reader, protocol::HANDSHAKE_MAX_FRAME).await;
+    if let Ok(Some(FromHost::NeedComponent { sha256 })) = &message {
+        let bytes = component_bytes(config, component, sha256)
+            .map_err(|e| StartError::new(StartFailure::Local, e))?;
+        writer
+            .write_all(&protocol::encode(&ToHost::Component(bytes)))
+            .await
+            .map_err(exited)?;
+        writer.flush().await.map_err(exited)?;
+        message = read_message(reader, protocol::HANDSHAKE_MAX_FRAME).await;
+    }
+    match message {
         Ok(Some(FromHost::Hello {
             version,
             malt_version,
             hardening,
+            pid,
             ..
-        })) if version == PROTOCOL_VERSION && malt_version == MALT_VERSION => Ok(hardening),
+        })) if version == PROTOCOL_VERSION && malt_version == MALT_VERSION => {
+            Ok(Hello { hardening, pid })
+        }
         Ok(Some(FromHost::Hello {
             version,
             malt_version,
@@ -134,6 +172,29 @@ async fn handshake(
     }
 }
 
+/// The bytes of the component a host asked for: only the one this worker
+/// runs, and only if they still have the hash the manager announced.
+fn component_bytes(
+    config: &HostConfig,
+    component: Option<&GuestSource>,
+    asked: &str,
+) -> Result<Vec<u8>, String> {
+    let GuestSpec::Component { sha256, .. } = &config.guest else {
+        return Err("the host asked for a component it was not given by hash".into());
+    };
+    if asked != sha256 {
+        return Err(format!(
+            "the host asked for component {asked}, not this worker's ({sha256})"
+        ));
+    }
+    let source = component.ok_or("this worker has no component to send")?;
+    let bytes = crate::worker::component_bytes(source).map_err(|e| e.to_string())?;
+    if crate::cache::sha256_hex(&bytes) != *sha256 {
+        return Err("the component file changed since the worker was started".into());
+    }
+    Ok(bytes.into_owned())
+}
+
 fn version_mismatch(host: &str, protocol: u32) -> String {
     format!(
         "version mismatch: the host program is malt {host} (protocol {protocol}), this \
@@ -145,14 +206,6 @@ fn version_mismatch(host: &str, protocol: u32) -> String {
 
 /// Starts a host and completes the handshake.
 pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
-    match &launch.program {
-        Some(program) => connect_process(launch, program).await,
-        None => connect_in_process(launch).await,
-    }
-}
-
-async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Connection, StartError> {
-    let parent = std::process::id().to_string();
     // A native guest program serves behind its own argument, so that a
     // program that links malt (and so serves wasm guests before `main`)
     // can also be a native guest.
@@ -160,15 +213,50 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
         GuestSpec::Native => malt_host::NATIVE_HOST_ARG,
         _ => malt_host::HOST_ARG,
     };
-    let path = program.path();
-    let mut child = process::spawn_host(path, &[arg.into(), parent.into()])
-        .await
-        .map_err(|e| {
-            StartError::new(
-                StartFailure::Exited,
-                format!("cannot run {}: {e}", path.display()),
-            )
-        })?;
+    match &launch.via {
+        Via::Program(program) => {
+            let parent = std::process::id().to_string();
+            let path = program.path();
+            let child = process::spawn_host(path, &[arg.into(), parent.into()])
+                .await
+                .map_err(|e| {
+                    StartError::new(
+                        StartFailure::Exited,
+                        format!("cannot run {}: {e}", path.display()),
+                    )
+                })?;
+            let chosen = matches!(program, HostProgram::Chosen(_)).then(|| path.display());
+            connect_child(launch, child, chosen.map(|p| p.to_string())).await
+        }
+        Via::InProcess => connect_in_process(launch).await,
+        Via::Launcher(launcher) => {
+            let command = launcher.command_for(&[arg]);
+            let shown = format!("{command:?}");
+            let child = process::spawn_launcher(command).await.map_err(|e| {
+                StartError::new(StartFailure::Exited, format!("cannot run {shown}: {e}"))
+            })?;
+            let mut conn =
+                connect_child(launch, child, Some(format!("the host behind {shown}"))).await?;
+            if let Some(interval) = launch.config.heartbeat {
+                conn.reader = crate::heartbeat::watch(
+                    conn.reader,
+                    interval,
+                    conn.frames.clone(),
+                    conn.signals.clone(),
+                );
+            }
+            Ok(conn)
+        }
+    }
+}
+
+/// Completes the handshake with a started host process; `chosen` names a
+/// host the user chose (so that a failure can ask whether it is one).
+async fn connect_child(
+    launch: &Launch,
+    mut child: Child,
+    chosen: Option<String>,
+) -> Result<Connection, StartError> {
     let pid = child.id().unwrap_or(0);
     let mut stdin = child.stdin.take().expect("piped stdin");
     let mut stdout = BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped stdout"));
@@ -181,49 +269,68 @@ async fn connect_process(launch: &Launch, program: &HostProgram) -> Result<Conne
         launch.output.clone(),
         started.clone(),
     ));
-    let handshake = handshake(&mut stdin, &mut stdout, &launch.config).await;
-    if let Err(mut error) = handshake {
-        let _ = child.start_kill();
-        let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
-        let not_a_host = matches!(error.failure, StartFailure::Exited | StartFailure::Protocol)
-            || error.failure == StartFailure::Fatal(FatalKind::Handshake);
-        if matches!(program, HostProgram::Chosen(_)) && not_a_host {
-            error.message = format!(
-                "{} (is {} a malt host? this manager is malt {MALT_VERSION}, protocol \
-                 {PROTOCOL_VERSION})",
-                error.message,
-                path.display()
-            );
-        }
-        if let Ok(Ok(status)) = status
-            && !status.success()
-            && error.failure == StartFailure::Exited
-        {
-            error.message = format!("{} ({status})", error.message);
-        }
-        error.stderr = launch
-            .stderr_tail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        return Err(error);
-    }
-    let hardening = handshake.unwrap_or_default();
+    let handshake = handshake(
+        &mut stdin,
+        &mut stdout,
+        &launch.config,
+        launch.component.as_ref(),
+    )
+    .await;
+    let hello = match handshake {
+        Ok(hello) => hello,
+        Err(error) => return Err(start_failed(launch, child, stderr_task, error, chosen).await),
+    };
     started.store(true, Ordering::Release);
     let (frames, frames_rx) = mpsc::unbounded_channel();
     tokio::spawn(write_frames(stdin, frames_rx, None));
     let (signals, signals_rx) = mpsc::unbounded_channel();
     let (exit_tx, exited) = oneshot::channel();
-    tokio::spawn(supervise_process(child, signals_rx, exit_tx));
+    let group = matches!(launch.via, Via::Launcher(_));
+    tokio::spawn(supervise_process(child, signals_rx, exit_tx, group));
     Ok(Connection {
         frames,
         signals,
         pid,
         reader: Box::new(stdout),
         exited,
-        hardening,
+        hardening: hello.hardening,
+        host_pid: hello.pid,
     })
+}
+
+/// Ends a host that failed its handshake and completes the error with
+/// what it said on stderr.
+async fn start_failed(
+    launch: &Launch,
+    mut child: Child,
+    stderr_task: tokio::task::JoinHandle<()>,
+    mut error: StartError,
+    chosen: Option<String>,
+) -> StartError {
+    let _ = child.start_kill();
+    let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
+    let not_a_host = matches!(error.failure, StartFailure::Exited | StartFailure::Protocol)
+        || error.failure == StartFailure::Fatal(FatalKind::Handshake);
+    if let Some(chosen) = chosen.filter(|_| not_a_host) {
+        error.message = format!(
+            "{} (is {chosen} a malt host? this manager is malt {MALT_VERSION}, protocol \
+             {PROTOCOL_VERSION})",
+            error.message,
+        );
+    }
+    if let Ok(Ok(status)) = status
+        && !status.success()
+        && error.failure == StartFailure::Exited
+    {
+        error.message = format!("{} ({status})", error.message);
+    }
+    error.stderr = launch
+        .stderr_tail
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    error
 }
 
 /// An in-process worker: the host runs on threads of this process and
@@ -255,7 +362,7 @@ async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
     let mut writer = tokio::net::unix::pipe::Sender::from_owned_fd(to_host_w).map_err(io)?;
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(from_host_r).map_err(io)?;
     let mut reader = BufReader::with_capacity(64 << 10, reader);
-    let hardening = handshake(&mut writer, &mut reader, &launch.config).await?;
+    let hello = handshake(&mut writer, &mut reader, &launch.config, None).await?;
     let (frames, frames_rx) = mpsc::unbounded_channel();
     let (close_tx, close_rx) = oneshot::channel();
     tokio::spawn(write_frames(writer, frames_rx, Some(close_rx)));
@@ -273,7 +380,8 @@ async fn connect_in_process(launch: &Launch) -> Result<Connection, StartError> {
         pid: std::process::id(),
         reader: Box::new(reader),
         exited,
-        hardening,
+        hardening: hello.hardening,
+        host_pid: hello.pid,
     })
 }
 
@@ -378,28 +486,45 @@ async fn write_frames(
     }
 }
 
-/// Owns a host process: delivers signals, and reports its exit.
+/// Owns a host process (or a launcher's, which leads its own process
+/// `group`): delivers signals, and reports its exit.
 async fn supervise_process(
     mut child: Child,
     mut signals: mpsc::UnboundedReceiver<Signal>,
     exited: oneshot::Sender<ExitStatus>,
+    group: bool,
 ) {
     let mut signals_open = true;
+    let leader = child.id();
+    let send = |child: &Child, signal: libc::c_int| {
+        if let Some(pid) = child.id() {
+            let target = if group {
+                -(pid as libc::pid_t)
+            } else {
+                pid as libc::pid_t
+            };
+            // SAFETY: the child is not reaped yet (we own it and have not
+            // seen it exit), so the pid (and the group it leads) is ours.
+            unsafe { libc::kill(target, signal) };
+        }
+    };
     let status = loop {
         tokio::select! {
             status = child.wait() => break status.unwrap_or_else(|_| status_from_code(255)),
             signal = signals.recv(), if signals_open => match signal {
-                Some(Signal::Kill) => { let _ = child.start_kill(); }
-                Some(Signal::Term) => {
-                    if let Some(pid) = child.id() {
-                        // SAFETY: the child is not reaped yet (we own it
-                        // and have not seen it exit), so the pid is ours.
-                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                    }
-                }
+                Some(Signal::Kill) => send(&child, libc::SIGKILL),
+                Some(Signal::Term) => send(&child, libc::SIGTERM),
                 None => signals_open = false,
             },
         }
     };
+    if group {
+        // What the launcher left behind goes with it.
+        // SAFETY: as above; the group id stays reserved while it has
+        // members, and killing an empty group fails harmlessly.
+        if let Some(pid) = leader {
+            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+        }
+    }
     let _ = exited.send(status);
 }

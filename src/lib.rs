@@ -145,6 +145,8 @@ pub mod __fuzz {
     pub use crate::fuzz::{frames, values};
 }
 mod fuzz;
+mod heartbeat;
+pub mod launcher;
 mod output;
 pub mod pool;
 mod process;
@@ -165,6 +167,7 @@ pub use compiler::{COMPILE_MEMORY_ENV, COMPILE_TIMEOUT_ENV};
 pub const VERSION: &str = malt_protocol::MALT_VERSION;
 pub use channel::WorkerChannel;
 pub use error::{Error, Limit, RemoteException, Result};
+pub use launcher::Launcher;
 pub use output::{OutputChunk, Stream, WorkerOutput};
 pub use pool::{Pool, PoolBuilder, PoolCall, PoolStats, RestartPolicy};
 pub use process::HOST_PROGRAM_ENV;

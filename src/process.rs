@@ -42,6 +42,9 @@ static HOOK_RAN: AtomicBool = AtomicBool::new(false);
 fn serve_if_host() {
     HOOK_RAN.store(true, Ordering::Relaxed);
     if malt_host::first_arg_is(malt_host::HOST_ARG) {
+        // A manager on another machine names its component by hash: this
+        // machine's cache finds or compiles it.
+        malt_host::set_component_store(crate::cache::remote_store);
         std::process::exit(malt_host::run_process(None));
     }
     if malt_host::first_arg_is(crate::compiler::COMPILE_ARG) {
@@ -129,6 +132,43 @@ fn spawner() -> &'static mpsc::Sender<Job> {
     })
 }
 
+/// Spawns a launcher's command (`ssh …`) with piped stdio. It keeps this
+/// process's environment (ssh needs its agent and home), leads a process
+/// group of its own (killing the worker kills the group: a launcher that
+/// is a script forking `ssh` goes whole) and gets SIGKILL when the manager
+/// dies: the remote host then sees its stream end.
+pub(crate) async fn spawn_launcher(mut cmd: Command) -> std::io::Result<tokio::process::Child> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe and touches no memory of the
+    // parent's (the hook runs between fork and exec).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    spawn_on_spawner(cmd).await
+}
+
+async fn spawn_on_spawner(cmd: Command) -> std::io::Result<tokio::process::Child> {
+    let (tx, rx) = oneshot::channel();
+    spawner()
+        .send((cmd, tokio::runtime::Handle::current(), tx))
+        .map_err(|_| std::io::Error::other("the malt-spawner thread is gone"))?;
+    rx.await
+        .map_err(|_| std::io::Error::other("the malt-spawner thread is gone"))?
+}
+
 /// Spawns a host process whose stdio are all pipes and whose environment
 /// is empty.
 pub(crate) async fn spawn_host(
@@ -143,10 +183,5 @@ pub(crate) async fn spawn_host(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let (tx, rx) = oneshot::channel();
-    spawner()
-        .send((cmd, tokio::runtime::Handle::current(), tx))
-        .map_err(|_| std::io::Error::other("the malt-spawner thread is gone"))?;
-    rx.await
-        .map_err(|_| std::io::Error::other("the malt-spawner thread is gone"))?
+    spawn_on_spawner(cmd).await
 }

@@ -32,6 +32,7 @@ mod control;
 mod harden;
 mod native;
 mod process;
+mod remote;
 mod requests;
 mod serve;
 mod shared;
@@ -54,6 +55,7 @@ pub(crate) use process::exit;
 #[cfg(feature = "wasm")]
 pub use process::harden_process;
 pub use process::{close_inherited_files, first_arg_is, pipe, process_args, run_process};
+pub use remote::{ComponentRequest, ComponentStore, set_component_store};
 #[cfg(feature = "wasm")]
 pub(crate) use serve::StartFailed;
 pub use serve::{Place, serve};

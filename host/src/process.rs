@@ -31,6 +31,7 @@ pub(crate) mod exit {
     pub const PROTOCOL: i32 = 3;
     pub const UNKILLABLE: i32 = 4;
     pub const RESTART: i32 = 5;
+    pub const LINK_LOST: i32 = 6;
 }
 
 /// Runs a host process on stdin/stdout and returns its exit code: the

@@ -23,12 +23,27 @@ pub fn serve(
     place: Place,
     native: Option<NativeFactory>,
 ) -> i32 {
+    let (input, heard) = crate::remote::Heard::new(input);
     let mut input = BufReader::with_capacity(64 << 10, input);
     let mut output = output;
-    let config = match read_init(&mut input) {
+    let mut config = match read_init(&mut input) {
         Ok(c) => c,
         Err(message) => return fatal(&mut output, FatalKind::Handshake, &message, exit::PROTOCOL),
     };
+    // A component named by its hash (the manager is on another machine):
+    // find or fetch it before the process is locked (compiling it takes a
+    // child process).
+    match crate::remote::resolve_component(&config, &mut input, &mut output) {
+        Ok(guest) => config.guest = guest,
+        Err(message) => {
+            return fatal(
+                &mut output,
+                FatalKind::GuestStart,
+                &message,
+                exit::START_FAILED,
+            );
+        }
+    }
     let shared = Arc::new(Shared {
         out: Mutex::new(None),
         output_limit: config.output_limit,
@@ -94,6 +109,9 @@ pub fn serve(
         hardening,
     });
 
+    if let Some(interval) = config.heartbeat.filter(|_| place == Place::Process) {
+        heard.spawn(interval, shared.clone());
+    }
     let code = read_loop(&mut input, &shared, &work_tx);
     if place == Place::Process {
         // Stop or end of stream: the process exits with the other threads
@@ -173,6 +191,9 @@ fn prepare(
 ) -> Result<Prepared, StartFailed> {
     match (&config.guest, place) {
         (protocol::GuestSpec::Artifact { .. }, _) => prepare_wasm(config, shared, place),
+        (protocol::GuestSpec::Component { .. }, _) => {
+            Err("the component was not resolved to an artifact".into())
+        }
         (protocol::GuestSpec::NativeScript, Place::Process) => {
             #[cfg(feature = "script")]
             {
@@ -316,6 +337,11 @@ fn read_loop(
                 shared.reply(id, Ok(Some(rmp_serde::to_vec(&ready).unwrap_or_default())));
             }
             ToHost::Stop => return exit::OK,
+            ToHost::Ping => shared.send(&FromHost::Pong),
+            ToHost::Component(_) => {
+                eprintln!("malt host: a component outside the handshake");
+                return exit::PROTOCOL;
+            }
             ToHost::Init(_) => {
                 eprintln!("malt host: a second Init frame");
                 return exit::PROTOCOL;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; the host refuses a manager that speaks another.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Version of malt that this protocol crate belongs to. A manager and a
 /// host must be the same version exactly: the host refuses another, and the
@@ -97,7 +97,16 @@ pub struct HostConfig {
     pub env: Vec<(String, String)>,
     /// Directories the guest sees.
     pub dirs: Vec<DirGrant>,
+    /// How often the manager sends [`ToHost::Ping`], if it does (a host
+    /// on another machine): the host gives up on a manager it has not
+    /// heard from for [`HEARTBEAT_MISSES`] intervals, so a dead link
+    /// leaves no host behind.
+    pub heartbeat: Option<Duration>,
 }
+
+/// Intervals without a byte from the other side after which a heartbeat
+/// watcher (on either side) declares the link dead.
+pub const HEARTBEAT_MISSES: u32 = 3;
 
 /// Which guest a host runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +119,17 @@ pub enum GuestSpec {
         /// host loads the file at `path` only if it is still that file,
         /// unchanged since. `None` for an artifact the user chose.
         identity: Option<ArtifactIdentity>,
+    },
+    /// A wasm component named by its content: a host that cannot reach the
+    /// manager's files (on another machine) looks it up in its own
+    /// artifact cache and, if it lacks it, asks for the bytes
+    /// ([`FromHost::NeedComponent`]), checks them against the hash and
+    /// compiles them.
+    Component {
+        /// SHA-256 of the component's bytes, in lowercase hex.
+        sha256: String,
+        /// Its size in bytes.
+        size: u64,
     },
     /// The script guest, compiled into the host natively (no wasm).
     NativeScript,
@@ -230,6 +250,12 @@ pub enum ToHost {
     },
     /// Shut down now.
     Stop,
+    /// Nothing but a sign of life (see [`HostConfig::heartbeat`]); the
+    /// host answers [`FromHost::Pong`].
+    Ping,
+    /// The bytes of the component the host asked for with
+    /// [`FromHost::NeedComponent`] (during the handshake only).
+    Component(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Which of the guest's output streams a chunk comes from.
@@ -351,6 +377,15 @@ pub enum FromHost {
         /// The bytes, as the guest wrote them.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    /// The answer to [`ToHost::Ping`].
+    Pong,
+    /// During the handshake: the host's cache lacks the component of a
+    /// [`GuestSpec::Component`]; the manager answers
+    /// [`ToHost::Component`].
+    NeedComponent {
+        /// The hash the host looked up.
+        sha256: String,
     },
     /// The host cannot go on; it exits after this frame.
     Fatal {

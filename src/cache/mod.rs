@@ -12,6 +12,7 @@
 
 mod seal;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -275,6 +276,17 @@ pub(crate) fn artifact_status(
     what: &str,
     fuel: bool,
 ) -> Result<(Artifact, bool)> {
+    artifact_from(sha256, what, fuel, || Ok(Cow::Borrowed(bytes)))
+}
+
+/// Like [`artifact_status`], getting the component's bytes only if it
+/// must be compiled.
+fn artifact_from<'a>(
+    sha256: &str,
+    what: &str,
+    fuel: bool,
+    bytes: impl FnOnce() -> Result<Cow<'a, [u8]>>,
+) -> Result<(Artifact, bool)> {
     let dir = cache_dir();
     let key = (dir.clone(), sha256.to_string(), fuel);
     if let Some(artifact) = known().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
@@ -298,7 +310,7 @@ pub(crate) fn artifact_status(
                 remove(&path);
                 was_cached = false;
             }
-            compile_into(bytes, &dir, &path, what, fuel)?;
+            compile_into(&bytes()?, &dir, &path, what, fuel)?;
             seal::verify(&dir, &path)?.map_err(|why| {
                 Error::Component(format!(
                     "the artifact just compiled for {what} ({}) fails its check: {why}",
@@ -313,6 +325,45 @@ pub(crate) fn artifact_status(
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, artifact.clone());
     Ok((artifact, was_cached))
+}
+
+/// The artifact store of a host whose manager is on another machine (see
+/// `malt_host::ComponentStore`): this machine's cache, the bytes fetched
+/// from the manager only when the cache lacks the component, and checked
+/// against the hash the manager named it by before they are compiled.
+pub(crate) fn remote_store(
+    request: malt_host::ComponentRequest<'_>,
+) -> std::result::Result<(String, ArtifactIdentity), String> {
+    let sha256 = request.sha256;
+    // The hash becomes a file name: nothing but a hash passes.
+    if sha256.len() != 64
+        || !sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(format!("{sha256:?} is not a SHA-256 in lowercase hex"));
+    }
+    // The manager checked its grants against its own cache; this host's
+    // cache is another directory.
+    check_grants(request.dirs)?;
+    let what = format!("the component {}", &sha256[..12]);
+    let fetch = request.fetch;
+    let (artifact, _) = artifact_from(sha256, &what, request.fuel, || {
+        let bytes = fetch().map_err(Error::Component)?;
+        let got = sha256_hex(&bytes);
+        if got != sha256 {
+            return Err(Error::Component(format!(
+                "the bytes sent for {what} have another hash ({got}): refused"
+            )));
+        }
+        check_component(&bytes, &what)?;
+        Ok(Cow::Owned(bytes))
+    })
+    .map_err(|e| e.to_string())?;
+    Ok((
+        artifact.path.to_string_lossy().into_owned(),
+        artifact.identity,
+    ))
 }
 
 fn remove(artifact: &Path) {

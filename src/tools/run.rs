@@ -105,6 +105,7 @@ pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
         output_limit: u64::MAX,
         env: options.env.clone(),
         dirs: options.dirs.clone(),
+        heartbeat: None,
     };
     let mut wasi = crate::host::wasm::Grants::open(&config.dirs)
         .and_then(|grants| crate::host::wasm::sandbox(&config, &grants))

@@ -1,5 +1,7 @@
 //! Configuring and starting a worker.
 
+use std::borrow::Cow;
+
 use super::*;
 
 /// The kinds of worker: where the guest runs, and so which walls it meets.
@@ -80,6 +82,8 @@ pub struct WorkerBuilder {
     require_hardening: bool,
     output_limit: u64,
     max_pending: usize,
+    launcher: Option<Launcher>,
+    heartbeat: Option<Duration>,
 }
 
 impl WorkerBuilder {
@@ -101,6 +105,8 @@ impl WorkerBuilder {
             require_hardening: false,
             output_limit: DEFAULT_OUTPUT_LIMIT,
             max_pending: DEFAULT_MAX_PENDING,
+            launcher: None,
+            heartbeat: Some(crate::launcher::DEFAULT_HEARTBEAT),
         }
     }
 
@@ -190,6 +196,25 @@ impl WorkerBuilder {
         self
     }
 
+    /// Starts the worker's host with a [`Launcher`] (over SSH, `kubectl
+    /// exec`, any command) instead of as a process of this program on this
+    /// machine: the host may be on another machine. The component then
+    /// travels over the protocol by content, and heartbeats watch the link
+    /// (see [`crate::launcher`]). The host must be this same malt version.
+    pub fn launcher(mut self, launcher: impl Into<Launcher>) -> Self {
+        self.launcher = Some(launcher.into());
+        self
+    }
+
+    /// How often the manager and a host behind a [launcher](Self::launcher)
+    /// exchange signs of life (default 2 s); a link silent for three
+    /// intervals is dead and the worker ends. `None` turns heartbeats off
+    /// (a dead link is then noticed only when it closes).
+    pub fn heartbeat(mut self, interval: Option<Duration>) -> Self {
+        self.heartbeat = interval.filter(|i| !i.is_zero());
+        self
+    }
+
     /// Refuses to start unless the worker's host process is fully locked
     /// down: a wasm worker in a process of its own, with the seccomp
     /// filter and every Landlock rule in force (a kernel with Landlock ABI
@@ -269,13 +294,25 @@ impl WorkerBuilder {
                     .into(),
             ));
         }
-        let artifact = match wasm {
-            true => Some(
+        if self.launcher.is_some() && self.in_process {
+            return Err(refuse(
+                "a worker is either in-process or started by a launcher, not both".into(),
+            ));
+        }
+        // A host behind a launcher has its own cache: it gets the
+        // component by hash (and its bytes only if it lacks them).
+        let artifact = match (wasm, &self.launcher) {
+            (true, None) => Some(Prepared::Artifact(
                 prepare_artifact(self.guest.clone(), self.fuel.is_some())
                     .await
                     .map_err(|e| refuse(e.to_string()))?,
+            )),
+            (true, Some(_)) => Some(
+                component_spec(self.guest.clone())
+                    .await
+                    .map_err(|e| refuse(e.to_string()))?,
             ),
-            false => None,
+            (false, _) => None,
         };
         match tokio::time::timeout(timeout, self.spawn_inner(number, &label, artifact)).await {
             Ok(result) => result,
@@ -291,7 +328,7 @@ impl WorkerBuilder {
         self,
         number: u64,
         label: &str,
-        artifact: Option<cache::Artifact>,
+        artifact: Option<Prepared>,
     ) -> Result<Worker> {
         let spawn_error = |message: String, stderr: String| Error::Spawn {
             worker: label.to_string(),
@@ -301,18 +338,20 @@ impl WorkerBuilder {
         let fuel = self.fuel.is_some();
         let (kind, guest, program) = match &self.guest {
             GuestSource::Script | GuestSource::Wasm(_) => {
-                let artifact = artifact.expect("spawn prepares a wasm guest's artifact first");
-                let spec = GuestSpec::Artifact {
-                    path: artifact.path.to_string_lossy().into_owned(),
-                    identity: Some(artifact.identity),
+                let spec = match artifact.expect("spawn prepares a wasm guest first") {
+                    Prepared::Artifact(artifact) => GuestSpec::Artifact {
+                        path: artifact.path.to_string_lossy().into_owned(),
+                        identity: Some(artifact.identity),
+                    },
+                    Prepared::Component(spec) => spec,
                 };
-                let program = if self.in_process {
-                    None
-                } else {
-                    Some(
+                let program = match (&self.launcher, self.in_process) {
+                    (Some(launcher), _) => Via::Launcher(launcher.clone()),
+                    (None, true) => Via::InProcess,
+                    (None, false) => Via::Program(
                         process::host_program(self.host_program.as_deref())
                             .map_err(|m| spawn_error(m, String::new()))?,
-                    )
+                    ),
                 };
                 let kind = if self.in_process {
                     WorkerKind::InProcess
@@ -328,14 +367,22 @@ impl WorkerBuilder {
                 ));
             }
             GuestSource::NativeScript => {
-                let program = process::host_program(self.host_program.as_deref())
-                    .map_err(|m| spawn_error(m, String::new()))?;
-                (WorkerKind::Native, GuestSpec::NativeScript, Some(program))
+                let via = match &self.launcher {
+                    Some(launcher) => Via::Launcher(launcher.clone()),
+                    None => Via::Program(
+                        process::host_program(self.host_program.as_deref())
+                            .map_err(|m| spawn_error(m, String::new()))?,
+                    ),
+                };
+                (WorkerKind::Native, GuestSpec::NativeScript, via)
             }
             GuestSource::NativeProgram(path) => (
                 WorkerKind::Native,
                 GuestSpec::Native,
-                Some(process::HostProgram::Chosen(path.clone())),
+                match &self.launcher {
+                    Some(launcher) => Via::Launcher(launcher.clone()),
+                    None => Via::Program(process::HostProgram::Chosen(path.clone())),
+                },
             ),
         };
 
@@ -350,8 +397,10 @@ impl WorkerBuilder {
             let (sink, rx) = OutputSink::capture();
             (sink, Some(rx))
         };
+        let remote = self.launcher.is_some();
         let mut launch = Launch {
-            program,
+            via: program,
+            component: Some(self.guest.clone()).filter(|_| remote),
             config: HostConfig {
                 version: PROTOCOL_VERSION,
                 malt_version: crate::protocol::MALT_VERSION.to_string(),
@@ -370,6 +419,7 @@ impl WorkerBuilder {
                 output_limit: self.output_limit,
                 env: self.env.clone(),
                 dirs: self.dirs.clone(),
+                heartbeat: self.heartbeat.filter(|_| remote),
             },
             output: Arc::new(Mutex::new(output)),
             stderr_tail: Arc::new(Mutex::new(String::new())),
@@ -406,6 +456,7 @@ impl WorkerBuilder {
                 signals: conn.signals,
             }),
             pid: AtomicU32::new(conn.pid),
+            host_pid: AtomicU32::new(conn.host_pid),
             next_id: AtomicU64::new(1),
             running: AtomicBool::new(true),
             exit,
@@ -428,6 +479,46 @@ impl WorkerBuilder {
         }
         Ok(worker)
     }
+}
+
+/// How a wasm guest reaches its host: a sealed artifact of this machine's
+/// cache, or (for a host behind a launcher) its content hash.
+pub(crate) enum Prepared {
+    Artifact(cache::Artifact),
+    Component(GuestSpec),
+}
+
+/// The bytes of a wasm guest.
+pub(crate) fn component_bytes(source: &GuestSource) -> Result<Cow<'static, [u8]>> {
+    match source {
+        GuestSource::Wasm(path) => {
+            let what = path.display().to_string();
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
+            cache::check_component(&bytes, &what)?;
+            Ok(Cow::Owned(bytes))
+        }
+        _ => Ok(Cow::Borrowed(SCRIPT_WASM)),
+    }
+}
+
+/// A wasm guest named by its content, for a host with a cache of its own.
+async fn component_spec(source: GuestSource) -> Result<Prepared> {
+    tokio::task::spawn_blocking(move || {
+        let (sha256, size) = match &source {
+            GuestSource::Wasm(_) => {
+                let bytes = component_bytes(&source)?;
+                (cache::sha256_hex(&bytes), bytes.len())
+            }
+            _ => (SCRIPT_SHA256.to_string(), SCRIPT_WASM.len()),
+        };
+        Ok(Prepared::Component(GuestSpec::Component {
+            sha256,
+            size: size as u64,
+        }))
+    })
+    .await
+    .map_err(|e| Error::Component(format!("preparing the guest panicked: {e}")))?
 }
 
 /// The compiled artifact of a wasm guest (compiling it if the cache does

@@ -23,6 +23,7 @@ pub(crate) async fn read_frames(
                 Ok(FromHost::Reply { id, result }) => inner.resolve(id, result),
                 Ok(FromHost::Output { stream, data }) => inner.output().write(stream, &data),
                 Ok(FromHost::Restart) if inner.restartable => restart = true,
+                Ok(FromHost::Pong) => {}
                 Ok(FromHost::Fatal { message, .. }) => break Some(message),
                 Ok(other) => break Some(format!("unexpected message {other:?}")),
                 Err(e) => break Some(e.to_string()),
@@ -45,7 +46,7 @@ pub(crate) async fn read_frames(
                 Ok(conn) => {
                     reader = conn.reader;
                     exited = conn.exited;
-                    inner.reconnect(conn.frames, conn.signals, conn.pid);
+                    inner.reconnect(conn.frames, conn.signals, conn.pid, conn.host_pid);
                     continue;
                 }
                 Err(e) => tracing::warn!(worker = %inner.name, "cannot restart: {}", e.message),
@@ -97,6 +98,7 @@ pub(crate) struct Inner {
     pub(crate) kind: WorkerKind,
     pub(crate) pending: Mutex<Pending>,
     pub(crate) pid: AtomicU32,
+    pub(crate) host_pid: AtomicU32,
     pub(crate) next_id: AtomicU64,
     pub(crate) running: AtomicBool,
     /// The exit status once the worker is gone for good.
@@ -131,6 +133,7 @@ impl Inner {
         frames: mpsc::UnboundedSender<Vec<u8>>,
         signals: mpsc::UnboundedSender<Signal>,
         pid: u32,
+        host_pid: u32,
     ) {
         let mut pending = self.lock_pending();
         for waiting in pending.waiting.values() {
@@ -141,6 +144,7 @@ impl Inner {
         pending.frames = frames;
         pending.signals = signals;
         self.pid.store(pid, Ordering::Release);
+        self.host_pid.store(host_pid, Ordering::Release);
         if !self.running.load(Ordering::Acquire) {
             // Killed while restarting.
             let _ = pending.signals.send(Signal::Kill);

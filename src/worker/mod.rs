@@ -10,6 +10,7 @@ pub use builder::{
     DEFAULT_INTERRUPT_GRACE, DEFAULT_MAX_PENDING, DEFAULT_MEMORY_LIMIT, DEFAULT_OUTPUT_LIMIT,
     DEFAULT_SPAWN_TIMEOUT, MAX_CHANNEL_CAPACITY, WorkerBuilder, WorkerKind,
 };
+pub(crate) use builder::{GuestSource, component_bytes};
 pub use handle::CallHandle;
 pub(crate) use handle::{encode_args, encode_value, reply_bytes};
 pub(crate) use inner::Inner;
@@ -48,8 +49,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::channel::WorkerChannel;
-use crate::connection::{self, Launch, Signal, StartFailure};
+use crate::connection::{self, Launch, Signal, StartFailure, Via};
 use crate::error::{Error, RemoteException, Result};
+use crate::launcher::Launcher;
 use crate::output::{OutputSink, WorkerOutput};
 use crate::protocol::{
     self, DEFAULT_MAX_FRAME, DirGrant, Failure, FatalKind, FromHost, GuestSpec, HostConfig,
@@ -119,6 +121,14 @@ impl Worker {
     /// a native worker gets a new one when a hard interrupt restarts it).
     pub fn pid(&self) -> u32 {
         self.inner.pid.load(Ordering::Acquire)
+    }
+
+    /// The host's process id on the machine it runs on. The same as
+    /// [`pid`](Worker::pid) but for a host behind a
+    /// [`launcher`](WorkerBuilder::launcher), whose `pid` is the local
+    /// launcher process (`ssh`) and this the host's, on its machine.
+    pub fn host_pid(&self) -> u32 {
+        self.inner.host_pid.load(Ordering::Acquire)
     }
 
     /// What the worker's host process locked down before it ran guest

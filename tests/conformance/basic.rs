@@ -7,7 +7,7 @@ use malt::Error;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Kind, finishes};
-use crate::conformance;
+use crate::{conformance, conformance_ssh};
 
 conformance!(
     worker_management,
@@ -22,6 +22,17 @@ conformance!(
     workers_are_isolated_from_each_other,
     no_inherited_environment,
     env_is_explicit,
+);
+
+conformance_ssh!(
+    worker_management,
+    stop_while_a_call_runs_fails_the_call,
+    call_functions,
+    evaluate_expressions_with_persistent_state,
+    remote_call_wait_and_remote_do,
+    structured_values_round_trip,
+    many_requests_in_flight,
+    no_inherited_environment,
 );
 
 async fn worker_management(kind: Kind) {
@@ -241,8 +252,9 @@ async fn no_inherited_environment(kind: Kind) {
     );
     let home: Option<String> = w.remote_eval_fetch(r#"env("HOME")"#).await.unwrap();
     assert_eq!(home, None);
-    // Nor does the host process get one (an in-process worker has none).
-    let environ = if kind.has_process() {
+    // Nor does the host process get one (an in-process worker has none;
+    // over SSH, the local process is ssh, which needs the user's).
+    let environ = if kind.has_process() && kind != Kind::Ssh {
         std::fs::read(format!("/proc/{}/environ", w.pid())).unwrap()
     } else {
         Vec::new()

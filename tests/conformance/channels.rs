@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::common::{Kind, finishes};
-use crate::conformance;
+use crate::{conformance, conformance_ssh};
 
 conformance!(
     put_take_and_is_ready,
@@ -13,6 +13,13 @@ conformance!(
     two_handles_on_one_queue,
     handle_moves_into_another_task,
     capacity_zero_is_invalid,
+    pending_take_fails_when_the_worker_dies,
+);
+
+conformance_ssh!(
+    put_take_and_is_ready,
+    guest_and_manager_share_a_queue,
+    channels_work_while_the_guest_is_busy,
     pending_take_fails_when_the_worker_dies,
 );
 

@@ -16,6 +16,16 @@ pub enum Kind {
     NativeProgram,
     /// The script guest as wasm on a thread of the test process.
     InProcess,
+    /// The script guest in a wasm worker whose host is started over SSH
+    /// (a private sshd on 127.0.0.1): the component travels by hash.
+    Ssh,
+}
+
+/// A launcher that runs this test program as the host, over the private
+/// sshd.
+pub fn ssh_launcher() -> malt::launcher::Ssh {
+    let exe = std::env::current_exe().expect("this test program");
+    crate::sshd::sshd().launcher(&exe)
 }
 
 impl Kind {
@@ -26,12 +36,13 @@ impl Kind {
             Kind::Native => Worker::native(),
             Kind::NativeProgram => Worker::native_program(crate::guests::native_guest_example()),
             Kind::InProcess => Worker::script().in_process(),
+            Kind::Ssh => Worker::script().launcher(ssh_launcher()),
         }
     }
 
     /// Whether the guest runs as wasm (in a sandbox, under wasmtime).
     pub fn is_wasm(self) -> bool {
-        matches!(self, Kind::Wasm | Kind::InProcess)
+        matches!(self, Kind::Wasm | Kind::InProcess | Kind::Ssh)
     }
 
     /// Whether the worker has a process of its own.
@@ -86,7 +97,17 @@ pub fn test_guest_worker(kind: Kind) -> WorkerBuilder {
             Worker::native_program(crate::guests::test_guest_native())
         }
         Kind::InProcess => Worker::wasm(test_guest()).in_process(),
+        Kind::Ssh => Worker::wasm(test_guest()).launcher(ssh_launcher()),
     }
+}
+
+/// The core of the suite once more, on a worker over SSH: what a link
+/// to another machine must not change.
+#[macro_export]
+macro_rules! conformance_ssh {
+    ($($name:ident),* $(,)?) => {
+        $crate::conformance!(@kind over_ssh Ssh $($name),*);
+    };
 }
 
 /// Like `conformance!`, for the kinds with a wasm sandbox only.

@@ -3,7 +3,7 @@
 use malt::Error;
 
 use crate::common::Kind;
-use crate::conformance;
+use crate::{conformance, conformance_ssh};
 
 conformance!(
     thrown_errors_become_remote_exceptions,
@@ -13,6 +13,11 @@ conformance!(
     a_value_that_does_not_decode_is_a_decode_error,
     values_that_cannot_be_sent_fail_cleanly,
     a_deeply_nested_value_is_refused_not_a_crash,
+);
+
+conformance_ssh!(
+    thrown_errors_become_remote_exceptions,
+    worker_is_responsive_after_an_error,
 );
 
 async fn thrown_errors_become_remote_exceptions(kind: Kind) {

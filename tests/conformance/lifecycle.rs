@@ -5,9 +5,18 @@ use std::time::{Duration, Instant};
 use malt::{Error, Limit, Worker};
 
 use crate::common::{Kind, finishes, test_guest_worker};
-use crate::{conformance, conformance_wasm};
+use crate::{conformance, conformance_ssh, conformance_wasm};
 
 conformance!(
+    sigkill_mid_call_fails_pending_calls,
+    kill_fails_pending_calls,
+    a_guest_that_ignores_the_interrupt_is_reset,
+    a_trap_resets_the_guest,
+    large_values_round_trip,
+    dropping_the_handle_kills_the_worker,
+);
+
+conformance_ssh!(
     sigkill_mid_call_fails_pending_calls,
     kill_fails_pending_calls,
     a_guest_that_ignores_the_interrupt_is_reset,
@@ -82,13 +91,15 @@ async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
 
 async fn kill_fails_pending_calls(kind: Kind) {
     let w = kind.spawn().await;
-    let pid = w.pid();
+    let (pid, host) = (w.pid(), w.host_pid());
     let call = w.remote_eval::<()>("loop {}");
     w.kill();
     assert!(!w.is_running(), "is_running is false right after kill");
     assert!(finishes("call", call).await.unwrap_err().is_terminated());
     if kind.has_process() {
         assert!(wait_gone(pid).await, "the host process is gone");
+        // Over SSH, `pid` is the local ssh; the host is on the far side.
+        assert!(wait_gone(host).await, "the host process is gone");
     }
 }
 
@@ -141,7 +152,7 @@ async fn a_trap_resets_the_guest(kind: Kind) {
     // A wasm panic aborts (a trap); a native one is caught.
     let expected = match kind {
         Kind::Native | Kind::NativeProgram => "guest bug",
-        Kind::Wasm | Kind::InProcess => "unreachable",
+        Kind::Wasm | Kind::InProcess | Kind::Ssh => "unreachable",
     };
     assert!(message.contains(expected), "{message}");
     assert_eq!(
@@ -194,13 +205,17 @@ async fn large_values_round_trip(kind: Kind) {
 
 async fn dropping_the_handle_kills_the_worker(kind: Kind) {
     let w = kind.spawn().await;
-    let pid = w.pid();
+    let (pid, host) = (w.pid(), w.host_pid());
     let ch = w.worker_channel::<i64>("c", 1).await.unwrap();
     drop(w);
     let err = finishes("take", ch.take()).await.unwrap_err();
     assert!(err.is_terminated(), "{err:?}");
     if kind.has_process() {
         assert!(wait_gone(pid).await, "the host process outlived its handle");
+        assert!(
+            wait_gone(host).await,
+            "the host process outlived its handle"
+        );
     }
 }
 

@@ -41,6 +41,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
             guest: "/t".into(),
             read_only: true,
         }],
+        heartbeat: Some(std::time::Duration::from_secs(2)),
     };
     let to_host = [
         ToHost::Init(Box::new(config)),
@@ -75,6 +76,8 @@ fn seed_frames() -> Vec<Vec<u8>> {
             name: "c".into(),
         },
         ToHost::Stop,
+        ToHost::Ping,
+        ToHost::Component(vec![0, 0x61, 0x73, 0x6d]),
     ];
     let from_host = [
         FromHost::Hello {
@@ -93,6 +96,10 @@ fn seed_frames() -> Vec<Vec<u8>> {
             result: Err(protocol::Failure::Remote("boom".into())),
         },
         FromHost::Restart,
+        FromHost::Pong,
+        FromHost::NeedComponent {
+            sha256: "ab".repeat(32),
+        },
         FromHost::Output {
             stream: protocol::Stream::Stdout,
             data: b"hi\n".to_vec(),

@@ -335,6 +335,7 @@ fn another_protocol_version_is_refused() {
         output_limit: 1 << 20,
         env: vec![],
         dirs: vec![],
+        heartbeat: None,
     };
     init.clear();
     init.extend(malt::protocol::encode(&malt::protocol::ToHost::Init(
