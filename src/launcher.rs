@@ -163,7 +163,8 @@ impl Ssh {
     }
 
     /// Replaces `ssh` and its options with a shell command line, as
-    /// [`SSH_COMMAND_ENV`] does (which is used when this is not set).
+    /// [`SSH_COMMAND_ENV`] does (which is used when this is not set). An
+    /// empty line means plain `ssh`, whatever the environment says.
     pub fn ssh_command(mut self, command: impl Into<String>) -> Self {
         self.ssh_command = Some(command.into());
         self

@@ -458,4 +458,48 @@ mod tests {
         assert!(err.contains("core WebAssembly module"), "{err}");
         assert!(check_component(b"\0asm\x0d\0\x01\0", "x").is_ok());
     }
+
+    fn request<'a>(
+        sha256: &'a str,
+        dirs: &'a [crate::DirGrant],
+        fetch: &'a mut dyn FnMut() -> std::result::Result<Vec<u8>, String>,
+    ) -> malt_host::ComponentRequest<'a> {
+        malt_host::ComponentRequest {
+            sha256,
+            size: 8,
+            fuel: false,
+            dirs,
+            fetch,
+        }
+    }
+
+    #[test]
+    fn a_remote_host_refuses_bytes_that_are_not_the_named_component() {
+        // A hash that names no cached artifact: the bytes are fetched, and
+        // refused before anything compiles them.
+        let named = sha256_hex(b"the component the manager named");
+        let mut fetched = 0;
+        let mut fetch = || {
+            fetched += 1;
+            Ok(b"\0asm\x0d\0\x01\0".to_vec())
+        };
+        let err = remote_store(request(&named, &[], &mut fetch)).unwrap_err();
+        assert!(err.contains("another hash"), "{err}");
+        assert_eq!(fetched, 1);
+
+        // Nothing but a hash becomes a file name.
+        let mut never = || -> std::result::Result<Vec<u8>, String> { panic!("fetched") };
+        for bad in ["../../../etc/passwd", &"AB".repeat(32), &"a".repeat(63)] {
+            let err = remote_store(request(bad, &[], &mut never)).unwrap_err();
+            assert!(err.contains("not a SHA-256"), "{err}");
+        }
+
+        // A grant that reaches this machine's cache is refused here too.
+        let grant = [crate::DirGrant {
+            host: cache_dir().to_string_lossy().into_owned(),
+            guest: "/c".into(),
+            read_only: true,
+        }];
+        assert!(remote_store(request(&named, &grant, &mut never)).is_err());
+    }
 }

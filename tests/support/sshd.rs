@@ -25,20 +25,45 @@ impl Sshd {
     /// The `ssh` command line (`$MALT_SSH_COMMAND` form) that reaches this
     /// server with its key, trusting its host key.
     pub fn ssh_command(&self) -> String {
-        format!(
-            "ssh -F /dev/null -p {} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
-             -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
-            self.port,
-            self.key.display()
-        )
+        format!("ssh {}", self.ssh_args().join(" "))
+    }
+
+    /// The options of `ssh` that reach this server.
+    pub fn ssh_args(&self) -> Vec<String> {
+        let port = self.port.to_string();
+        let key = self.key.display().to_string();
+        [
+            "-F",
+            "/dev/null",
+            "-p",
+            &port,
+            "-i",
+            &key,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// A launcher to this server running `program` (a path on this same
-    /// machine: the "remote" is 127.0.0.1).
+    /// machine: the "remote" is 127.0.0.1). Plain `ssh` with options,
+    /// whatever `$MALT_SSH_COMMAND` says: the worker's pid is ssh's.
     pub fn launcher(&self, program: &Path) -> malt::launcher::Ssh {
-        malt::Launcher::ssh("127.0.0.1")
-            .ssh_command(self.ssh_command())
-            .remote_program(program.display().to_string())
+        self.ssh_args().into_iter().fold(
+            malt::Launcher::ssh("127.0.0.1")
+                .ssh_command("")
+                .remote_program(program.display().to_string()),
+            |ssh, arg| ssh.arg(arg),
+        )
     }
 }
 
@@ -123,7 +148,8 @@ fn start() -> Sshd {
         .arg("-f")
         .arg(&config)
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap());
     // SAFETY: prctl is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
