@@ -231,12 +231,12 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
         Via::InProcess => connect_in_process(launch).await,
         Via::Launcher(launcher) => {
             let command = launcher.command_for(&[arg]);
-            let shown = format!("{command:?}");
+            let shown = shell_words(&command);
             let child = process::spawn_launcher(command).await.map_err(|e| {
                 StartError::new(StartFailure::Exited, format!("cannot run {shown}: {e}"))
             })?;
             let mut conn =
-                connect_child(launch, child, Some(format!("the host behind {shown}"))).await?;
+                connect_child(launch, child, Some(format!("the host behind `{shown}`"))).await?;
             if let Some(interval) = launch.config.heartbeat {
                 conn.reader = crate::heartbeat::watch(
                     conn.reader,
@@ -248,6 +248,25 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
             Ok(conn)
         }
     }
+}
+
+/// A command as a shell would read it (for messages).
+fn shell_words(command: &std::process::Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|word| {
+            let word = word.to_string_lossy();
+            let plain = !word.is_empty()
+                && word
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+%".contains(c));
+            match plain {
+                true => word.into_owned(),
+                false => format!("'{}'", word.replace('\'', r"'\''")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Completes the handshake with a started host process; `chosen` names a

@@ -29,6 +29,34 @@ pub(crate) struct Sandbox {
     pub(crate) strict: bool,
 }
 
+/// Where the worker's host runs: here, or on another machine over SSH.
+#[derive(Args, Clone, Default)]
+pub(crate) struct Remote {
+    /// Run the worker on another machine: `ssh -T [USER@]HOST malt
+    /// __malt-host` ($MALT_SSH_COMMAND replaces `ssh` and its options, as
+    /// GIT_SSH_COMMAND does for git). The remote malt must be this version.
+    #[arg(long, value_name = "[USER@]HOST")]
+    pub(crate) ssh: Option<String>,
+    /// The malt program on the remote machine (default: `malt` on its PATH).
+    #[arg(long, value_name = "PATH", requires = "ssh")]
+    pub(crate) remote_program: Option<String>,
+}
+
+impl Remote {
+    pub(crate) fn apply(&self, builder: WorkerBuilder) -> WorkerBuilder {
+        match &self.ssh {
+            Some(destination) => {
+                let mut ssh = malt::Launcher::ssh(destination.clone());
+                if let Some(program) = &self.remote_program {
+                    ssh = ssh.remote_program(program.clone());
+                }
+                builder.launcher(ssh)
+            }
+            None => builder,
+        }
+    }
+}
+
 /// A usage error found after parsing (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -88,11 +88,9 @@ pub(crate) async fn eval(json: bool, code: &str, builder: WorkerBuilder) -> anyh
 
 pub(crate) async fn call(
     json: bool,
-    guest: &str,
-    native: bool,
+    builder: WorkerBuilder,
     function: &str,
     args: &[String],
-    sandbox: &Sandbox,
 ) -> anyhow::Result<()> {
     let args = args
         .iter()
@@ -101,10 +99,7 @@ pub(crate) async fn call(
                 .map_err(|e| usage(format!("argument `{a}` is not a JSON value: {e}")))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let worker = sandbox
-        .apply(builder_for(Some(Path::new(guest)), native), native)?
-        .spawn()
-        .await?;
+    let worker = builder.spawn().await?;
     let result = worker
         .remote_call_fetch::<rmpv::Value>(function, args)
         .await;

@@ -75,6 +75,8 @@ enum Command {
         native: bool,
         #[command(flatten)]
         sandbox: Sandbox,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Call a guest function with JSON arguments and print its value as JSON.
     #[command(after_help = "EXAMPLES:
@@ -96,6 +98,8 @@ enum Command {
         args: Vec<String>,
         #[command(flatten)]
         sandbox: Sandbox,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Call a function once per line of JSON input, across a pool of workers.
     #[command(
@@ -128,6 +132,8 @@ EXAMPLES:
         retries: u32,
         #[command(flatten)]
         sandbox: Sandbox,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Run a WASI command (a component, or a WASI preview 1 module) in the sandbox.
     #[command(after_help = "EXAMPLES:
@@ -160,6 +166,8 @@ EXAMPLES:
         native: bool,
         #[command(flatten)]
         sandbox: Sandbox,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Show a component's imports and exports, and whether it is a malt guest.
     #[command(after_help = "EXAMPLES:
@@ -194,9 +202,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             guest,
             native,
             sandbox,
+            remote,
         } => {
             let code = read_code(&code, file.as_deref())?;
-            let builder = sandbox.apply(builder_for(guest.as_deref(), native), native)?;
+            let builder =
+                remote.apply(sandbox.apply(builder_for(guest.as_deref(), native), native)?);
             runtime()?.block_on(eval(json, &code, builder))?;
         }
         Command::Call {
@@ -205,7 +215,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             function,
             args,
             sandbox,
-        } => runtime()?.block_on(call(json, &guest, native, &function, &args, &sandbox))?,
+            remote,
+        } => {
+            let builder =
+                remote.apply(sandbox.apply(builder_for(Some(Path::new(&guest)), native), native)?);
+            runtime()?.block_on(call(json, builder, &function, &args))?
+        }
         Command::Map {
             guest,
             function,
@@ -214,8 +229,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             setup,
             retries,
             sandbox,
+            remote,
         } => {
-            let builder = sandbox.apply(builder_for(Some(Path::new(&guest)), native), native)?;
+            let builder =
+                remote.apply(sandbox.apply(builder_for(Some(Path::new(&guest)), native), native)?);
             let workers = workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             if workers == 0 {
@@ -247,8 +264,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             guest,
             native,
             sandbox,
+            remote,
         } => {
-            let builder = sandbox.apply(builder_for(guest.as_deref(), native), native)?;
+            let builder =
+                remote.apply(sandbox.apply(builder_for(guest.as_deref(), native), native)?);
             repl::run(runtime()?, builder)?;
         }
         Command::Inspect { guest } => inspect(json, &guest)?,

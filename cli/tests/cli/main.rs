@@ -2,7 +2,10 @@
 
 #[path = "../../../tests/support/guests.rs"]
 mod guests;
+#[path = "../../../tests/support/sshd.rs"]
+mod sshd;
 
+mod remote;
 mod repl;
 mod run;
 
