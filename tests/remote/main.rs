@@ -285,3 +285,45 @@ async fn the_ssh_command_comes_from_the_environment_when_not_set() {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_remote_workers_maps_in_order_and_replaces_the_dead() {
+    let pool =
+        malt::Pool::builder(Worker::script().launcher(sshd::sshd().launcher(&this_program())))
+            .size(3)
+            .setup("fn sq(x) { x * x }")
+            .spawn()
+            .await
+            .unwrap();
+    let inputs: Vec<(i64,)> = (0..200).map(|i| (i,)).collect();
+    let out: Vec<i64> = pool
+        .map("sq", inputs.clone())
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(out, (0..200).map(|i| i * i).collect::<Vec<_>>());
+    // A link dies (its ssh is killed): the pool starts a replacement over
+    // SSH, with the setup code, and goes on.
+    let victim = pool.worker_pids()[0];
+    // SAFETY: kill(2) on one of the pool's ssh processes.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let nine: i64 = pool.call("sq", (9,)).retry(3).await.unwrap();
+    assert_eq!(nine, 81);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pool.stats().restarts == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead link's worker was replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again: Vec<i64> = pool
+        .map("sq", inputs)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(again[199], 199 * 199);
+    pool.stop().await;
+}
