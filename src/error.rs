@@ -154,6 +154,61 @@ impl Error {
         }
     }
 
+    /// The same error again, for each of several requests it ended (an
+    /// I/O error keeps its kind and message).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Error::Remote(e) => Error::Remote(e.clone()),
+            Error::TerminatedWorker => Error::TerminatedWorker,
+            Error::Interrupted { state_lost } => Error::Interrupted {
+                state_lost: *state_lost,
+            },
+            Error::Timeout => Error::Timeout,
+            Error::Trap { worker, message } => Error::Trap {
+                worker: worker.clone(),
+                message: message.clone(),
+            },
+            Error::LimitExceeded {
+                worker,
+                limit,
+                message,
+            } => Error::LimitExceeded {
+                worker: worker.clone(),
+                limit: *limit,
+                message: message.clone(),
+            },
+            Error::Spawn {
+                worker,
+                message,
+                stderr,
+            } => Error::Spawn {
+                worker: worker.clone(),
+                message: message.clone(),
+                stderr: stderr.clone(),
+            },
+            Error::Decode {
+                worker,
+                type_name,
+                message,
+            } => Error::Decode {
+                worker: worker.clone(),
+                type_name,
+                message: message.clone(),
+            },
+            Error::Encode(m) => Error::Encode(m.clone()),
+            Error::Invalid { worker, message } => Error::Invalid {
+                worker: worker.clone(),
+                message: message.clone(),
+            },
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Component(m) => Error::Component(m.clone()),
+            Error::PoolExhausted(m) => Error::PoolExhausted(m.clone()),
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),

@@ -38,8 +38,14 @@ pub(crate) struct Echo {
 
 impl Echo {
     pub(crate) fn start() -> Echo {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .arg(ECHO_ARG)
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.arg(ECHO_ARG);
+        Echo::start_with(cmd)
+    }
+
+    /// The echo behind another command (e.g. `ssh … malt-bench echo`).
+    pub(crate) fn start_with(mut cmd: Command) -> Echo {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -80,7 +86,11 @@ impl Echo {
 }
 
 pub(crate) fn floor_round_trip(n: usize, size: usize) -> Stats {
-    let mut echo = Echo::start();
+    echo_round_trip(Echo::start(), n, size)
+}
+
+/// Round trips of `size` bytes through an echo.
+pub(crate) fn echo_round_trip(mut echo: Echo, n: usize, size: usize) -> Stats {
     let body = vec![0x5au8; size];
     let mut buf = Vec::new();
     for _ in 0..n / 10 {

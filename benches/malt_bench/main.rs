@@ -9,9 +9,13 @@
 #[allow(dead_code)]
 mod guests;
 
+#[path = "../../tests/support/sshd.rs"]
+mod sshd;
+
 mod floor;
 mod interrupts;
 mod pools;
+mod remote;
 mod report;
 
 use floor::*;
@@ -61,6 +65,11 @@ async fn run(quick: bool) -> Result<Table, Error> {
     // `-- --pools` measures pools alone.
     if std::env::args().any(|a| a == "--pools") {
         pools::measure(&mut table, quick).await?;
+        return Ok(table);
+    }
+    // `-- --remote` measures workers over SSH alone.
+    if std::env::args().any(|a| a == "--remote") {
+        remote::measure(&mut table, quick).await?;
         return Ok(table);
     }
     let guest = guests::test_guest();
@@ -270,8 +279,9 @@ async fn run(quick: bool) -> Result<Table, Error> {
     // 5. Interrupts.
     interrupts::measure(&mut table, quick).await?;
 
-    // 6. Pools.
+    // 6. Pools, and workers over SSH.
     pools::measure(&mut table, quick).await?;
+    remote::measure(&mut table, quick).await?;
 
     // 7. Memory per idle wasm worker, and 8. scale.
     for count in [1usize, 10, 100, 200] {

@@ -67,44 +67,74 @@ pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error>
         None => ("python3 not found: skipped".into(), String::new()),
     };
     let rust = || Pool::builder(Worker::wasm(guests::test_guest()).monitor_output(false));
-    let goal = "≥ 5× Python chunksize=1";
-    // (what, pool, compared with Python's chunksize=1)
-    let rows = [
+    let one_goal = "≥ 5× Python chunksize=1";
+    let chunk_goal = "≥ Python default chunks";
+    // (what, pool, which Python figure it is compared with)
+    let mut rows = vec![
         (
             format!("pool of 1 (Rust guest): {n} tiny calls, one per request"),
-            rust().size(1),
-            false,
+            rust().size(1).chunk_size(1),
+            None,
         ),
         (
             format!("pool of {workers} (Rust guest): {n} tiny calls, one per request"),
-            rust().size(workers),
-            true,
+            rust().size(workers).chunk_size(1),
+            Some(false),
         ),
         (
-            format!("pool of {workers} (Rust guest), 8 requests per worker: {n} tiny calls"),
-            rust().size(workers).requests_per_worker(8),
-            true,
+            format!(
+                "pool of {workers} (Rust guest), 8 requests per worker: {n} tiny calls, one per request"
+            ),
+            rust().size(workers).chunk_size(1).requests_per_worker(8),
+            Some(false),
         ),
     ];
+    // Scaling, with the default (automatic) chunks.
+    for size in [1, 2, 4] {
+        rows.push((
+            format!("pool of {size} (Rust guest): {n} tiny calls, automatic chunks"),
+            rust().size(size),
+            (size == workers).then_some(true),
+        ));
+    }
     for (what, pool, compared) in rows {
         let rate = malt_rate(pool, n).await?;
-        let (peer, ratio) = match (compared, python) {
-            (true, Some((one, _))) => (py_one.clone(), format!("{:.1}× Python", rate / one)),
-            _ => ("—".into(), "—".into()),
+        let (peer, ratio, goal) = match (compared, python) {
+            (Some(false), Some((one, _))) => (
+                py_one.clone(),
+                format!("{:.1}× Python", rate / one),
+                one_goal,
+            ),
+            (Some(true), Some((_, chunked))) => (
+                py_chunked.clone(),
+                format!("{:.2}× Python", rate / chunked),
+                chunk_goal,
+            ),
+            _ => ("—".into(), "—".into(), ""),
         };
-        let goal = if compared { goal } else { "" };
         table.figure(&what, format!("{rate:.0} calls/s"), peer, ratio, goal);
     }
-    let script = Pool::builder(Worker::script().monitor_output(false))
-        .size(workers)
-        .setup("fn add(a, b) { a + b }");
-    let rate = malt_rate(script, n).await?;
-    table.figure(
-        &format!("pool of {workers} (script guest): {n} tiny calls"),
-        format!("{rate:.0} calls/s"),
-        py_chunked,
-        "—".into(),
-        "reported",
-    );
+    for (chunk, label) in [(Some(1), "one per request"), (None, "automatic chunks")] {
+        let mut script = Pool::builder(Worker::script().monitor_output(false))
+            .size(workers)
+            .setup("fn add(a, b) { a + b }");
+        if let Some(c) = chunk {
+            script = script.chunk_size(c);
+        }
+        let rate = malt_rate(script, n).await?;
+        let (peer, ratio) = match (chunk, python) {
+            (None, Some((_, chunked))) => {
+                (py_chunked.clone(), format!("{:.2}× Python", rate / chunked))
+            }
+            _ => ("—".into(), "—".into()),
+        };
+        table.figure(
+            &format!("pool of {workers} (script guest): {n} tiny calls, {label}"),
+            format!("{rate:.0} calls/s"),
+            peer,
+            ratio,
+            "reported",
+        );
+    }
     Ok(())
 }

@@ -3,35 +3,114 @@
 
 use super::*;
 
+/// A queued request: one call or eval, or a batch of calls of one
+/// function (run in a loop here, answered with one frame).
+pub(crate) enum Job {
+    One(Work),
+    Batch { name: String, args: Vec<Vec<u8>> },
+}
+
 /// Runs requests one at a time, in arrival order.
 pub(crate) fn guest_loop(
     mut guest: Box<dyn Guest>,
-    work: Receiver<(u64, Work, ReplyMode)>,
+    work: Receiver<(u64, Job, ReplyMode)>,
     shared: &Shared,
     place: Place,
 ) {
-    while let Ok((id, work, mode)) = work.recv() {
-        if !shared.control.begin(id, &shared.channels) {
-            return;
-        }
-        shared
-            .output_used
-            .store(0, std::sync::atomic::Ordering::Relaxed);
-        let outcome = guest.run(&work);
-        let ended = shared.control.end();
-        if ended.shut_down {
-            // An in-process worker winding down: the manager sees the
-            // stream end, not a reply.
-            return;
-        }
-        let trapped = matches!(outcome, Err(GuestError::Trap { .. }));
-        let result = outcome.map_err(|e| failure(e, &ended));
-        reply(shared, id, &work, mode, result);
-        // The caller has its answer; the next request needs a fresh guest.
-        if trapped && !reset(&mut *guest, shared, place) {
+    while let Ok((id, job, mode)) = work.recv() {
+        let go_on = match job {
+            Job::One(work) => run_one(&mut *guest, shared, place, id, work, mode),
+            Job::Batch { name, args } => run_batch(&mut *guest, shared, place, id, name, args),
+        };
+        if !go_on {
             return;
         }
     }
+}
+
+/// How one call of a request ended: `None` when the host is shutting
+/// down (no answer is due), else its result and whether the guest trapped.
+fn run_call(
+    guest: &mut dyn Guest,
+    shared: &Shared,
+    id: u64,
+    work: &Work,
+) -> Option<(Result<Vec<u8>, Failure>, bool)> {
+    if !shared.control.begin(id, &shared.channels) {
+        return None;
+    }
+    shared
+        .output_used
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let outcome = guest.run(work);
+    let ended = shared.control.end();
+    if ended.shut_down {
+        // An in-process worker winding down: the manager sees the stream
+        // end, not a reply.
+        return None;
+    }
+    let trapped = matches!(outcome, Err(GuestError::Trap { .. }));
+    Some((outcome.map_err(|e| failure(e, &ended)), trapped))
+}
+
+/// Runs one request and answers it; false when the guest loop must end.
+fn run_one(
+    guest: &mut dyn Guest,
+    shared: &Shared,
+    place: Place,
+    id: u64,
+    work: Work,
+    mode: ReplyMode,
+) -> bool {
+    let Some((result, trapped)) = run_call(guest, shared, id, &work) else {
+        return false;
+    };
+    reply(shared, id, &work, mode, result);
+    // The caller has its answer; the next request needs a fresh guest.
+    !trapped || reset(guest, shared, place)
+}
+
+/// Runs a batch: each call as its own request (its own timeout, output
+/// allowance and interrupt), until the first that fails other than by
+/// the guest's own error (a trap, an interrupt, a limit): the batch stops
+/// there, and its answer holds the results so far, that one's included.
+/// The manager sends the rest again.
+fn run_batch(
+    guest: &mut dyn Guest,
+    shared: &Shared,
+    place: Place,
+    id: u64,
+    name: String,
+    args: Vec<Vec<u8>>,
+) -> bool {
+    let mut results: Vec<Result<serde_bytes::ByteBuf, Failure>> = Vec::with_capacity(args.len());
+    let mut work = Work::Call {
+        name,
+        args: Vec::new(),
+    };
+    let mut trapped = false;
+    for input in args {
+        if let Work::Call { args, .. } = &mut work {
+            *args = input;
+        }
+        let Some((result, trap)) = run_call(guest, shared, id, &work) else {
+            return false;
+        };
+        let stop = !matches!(result, Ok(_) | Err(Failure::Remote(_)));
+        results.push(result.map(serde_bytes::ByteBuf::from));
+        if stop {
+            trapped = trap;
+            break;
+        }
+    }
+    match rmp_serde::to_vec(&results) {
+        Ok(bytes) => shared.reply(id, Ok(Some(bytes))),
+        Err(e) => shared.reply(
+            id,
+            Err(Failure::Invalid(format!("encoding the batch: {e}"))),
+        ),
+    }
+    !trapped || reset(guest, shared, place)
 }
 
 /// What the manager is told about a request that did not succeed.

@@ -2,7 +2,7 @@
 //! reader, guest and timer threads.
 
 use super::*;
-use crate::requests::{StartError, under_start_timeout};
+use crate::requests::{Job, StartError, under_start_timeout};
 
 /// Where a host runs.
 #[doc(hidden)]
@@ -292,7 +292,7 @@ fn fatal(out: &mut impl Write, kind: FatalKind, message: &str, code: i32) -> i32
 fn read_loop(
     input: &mut impl std::io::Read,
     shared: &Shared,
-    work: &std::sync::mpsc::Sender<(u64, Work, ReplyMode)>,
+    work: &std::sync::mpsc::Sender<(u64, Job, ReplyMode)>,
 ) -> i32 {
     loop {
         let message = match protocol::read_frame(input, shared.max_frame)
@@ -318,10 +318,17 @@ fn read_loop(
                 args,
                 reply,
             } => {
-                let _ = work.send((id, Work::Call { name, args }, reply));
+                let _ = work.send((id, Job::One(Work::Call { name, args }), reply));
             }
             ToHost::Eval { id, code, reply } => {
-                let _ = work.send((id, Work::Eval { code }, reply));
+                let _ = work.send((id, Job::One(Work::Eval { code }), reply));
+            }
+            ToHost::CallBatch { id, name, args } => {
+                let args = args
+                    .into_iter()
+                    .map(serde_bytes::ByteBuf::into_vec)
+                    .collect();
+                let _ = work.send((id, Job::Batch { name, args }, ReplyMode::Value));
             }
             ToHost::Interrupt { up_to } => shared.control.interrupt(up_to, &shared.channels),
             ToHost::ChannelOpen { id, name, capacity } => {

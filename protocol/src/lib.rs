@@ -200,6 +200,20 @@ pub enum ToHost {
         /// What the manager wants back.
         reply: ReplyMode,
     },
+    /// Call one guest function once per input, in order, as separate
+    /// requests run back to back (each with its own timeout); the reply
+    /// is one value: a MessagePack array of `Result<bytes, Failure>`, one
+    /// per input run. The batch stops after the first input that fails
+    /// other than with [`Failure::Remote`] (a trap, an interrupt, a
+    /// limit), so the array may be shorter than the inputs.
+    CallBatch {
+        /// The request id its reply will carry.
+        id: u64,
+        /// The function's name.
+        name: String,
+        /// Each call's arguments, a MessagePack array.
+        args: Vec<serde_bytes::ByteBuf>,
+    },
     /// Evaluate code in the guest's session.
     Eval {
         /// The request id its reply will carry.

@@ -58,7 +58,7 @@ use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::worker::{WorkerBuilder, encode_args};
 use sched::{Request, Shared};
 pub use stats::PoolStats;
@@ -114,6 +114,12 @@ impl RestartPolicy {
 /// Requests that may wait in a pool's queue, by default.
 pub const DEFAULT_MAX_QUEUED: usize = 10_000;
 
+/// Most inputs of a `map` sent to a worker in one request by default.
+const MAX_AUTO_CHUNK: usize = 1024;
+/// Most inputs of a `map_stream` sent in one request by default (fewer
+/// when fewer are ready).
+const STREAM_CHUNK: usize = 64;
+
 /// Configures and starts a [`Pool`].
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until .spawn()"]
@@ -124,6 +130,7 @@ pub struct PoolBuilder {
     max_queued: usize,
     per_worker: usize,
     restart: RestartPolicy,
+    chunk: Option<usize>,
 }
 
 impl PoolBuilder {
@@ -159,6 +166,22 @@ impl PoolBuilder {
         self
     }
 
+    /// How many inputs of a [`map`](Pool::map) or
+    /// [`map_stream`](Pool::map_stream) go to a worker in one request, to
+    /// be run there back to back. By default, as Python's `Pool.map` does,
+    /// `map` splits its inputs into about four chunks per worker (at most
+    /// 1024 inputs each), and `map_stream` sends what is ready, up to 64.
+    /// `1` sends each input alone.
+    ///
+    /// Each input is still a call of its own (its own timeout, output
+    /// allowance and result). One that traps, is interrupted or hits a
+    /// limit ends its chunk there; the rest of the chunk goes on, on the
+    /// next idle worker.
+    pub fn chunk_size(mut self, inputs: usize) -> Self {
+        self.chunk = Some(inputs.max(1));
+        self
+    }
+
     /// How dead workers are replaced (default: [`RestartPolicy::default`]).
     pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
         self.restart = policy;
@@ -177,7 +200,10 @@ impl PoolBuilder {
             self.restart,
         )
         .await?;
-        Ok(Pool { shared })
+        Ok(Pool {
+            shared,
+            chunk: self.chunk,
+        })
     }
 }
 
@@ -187,6 +213,7 @@ impl PoolBuilder {
 /// Dropping the pool kills its workers.
 pub struct Pool {
     shared: Arc<Shared>,
+    chunk: Option<usize>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -213,6 +240,7 @@ impl Pool {
             max_queued: DEFAULT_MAX_QUEUED,
             per_worker: 1,
             restart: RestartPolicy::default(),
+            chunk: None,
         }
     }
 
@@ -271,16 +299,29 @@ impl Pool {
 
     /// Calls `name` once per input (each input is the arguments: a tuple,
     /// or one value) across the workers, and returns the results in input
-    /// order, one per input. Inputs are sent as workers free up: at most
+    /// order, one per input. Inputs go in chunks (see
+    /// [`chunk_size`](PoolBuilder::chunk_size)) as workers free up: at most
     /// twice the requests the workers may hold are in flight.
     pub async fn map<A, R>(&self, name: &str, inputs: impl IntoIterator<Item = A>) -> Vec<Result<R>>
     where
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        calls(&self.shared, name, futures_util::stream::iter(inputs))
-            .collect()
-            .await
+        let inputs: Vec<A> = inputs.into_iter().collect();
+        let chunk = self.chunk.unwrap_or_else(|| {
+            inputs
+                .len()
+                .div_ceil(4 * self.shared.size())
+                .clamp(1, MAX_AUTO_CHUNK)
+        });
+        calls(
+            &self.shared,
+            name,
+            futures_util::stream::iter(inputs),
+            chunk,
+        )
+        .collect()
+        .await
     }
 
     /// [`map`](Self::map) for inputs that arrive as a stream, and may not
@@ -296,7 +337,12 @@ impl Pool {
         A: Serialize + 'static,
         R: DeserializeOwned + Send + 'static,
     {
-        calls(&self.shared, name, inputs)
+        calls(
+            &self.shared,
+            name,
+            inputs,
+            self.chunk.unwrap_or(STREAM_CHUNK),
+        )
     }
 
     /// Evaluates `code` in every worker now, and in every worker that
@@ -332,11 +378,13 @@ impl Pool {
     }
 }
 
-/// One call per input, in order, twice the pool's capacity in flight.
+/// One call per input, in order, sent in requests of up to `chunk`
+/// inputs, twice the pool's capacity in flight.
 fn calls<A, R, S>(
     shared: &Arc<Shared>,
     name: &str,
     inputs: S,
+    chunk: usize,
 ) -> impl Stream<Item = Result<R>> + use<A, R, S>
 where
     S: Stream<Item = A>,
@@ -346,18 +394,60 @@ where
     let shared = shared.clone();
     let name = name.to_string();
     let in_flight = 2 * shared.capacity();
-    inputs
-        .map(move |input| {
-            PoolCall::<R>::new(
-                &shared,
-                encode_args(&input).map(|args| Request::Call {
-                    name: name.clone(),
-                    args,
-                }),
-            )
-            .into_future()
-        })
+    if chunk == 1 {
+        let one = inputs
+            .map(move |input| {
+                PoolCall::<R>::new(
+                    &shared,
+                    encode_args(&input).map(|args| Request::Call {
+                        name: name.clone(),
+                        args,
+                    }),
+                )
+                .into_future()
+            })
+            .buffered(in_flight);
+        return futures_util::future::Either::Left(one);
+    }
+    let chunked = inputs
+        .map(|input| encode_args(&input))
+        .ready_chunks(chunk)
+        .map(move |encoded| run_chunk(shared.clone(), name.clone(), encoded))
         .buffered(in_flight)
+        .flat_map(futures_util::stream::iter);
+    futures_util::future::Either::Right(chunked)
+}
+
+/// Runs one chunk of a map as a batch; an input that could not be encoded
+/// keeps its error in its place.
+async fn run_chunk<R: DeserializeOwned + Send + 'static>(
+    shared: Arc<Shared>,
+    name: String,
+    encoded: Vec<Result<Vec<u8>>>,
+) -> Vec<Result<R>> {
+    let mut results: Vec<Option<Result<R>>> = Vec::with_capacity(encoded.len());
+    let mut args = Vec::with_capacity(encoded.len());
+    let mut positions = Vec::with_capacity(encoded.len());
+    for (i, input) in encoded.into_iter().enumerate() {
+        match input {
+            Ok(bytes) => {
+                positions.push(i);
+                args.push(bytes);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    if !args.is_empty() {
+        let ran = shared.run_batch::<R>(&name, args, 0).await;
+        for (i, result) in positions.into_iter().zip(ran) {
+            results[i] = Some(result);
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(Error::TerminatedWorker)))
+        .collect()
 }
 
 /// A request to a pool, not yet sent: await it (or call

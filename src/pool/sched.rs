@@ -209,6 +209,84 @@ impl Shared {
         }
     }
 
+    /// Runs a batch of calls of `name` (encoded argument arrays) on idle
+    /// workers, one request per worker turn, and returns one result per
+    /// input, in order. A batch that stopped early (an input trapped, was
+    /// interrupted or hit a limit) goes on with the rest on the next idle
+    /// worker; a worker that dies under a batch fails what it had not
+    /// answered with `TerminatedWorker` (retried first, if allowed).
+    pub(crate) async fn run_batch<R: DeserializeOwned>(
+        self: &Arc<Self>,
+        name: &str,
+        args: Vec<Vec<u8>>,
+        retries: u32,
+    ) -> Vec<Result<R>> {
+        let mut out = Vec::with_capacity(args.len());
+        let Ok(_room) = self.room.acquire().await else {
+            out.extend(args.iter().map(|_| Err(Error::TerminatedWorker)));
+            return out;
+        };
+        let mut rest = args;
+        let mut attempt = 0;
+        while !rest.is_empty() {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            let acquired = self.acquire().await;
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            let (ticket, worker) = match acquired {
+                Ok(acquired) => acquired,
+                Err(e) => {
+                    out.extend(rest.iter().map(|_| Err(e.duplicate())));
+                    return out;
+                }
+            };
+            let started = Instant::now();
+            let n = rest.len();
+            let result = worker.call_batch::<R>(name, rest.clone()).await;
+            let took = started.elapsed() / n as u32;
+            match result {
+                Ok(items) => {
+                    let done = items.len();
+                    let last = items
+                        .last()
+                        .and_then(|r| r.as_ref().err())
+                        .map(Error::duplicate);
+                    for item in &items {
+                        self.recorder.record(took, item.is_ok());
+                    }
+                    self.release(ticket, &worker, last.as_ref());
+                    out.extend(items);
+                    rest.drain(..done.min(n));
+                    if done == 0 {
+                        // Nothing ran (the host answered with no result):
+                        // never spin on it.
+                        out.extend(rest.drain(..).map(|_| {
+                            Err(Error::Invalid {
+                                worker: worker.name().to_string(),
+                                message: "the host answered a batch with no result".into(),
+                            })
+                        }));
+                    }
+                }
+                Err(e) => {
+                    self.release(ticket, &worker, Some(&e));
+                    if e.is_terminated()
+                        && attempt < retries
+                        && !self.closed.load(Ordering::Acquire)
+                    {
+                        attempt += 1;
+                        self.recorder.retried();
+                        continue;
+                    }
+                    for _ in 0..n {
+                        self.recorder.record(took, false);
+                    }
+                    out.extend(rest.drain(..).map(|_| Err(e.duplicate())));
+                }
+            }
+        }
+        out
+    }
+
     /// Gives a worker back after a request: at once if its state is
     /// intact, after running the setup code again if its state was reset,
     /// not at all if it died (its supervisor replaces it).

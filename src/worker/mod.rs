@@ -180,6 +180,31 @@ impl Worker {
         CallHandle::new(&self.inner, sent)
     }
 
+    /// Calls `name` once per input (encoded argument arrays) in one
+    /// request: the host runs them back to back. The results may be fewer
+    /// than the inputs: the batch stops after an input that trapped, was
+    /// interrupted or hit a limit (see `ToHost::CallBatch`).
+    pub(crate) async fn call_batch<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        args: Vec<Vec<u8>>,
+    ) -> Result<Vec<Result<R>>> {
+        let sent = self.inner.request(|id| ToHost::CallBatch {
+            id,
+            name: name.to_string(),
+            args: args.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+        });
+        let items: Vec<std::result::Result<serde_bytes::ByteBuf, Failure>> =
+            CallHandle::new(&self.inner, sent).await?;
+        Ok(items
+            .into_iter()
+            .map(|item| match item {
+                Ok(bytes) => self.inner.decode(&bytes),
+                Err(failure) => Err(self.inner.failure(failure)),
+            })
+            .collect())
+    }
+
     /// Calls the guest function `name` and waits for its value.
     pub async fn remote_call_fetch<R: DeserializeOwned>(
         &self,

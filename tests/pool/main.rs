@@ -212,6 +212,61 @@ async fn a_reset_guest_runs_the_setup_again() {
     assert_eq!(script.stats().resets, 1);
 }
 
+/// A map sends its inputs in chunks, run back to back in the worker. An
+/// input that runs out of fuel (its guest is reset) ends its chunk; the
+/// rest of the chunk runs after the setup code ran again; every input
+/// keeps its own result, in order, chunked or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_stop_at_a_reset_and_go_on_after_the_setup() {
+    let f = "fn f(x) { if x % 50 == 7 { loop { } } x * 2 }";
+    let inputs: Vec<i64> = (0..400).collect();
+    let check = |results: Vec<malt::Result<i64>>| {
+        assert_eq!(results.len(), 400);
+        for (x, result) in results.into_iter().enumerate() {
+            match x % 50 {
+                7 => assert!(
+                    matches!(
+                        result,
+                        Err(Error::LimitExceeded {
+                            limit: malt::Limit::Fuel,
+                            ..
+                        })
+                    ),
+                    "{x}: {result:?}"
+                ),
+                _ => assert_eq!(result.unwrap(), 2 * x as i64, "{x}"),
+            }
+        }
+    };
+    for chunk in [None, Some(1), Some(64)] {
+        let mut builder = Pool::builder(Worker::script().fuel(20_000_000))
+            .size(2)
+            .setup(f);
+        if let Some(n) = chunk {
+            builder = builder.chunk_size(n);
+        }
+        let pool = builder.spawn().await.unwrap();
+        check(pool.map("f", inputs.iter().map(|&x| (x,))).await);
+        let stats = pool.stats();
+        assert_eq!((stats.done, stats.failed), (392, 8), "{chunk:?}: {stats:?}");
+        assert_eq!(
+            stats.resets, 8,
+            "{chunk:?}: the setup ran again after each reset"
+        );
+        // The stream form chunks what is ready.
+        use futures_util::StreamExt;
+        let streamed: Vec<malt::Result<i64>> = pool
+            .map_stream(
+                "f",
+                futures_util::stream::iter(inputs.clone().into_iter().map(|x| (x,))),
+            )
+            .collect()
+            .await;
+        check(streamed);
+        pool.stop().await;
+    }
+}
+
 /// 20 SIGKILLs at random workers while 2 000 calls run, as the kernel's
 /// OOM killer would do (CPython's Pool hangs then): every plain call is
 /// its value or `TerminatedWorker`, every idempotent one its value, and

@@ -90,6 +90,13 @@ fn run(cmd: &mut Command, what: &str) {
     );
 }
 
+/// Whether OpenSSH (server, client, keygen) is installed.
+pub fn available() -> bool {
+    ["sshd", "ssh", "ssh-keygen"]
+        .iter()
+        .all(|p| find(p).is_some())
+}
+
 /// The server, started on first use.
 pub fn sshd() -> &'static Sshd {
     static SSHD: OnceLock<Sshd> = OnceLock::new();
