@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::launcher::Launcher;
+use crate::launcher::Launch as LaunchHost;
 use crate::output::OutputSink;
 use crate::process::{self, HostProgram};
 use crate::protocol::{
@@ -29,7 +29,7 @@ pub(crate) enum Via {
     /// Threads of this process.
     InProcess,
     /// A launcher's command (the host may be on another machine).
-    Launcher(Launcher),
+    Launcher(Arc<dyn LaunchHost>),
 }
 
 /// Everything needed to start a worker's host, again if need be (a
@@ -230,7 +230,7 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
         }
         Via::InProcess => connect_in_process(launch).await,
         Via::Launcher(launcher) => {
-            let command = launcher.command_for(&[arg]);
+            let command = launcher.command(&[arg]);
             let shown = shell_words(&command);
             let child = process::spawn_launcher(command).await.map_err(|e| {
                 StartError::new(StartFailure::Exited, format!("cannot run {shown}: {e}"))

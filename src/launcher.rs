@@ -1,6 +1,7 @@
-//! How a worker's host is started and reached, when not as a process of
-//! this program on this machine (the default) or on threads of this
-//! process ([`WorkerBuilder::in_process`](crate::WorkerBuilder::in_process)).
+//! How a worker's host is started and reached: as a process of this
+//! program on this machine ([`Launcher::local`], the default), on threads
+//! of this process ([`Launcher::in_process`]), or by a command that may
+//! reach another machine.
 //!
 //! A host only needs a byte stream to its manager, so any command whose
 //! stdin and stdout reach a remote `malt __malt-host` serves: OpenSSH with
@@ -72,12 +73,36 @@ pub trait Launch: fmt::Debug + Send + Sync + 'static {
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct Launcher(Arc<dyn Launch>);
+pub struct Launcher(pub(crate) Via);
+
+/// The launchers malt knows, and yours.
+#[derive(Clone)]
+pub(crate) enum Via {
+    /// A process of this program (or the chosen host program) here.
+    Local,
+    /// Threads of this process.
+    InProcess,
+    /// A command: a host anywhere.
+    Command(Arc<dyn Launch>),
+}
 
 impl Launcher {
     /// A launcher of your own.
     pub fn new(launch: impl Launch) -> Self {
-        Launcher(Arc::new(launch))
+        Launcher(Via::Command(Arc::new(launch)))
+    }
+
+    /// The default: the host is a process of this program (or of
+    /// [`host_program`](crate::WorkerBuilder::host_program)) on this
+    /// machine, sharing its artifact cache.
+    pub fn local() -> Self {
+        Launcher(Via::Local)
+    }
+
+    /// The host runs on threads of this process (the wasm wall only), as
+    /// [`WorkerBuilder::in_process`](crate::WorkerBuilder::in_process).
+    pub fn in_process() -> Self {
+        Launcher(Via::InProcess)
     }
 
     /// Runs hosts through OpenSSH: `ssh -T [ARGS] -- DESTINATION malt
@@ -102,15 +127,15 @@ impl Launcher {
     {
         Launcher::new(Argv(argv.into_iter().map(Into::into).collect()))
     }
-
-    pub(crate) fn command_for(&self, host_args: &[&str]) -> std::process::Command {
-        self.0.command(host_args)
-    }
 }
 
 impl fmt::Debug for Launcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        match &self.0 {
+            Via::Local => f.write_str("Launcher::local()"),
+            Via::InProcess => f.write_str("Launcher::in_process()"),
+            Via::Command(launch) => launch.fmt(f),
+        }
     }
 }
 
@@ -255,8 +280,11 @@ mod tests {
     #[test]
     fn a_command_gets_the_host_arguments_last() {
         let launcher = Launcher::command(["kubectl", "exec", "-i", "pod", "--", "malt"]);
+        let Via::Command(launch) = &launcher.0 else {
+            panic!("a command launcher")
+        };
         assert_eq!(
-            argv(&launcher.command_for(&["__malt-host"])),
+            argv(&launch.command(&["__malt-host"])),
             ["kubectl", "exec", "-i", "pod", "--", "malt", "__malt-host"]
         );
     }

@@ -110,6 +110,16 @@ impl WorkerBuilder {
         WorkerBuilder(self.0.host_program(program))
     }
 
+    /// See [`crate::WorkerBuilder::launcher`].
+    pub fn launcher(self, launcher: impl Into<crate::Launcher>) -> Self {
+        WorkerBuilder(self.0.launcher(launcher))
+    }
+
+    /// See [`crate::WorkerBuilder::heartbeat`].
+    pub fn heartbeat(self, interval: Option<Duration>) -> Self {
+        WorkerBuilder(self.0.heartbeat(interval))
+    }
+
     /// Starts the worker and waits until it is ready.
     pub fn spawn(self) -> Result<Worker> {
         block_on(self.0.spawn()).map(|inner| Worker { inner })
@@ -184,6 +194,11 @@ impl Worker {
     /// See [`crate::Worker::name`].
     pub fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    /// See [`crate::Worker::host_pid`].
+    pub fn host_pid(&self) -> u32 {
+        self.inner.host_pid()
     }
 
     /// See [`crate::Worker::pid`].
@@ -345,6 +360,38 @@ mod tests {
         // And nothing of its own but the way back to the async worker.
         let extra: Vec<_> = blocking_api.difference(&async_api).collect();
         assert_eq!(extra, ["as_async"]);
+    }
+
+    #[test]
+    fn the_blocking_builders_have_every_method_of_the_async_ones() {
+        for (async_source, blocking_source, opening) in [
+            (
+                include_str!("../worker/builder.rs"),
+                include_str!("mod.rs"),
+                "impl WorkerBuilder {",
+            ),
+            (
+                include_str!("../pool/mod.rs"),
+                include_str!("pool.rs"),
+                "impl PoolBuilder {",
+            ),
+        ] {
+            let async_api = methods(async_source, opening);
+            let mut blocking_api = methods(blocking_source, opening);
+            // Methods written through the forwarding macro.
+            for line in blocking_source.lines() {
+                if let Some(rest) = line.trim_start().strip_prefix("fn ") {
+                    blocking_api.insert(
+                        rest.chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect(),
+                    );
+                }
+            }
+            assert!(async_api.len() > 5, "found {async_api:?}");
+            let missing: Vec<_> = async_api.difference(&blocking_api).collect();
+            assert!(missing.is_empty(), "{opening} (blocking) lacks {missing:?}");
+        }
     }
 
     #[test]

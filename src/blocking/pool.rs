@@ -33,6 +33,11 @@ impl PoolBuilder {
         PoolBuilder(self.0.requests_per_worker(requests))
     }
 
+    /// How many inputs of a map go to a worker in one request.
+    pub fn chunk_size(self, inputs: usize) -> Self {
+        PoolBuilder(self.0.chunk_size(inputs))
+    }
+
     /// How dead workers are replaced.
     pub fn restart_policy(self, policy: RestartPolicy) -> Self {
         PoolBuilder(self.0.restart_policy(policy))

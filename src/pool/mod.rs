@@ -17,10 +17,10 @@
 //! with jitter, and at most so many restarts in a window, after which the
 //! pool gives that worker up, so a poison input cannot crash-loop it. A
 //! pool with no worker left fails its requests with
-//! [`Error::PoolExhausted`](crate::Error::PoolExhausted); nothing waits forever on a dead worker.
+//! [`Error::PoolExhausted`]; nothing waits forever on a dead worker.
 //!
 //! A request on a worker that dies fails with
-//! [`Error::TerminatedWorker`](crate::Error::TerminatedWorker),
+//! [`Error::TerminatedWorker`],
 //! unless it was marked idempotent with [`PoolCall::retry`]: then it runs
 //! again on another worker.
 //!
@@ -359,7 +359,7 @@ impl Pool {
     }
 
     /// Stops every worker; requests still waiting fail with
-    /// [`Error::TerminatedWorker`](crate::Error::TerminatedWorker), and so
+    /// [`Error::TerminatedWorker`], and so
     /// do later ones.
     pub async fn stop(&self) {
         self.shared.stop().await;

@@ -82,7 +82,7 @@ pub struct WorkerBuilder {
     require_hardening: bool,
     output_limit: u64,
     max_pending: usize,
-    launcher: Option<Launcher>,
+    launcher: Option<Arc<dyn crate::launcher::Launch>>,
     heartbeat: Option<Duration>,
 }
 
@@ -193,6 +193,7 @@ impl WorkerBuilder {
     /// only.
     pub fn in_process(mut self) -> Self {
         self.in_process = true;
+        self.launcher = None;
         self
     }
 
@@ -202,7 +203,14 @@ impl WorkerBuilder {
     /// travels over the protocol by content, and heartbeats watch the link
     /// (see [`crate::launcher`]). The host must be this same malt version.
     pub fn launcher(mut self, launcher: impl Into<Launcher>) -> Self {
-        self.launcher = Some(launcher.into());
+        use crate::launcher::Via;
+        let (remote, in_process) = match launcher.into().0 {
+            Via::Local => (None, false),
+            Via::InProcess => (None, true),
+            Via::Command(launch) => (Some(launch), false),
+        };
+        self.launcher = remote;
+        self.in_process = in_process;
         self
     }
 
@@ -292,11 +300,6 @@ impl WorkerBuilder {
                 "hardening is required, but only a wasm worker in a process of its own \
                  locks itself down (this one is in-process or native)"
                     .into(),
-            ));
-        }
-        if self.launcher.is_some() && self.in_process {
-            return Err(refuse(
-                "a worker is either in-process or started by a launcher, not both".into(),
             ));
         }
         // A host behind a launcher has its own cache: it gets the
