@@ -155,6 +155,13 @@ fn compile_here(args: &[String]) -> std::result::Result<(), String> {
             .map_err(|e| format!("{COMPILE_ARG}: {s}: {e}"))
     };
     let (memory, secs) = (number(memory)?, number(secs)?);
+    // Cranelift compiles on rayon's global pool: start its threads (and
+    // map their stacks) before the address space is capped, so that the
+    // cap fails an allocation (a clear out-of-memory) rather than the
+    // creation of a thread.
+    rayon_core::ThreadPoolBuilder::new()
+        .build_global()
+        .map_err(|e| format!("cannot start the compiler's threads: {e}"))?;
     // SAFETY: prctl and setrlimit with valid arguments; nothing else runs
     // yet in this process.
     unsafe {
