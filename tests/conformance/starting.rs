@@ -143,3 +143,40 @@ async fn in_process_is_for_wasm_guests() {
     let msg = spawn_error(Worker::native().in_process()).await;
     assert!(msg.contains("wasm guests only"), "{msg}");
 }
+
+/// The launchers for here: in-process and a local process, the last one
+/// given wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_launchers_choose_the_kind_of_worker() {
+    use malt::{Launcher, WorkerKind};
+    let cases = [
+        (
+            Worker::script().launcher(Launcher::in_process()),
+            WorkerKind::InProcess,
+        ),
+        (
+            Worker::script().launcher(Launcher::local()),
+            WorkerKind::Wasm,
+        ),
+        (
+            Worker::script().in_process().launcher(Launcher::local()),
+            WorkerKind::Wasm,
+        ),
+        (
+            Worker::script()
+                .launcher(Launcher::command(["/nonexistent/malt"]))
+                .in_process(),
+            WorkerKind::InProcess,
+        ),
+    ];
+    for (builder, kind) in cases {
+        let w = builder.spawn().await.unwrap();
+        assert_eq!(w.kind(), kind);
+        assert_eq!(w.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
+        match kind {
+            WorkerKind::InProcess => assert_eq!(w.pid(), std::process::id()),
+            _ => assert_ne!(w.pid(), std::process::id()),
+        }
+        w.stop().await.unwrap();
+    }
+}
