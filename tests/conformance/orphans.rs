@@ -11,7 +11,8 @@ use crate::lifecycle::{process_alive, wait_gone};
 const KILLED_CHILD_ENV: &str = "MALT_TEST_KILLED_MANAGER";
 
 /// No orphans: a manager killed with SIGKILL (no destructor, no exit
-/// handler) takes its workers with it.
+/// handler) takes its workers with it, a worker over SSH too (its ssh,
+/// and the host on the far side).
 #[tokio::test]
 async fn no_worker_survives_its_manager() {
     use tokio::io::AsyncBufReadExt;
@@ -30,12 +31,12 @@ async fn no_worker_survives_its_manager() {
         .unwrap();
     let mut lines = tokio::io::BufReader::new(manager.stdout.take().unwrap()).lines();
     let mut pids = Vec::new();
-    while pids.len() < 2 {
+    while pids.len() < 4 {
         let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
             .expect("the child started its workers")
             .unwrap()
-            .expect("the child printed two worker pids");
+            .expect("the child printed four worker pids");
         if let Some(pid) = line.split("worker pid ").nth(1) {
             pids.push(pid.trim().parse::<u32>().unwrap());
         }
@@ -59,8 +60,15 @@ fn killed_manager_child() {
     }
     let wasm = malt::blocking::Worker::script().spawn().unwrap();
     let native = malt::blocking::Worker::native().spawn().unwrap();
+    let remote = malt::blocking::Worker::script()
+        .launcher(crate::common::ssh_launcher())
+        .spawn()
+        .unwrap();
     println!("worker pid {}", wasm.pid());
     println!("worker pid {}", native.pid());
+    // The local ssh, and the host it reaches.
+    println!("worker pid {}", remote.pid());
+    println!("worker pid {}", remote.host_pid());
     std::thread::sleep(Duration::from_secs(60));
     panic!("the parent did not kill this manager");
 }
