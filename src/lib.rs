@@ -150,6 +150,7 @@ pub mod launcher;
 mod output;
 pub mod pool;
 mod process;
+pub mod python;
 pub mod tools;
 mod worker;
 

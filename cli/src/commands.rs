@@ -86,9 +86,12 @@ pub(crate) async fn eval(json: bool, code: &str, builder: WorkerBuilder) -> anyh
     Ok(())
 }
 
+/// `malt call`; `module` is a Python file (name, source) to run in the
+/// session first.
 pub(crate) async fn call(
     json: bool,
     builder: WorkerBuilder,
+    module: Option<(String, String)>,
     function: &str,
     args: &[String],
 ) -> anyhow::Result<()> {
@@ -100,6 +103,14 @@ pub(crate) async fn call(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let worker = builder.spawn().await?;
+    if let Some((name, source)) = module
+        && let Err(e) = worker
+            .remote_call_wait("__malt_load__", (name, source))
+            .await
+    {
+        let _ = worker.stop().await;
+        return Err(e.into());
+    }
     let result = worker
         .remote_call_fetch::<rmpv::Value>(function, args)
         .await;

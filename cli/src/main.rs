@@ -67,12 +67,16 @@ enum Command {
         #[arg(long, short)]
         file: Option<PathBuf>,
         /// A guest component (default: the built-in script guest).
-        #[arg(long, short, conflicts_with = "native")]
+        #[arg(long, short, conflicts_with_all = ["native", "python"])]
         guest: Option<PathBuf>,
         /// Use a native worker (a process running the script guest
         /// natively: faster to start, no wasm sandbox).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "python")]
         native: bool,
+        /// Evaluate Python (CPython in the wasm sandbox; build the guest
+        /// once with `malt build-python`).
+        #[arg(long)]
+        python: bool,
         #[command(flatten)]
         sandbox: Sandbox,
         #[command(flatten)]
@@ -86,11 +90,15 @@ enum Command {
   malt call guest.wasm greet '\"world\"' '{\"loud\": true}'")]
     Call {
         /// The guest component, or `script` for the built-in script guest;
-        /// with --native, a native worker program (or `script`).
+        /// with --native, a native worker program (or `script`); with
+        /// --python, a Python file defining the function.
         guest: String,
         /// Run the guest in a native worker.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "python")]
         native: bool,
+        /// GUEST is a Python file: run it in a Python session, then call.
+        #[arg(long)]
+        python: bool,
         /// The function.
         function: String,
         /// Arguments, each one JSON value.
@@ -159,11 +167,14 @@ EXAMPLES:
   A line with unclosed brackets, or ending in \\, continues on the next.")]
     Repl {
         /// A guest component (default: the built-in script guest).
-        #[arg(conflicts_with = "native")]
+        #[arg(conflicts_with_all = ["native", "python"])]
         guest: Option<PathBuf>,
         /// Use a native worker (the script guest natively, no wasm sandbox).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "python")]
         native: bool,
+        /// A Python session (blocks go on until an empty line).
+        #[arg(long)]
+        python: bool,
         #[command(flatten)]
         sandbox: Sandbox,
         #[command(flatten)]
@@ -191,6 +202,18 @@ EXAMPLES:
         #[arg(long)]
         fuel: bool,
     },
+    /// Build the Python guest component (needs componentize-py 0.25.1).
+    #[command(
+        name = "build-python",
+        after_help = "EXAMPLES:
+  pip install componentize-py==0.25.1 && malt build-python
+  malt build-python -o python.wasm && MALT_PYTHON_COMPONENT=python.wasm malt eval --python '1 + 1'"
+    )]
+    BuildPython {
+        /// Where to write it (default: where `--python` looks).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -201,25 +224,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             guest,
             native,
+            python,
             sandbox,
             remote,
         } => {
             let code = read_code(&code, file.as_deref())?;
-            let builder =
-                remote.apply(sandbox.apply(builder_for(guest.as_deref(), native), native)?);
+            let base = match python {
+                true => Worker::python(),
+                false => builder_for(guest.as_deref(), native),
+            };
+            let builder = remote.apply(sandbox.apply(base, native)?);
             runtime()?.block_on(eval(json, &code, builder))?;
         }
         Command::Call {
             guest,
             native,
+            python,
             function,
             args,
             sandbox,
             remote,
         } => {
-            let builder =
-                remote.apply(sandbox.apply(builder_for(Some(Path::new(&guest)), native), native)?);
-            runtime()?.block_on(call(json, builder, &function, &args))?
+            let (base, module) = match python {
+                true => {
+                    let source = std::fs::read_to_string(&guest)
+                        .with_context(|| format!("cannot read the Python file {guest}"))?;
+                    (Worker::python(), Some((guest.clone(), source)))
+                }
+                false => (builder_for(Some(Path::new(&guest)), native), None),
+            };
+            let builder = remote.apply(sandbox.apply(base, native)?);
+            runtime()?.block_on(call(json, builder, module, &function, &args))?
         }
         Command::Map {
             guest,
@@ -263,12 +298,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Repl {
             guest,
             native,
+            python,
             sandbox,
             remote,
         } => {
-            let builder =
-                remote.apply(sandbox.apply(builder_for(guest.as_deref(), native), native)?);
-            repl::run(runtime()?, builder)?;
+            let (base, language) = match python {
+                true => (Worker::python(), repl::Language::Python),
+                false => (
+                    builder_for(guest.as_deref(), native),
+                    repl::Language::Script,
+                ),
+            };
+            let builder = remote.apply(sandbox.apply(base, native)?);
+            repl::run(runtime()?, builder, language)?;
         }
         Command::Inspect { guest } => inspect(json, &guest)?,
         Command::Compile {
@@ -276,6 +318,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             fuel,
         } => compile(json, &guest, output.as_deref(), fuel)?,
+        Command::BuildPython { output } => {
+            let path = malt::python::build_component(output.as_deref())?;
+            if json {
+                println!("{}", serde_json::json!({ "component": path }));
+            } else {
+                println!("{}", path.display());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

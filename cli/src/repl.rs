@@ -13,16 +13,33 @@ use rustyline::error::ReadlineError;
 const PROMPT: &str = "malt> ";
 const CONTINUE: &str = "....> ";
 
+/// The guest language, for when an input is complete.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    /// Rhai, or any guest: brackets decide.
+    Script,
+    /// Python: brackets, and an indented block goes on until an empty
+    /// line (as in `python3`'s own REPL).
+    Python,
+}
+
 /// Whether the input so far is complete: brackets balanced (outside
-/// strings) and no trailing backslash.
-fn complete(code: &str) -> bool {
+/// strings and, in Python, comments), no trailing backslash, and in
+/// Python no block still open.
+fn complete(code: &str, language: Language) -> bool {
     if code.trim_end().ends_with('\\') {
         return false;
     }
+    let python = language == Language::Python;
     let mut depth = 0i64;
     let mut in_string: Option<char> = None;
+    let mut in_comment = false;
     let mut escaped = false;
     for c in code.chars() {
+        if in_comment {
+            in_comment = c != '\n';
+            continue;
+        }
         if let Some(q) = in_string {
             match c {
                 _ if escaped => escaped = false,
@@ -34,12 +51,26 @@ fn complete(code: &str) -> bool {
         }
         match c {
             '"' | '`' => in_string = Some(c),
+            '\'' if python => in_string = Some(c),
+            '#' if python => in_comment = true,
             '(' | '[' | '{' => depth += 1,
             ')' | ']' | '}' => depth -= 1,
             _ => {}
         }
     }
-    depth <= 0 && in_string.is_none()
+    if depth > 0 || in_string.is_some() {
+        return false;
+    }
+    if python {
+        // A compound statement (or a decorator) opens a block that ends
+        // at an empty line.
+        let opens_block = code.lines().any(|line| {
+            let line = line.split('#').next().unwrap_or("").trim_end();
+            line.ends_with(':') || line.trim_start().starts_with('@')
+        });
+        return !opens_block || code.ends_with('\n');
+    }
+    true
 }
 
 fn paint(code: &str, text: &str) -> String {
@@ -52,7 +83,11 @@ fn paint(code: &str, text: &str) -> String {
     }
 }
 
-pub fn run(runtime: tokio::runtime::Runtime, builder: WorkerBuilder) -> anyhow::Result<()> {
+pub fn run(
+    runtime: tokio::runtime::Runtime,
+    builder: WorkerBuilder,
+    language: Language,
+) -> anyhow::Result<()> {
     let worker = runtime.block_on(builder.spawn())?;
     let mut editor = rustyline::DefaultEditor::new()?;
     let history = malt::cache_dir().join("repl_history");
@@ -74,7 +109,7 @@ pub fn run(runtime: tokio::runtime::Runtime, builder: WorkerBuilder) -> anyhow::
                     buffer.push('\n');
                 }
                 buffer.push_str(trimmed.strip_suffix('\\').unwrap_or(&line));
-                if continued || !complete(&buffer) {
+                if continued || !complete(&buffer, language) {
                     continue;
                 }
                 let code = std::mem::take(&mut buffer);
@@ -132,14 +167,30 @@ async fn evaluate(worker: &malt::Worker, code: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::complete;
+    use super::{Language, complete};
 
     #[test]
     fn continuation() {
-        assert!(complete("1 + 1"));
-        assert!(!complete("fn f(x) {"));
-        assert!(complete("fn f(x) {\n x }"));
-        assert!(complete(r#"print("{")"#));
-        assert!(!complete("let x = 1 + \\"));
+        let script = |code| complete(code, Language::Script);
+        assert!(script("1 + 1"));
+        assert!(!script("fn f(x) {"));
+        assert!(script("fn f(x) {\n x }"));
+        assert!(script(r#"print("{")"#));
+        assert!(!script("let x = 1 + \\"));
+    }
+
+    #[test]
+    fn python_blocks_go_on_until_an_empty_line() {
+        let python = |code| complete(code, Language::Python);
+        assert!(python("1 + 1"));
+        assert!(!python("def f(x):"));
+        assert!(!python("def f(x):\n    return x"));
+        assert!(python("def f(x):\n    return x\n"));
+        assert!(!python("@cache"));
+        assert!(!python("x = [1,\n"));
+        assert!(python("x = [1,\n 2]"));
+        assert!(python("s = 'a:'"));
+        assert!(python("y = 1  # (not a bracket: a comment"));
+        assert!(!python("s = \"abc"));
     }
 }

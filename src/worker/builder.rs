@@ -55,6 +55,9 @@ pub(crate) enum GuestSource {
     Script,
     /// A wasm component file.
     Wasm(PathBuf),
+    /// The Python guest component (a wasm component that may not be
+    /// built yet).
+    Python(PathBuf),
     /// The script guest compiled into the host (no wasm).
     NativeScript,
     /// A program serving its own native guest.
@@ -284,7 +287,7 @@ impl WorkerBuilder {
     /// component into the artifact cache the first time: that one-time cost
     /// is ~2 s, but a minute in a debug build whose dependencies are not
     /// optimized (see the crate docs), and a timeout there would only waste it.
-    pub async fn spawn(self) -> Result<Worker> {
+    pub async fn spawn(mut self) -> Result<Worker> {
         let number = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
         let label = format!("worker {number}");
         let timeout = self.spawn_timeout;
@@ -294,7 +297,16 @@ impl WorkerBuilder {
             stderr: String::new(),
         };
         cache::check_grants(&self.dirs).map_err(refuse)?;
-        let wasm = matches!(self.guest, GuestSource::Script | GuestSource::Wasm(_));
+        if let GuestSource::Python(path) = &self.guest {
+            if !path.is_file() {
+                return Err(refuse(crate::python::missing(path)));
+            }
+            self.guest = GuestSource::Wasm(path.clone());
+        }
+        let wasm = matches!(
+            self.guest,
+            GuestSource::Script | GuestSource::Wasm(_) | GuestSource::Python(_)
+        );
         if self.require_hardening && (!wasm || self.in_process) {
             return Err(refuse(
                 "hardening is required, but only a wasm worker in a process of its own \
@@ -340,7 +352,7 @@ impl WorkerBuilder {
         };
         let fuel = self.fuel.is_some();
         let (kind, guest, program) = match &self.guest {
-            GuestSource::Script | GuestSource::Wasm(_) => {
+            GuestSource::Script | GuestSource::Wasm(_) | GuestSource::Python(_) => {
                 let spec = match artifact.expect("spawn prepares a wasm guest first") {
                     Prepared::Artifact(artifact) => GuestSpec::Artifact {
                         path: artifact.path.to_string_lossy().into_owned(),
@@ -494,7 +506,7 @@ pub(crate) enum Prepared {
 /// The bytes of a wasm guest.
 pub(crate) fn component_bytes(source: &GuestSource) -> Result<Cow<'static, [u8]>> {
     match source {
-        GuestSource::Wasm(path) => {
+        GuestSource::Wasm(path) | GuestSource::Python(path) => {
             let what = path.display().to_string();
             let bytes = std::fs::read(path)
                 .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
@@ -509,7 +521,7 @@ pub(crate) fn component_bytes(source: &GuestSource) -> Result<Cow<'static, [u8]>
 async fn component_spec(source: GuestSource) -> Result<Prepared> {
     tokio::task::spawn_blocking(move || {
         let (sha256, size) = match &source {
-            GuestSource::Wasm(_) => {
+            GuestSource::Wasm(_) | GuestSource::Python(_) => {
                 let bytes = component_bytes(&source)?;
                 (cache::sha256_hex(&bytes), bytes.len())
             }
@@ -528,7 +540,7 @@ async fn component_spec(source: GuestSource) -> Result<Prepared> {
 /// not have it).
 pub(crate) async fn prepare_artifact(source: GuestSource, fuel: bool) -> Result<cache::Artifact> {
     tokio::task::spawn_blocking(move || match source {
-        GuestSource::Wasm(path) => {
+        GuestSource::Wasm(path) | GuestSource::Python(path) => {
             let what = path.display().to_string();
             let bytes = std::fs::read(&path)
                 .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;

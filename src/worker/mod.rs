@@ -101,6 +101,21 @@ impl Worker {
         WorkerBuilder::new(GuestSource::NativeScript)
     }
 
+    /// A builder for a worker running a Python session (CPython in wasm;
+    /// see [`crate::python`]), from the component at
+    /// [`python::component_path`](crate::python::component_path). Build it
+    /// once with `malt build-python`; starting without it fails with what
+    /// to run.
+    pub fn python() -> WorkerBuilder {
+        WorkerBuilder::new(GuestSource::Python(crate::python::component_path()))
+    }
+
+    /// Like [`python`](Self::python), from a Python guest component at
+    /// `path` (as built by [`crate::python::build_component`]).
+    pub fn python_component(path: impl AsRef<Path>) -> WorkerBuilder {
+        WorkerBuilder::new(GuestSource::Python(path.as_ref().to_path_buf()))
+    }
+
     /// A builder for a native worker running your own program, which
     /// serves its guest with [`crate::host::main_if_host_with`].
     pub fn native_program(path: impl AsRef<Path>) -> WorkerBuilder {

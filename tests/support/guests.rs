@@ -123,3 +123,35 @@ pub fn native_guest_example() -> PathBuf {
     native_programs();
     target_dir().join("debug/examples/native_guest")
 }
+
+/// The Python guest component (guest/python), built with componentize-py
+/// by `guest/python/build.sh` when missing or older than its sources.
+#[allow(dead_code)]
+pub fn python_guest() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = target_dir().join("malt_python.wasm");
+            let sources = root().join("guest/python");
+            let newest_source = std::fs::read_dir(&sources)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok()?.modified().ok())
+                .chain(std::fs::metadata(root().join("wit/worker.wit")).and_then(|m| m.modified()))
+                .max();
+            let built = std::fs::metadata(&out).and_then(|m| m.modified()).ok();
+            if built.is_none() || built < newest_source {
+                let status = std::process::Command::new(sources.join("build.sh"))
+                    .arg(&out)
+                    .status()
+                    .unwrap_or_else(|e| panic!("run guest/python/build.sh: {e}"));
+                assert!(
+                    status.success(),
+                    "building the Python guest failed: it needs `pip install \
+                     componentize-py==0.25.1` (CI installs it)"
+                );
+            }
+            out
+        })
+        .clone()
+}

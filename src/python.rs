@@ -1,0 +1,149 @@
+//! Python guests: a CPython session in a wasm worker
+//! ([`Worker::python`](crate::Worker::python)).
+//!
+//! The guest is a WebAssembly component built with
+//! [componentize-py](https://github.com/bytecodealliance/componentize-py)
+//! from the Python sources that ship inside malt (`guest/python`): CPython,
+//! the guest's modules and a snapshot of the interpreter with the standard
+//! library's common modules already imported. It is about 19 MB and not
+//! embedded in malt: build it once with [`build_component`] (the CLI:
+//! `malt build-python`), which needs `pip install componentize-py==0.25.1`.
+//! It is written to [`component_path`], where `Worker::python()` looks;
+//! its compiled artifact is cached like any other component's.
+//!
+//! In a session, `remote_eval` runs code in one persistent namespace and
+//! returns the value of a trailing expression (as Jupyter does), `None`
+//! otherwise; `remote_call("f", args)` calls a function defined earlier.
+//! Values cross as MessagePack: None, bool, int, float, str, bytes, list,
+//! tuple, dict, nested. An exception is an [`Error::Remote`] carrying the
+//! traceback of the user's frames. An interrupt raises `KeyboardInterrupt`
+//! in running code (checked on loop jumps, in `time.sleep`, `malt.sleep`
+//! and `malt.channel_take`): code that lets it propagate ends with
+//! `Interrupted { state_lost: false }` and the namespace intact; code that
+//! ignores it is killed after the grace period (state lost), as any guest.
+//! Guest code can `import malt` for `interrupted()`, `sleep(s)`,
+//! `channel_put/take/is_ready` and `env(name)`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{Error, Result};
+
+/// Environment variable naming the Python guest component to use instead
+/// of the one at the default [`component_path`].
+pub const COMPONENT_ENV: &str = "MALT_PYTHON_COMPONENT";
+
+/// The componentize-py version the guest is built with.
+pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+
+/// The Python sources of the guest, and the world it implements.
+const SOURCES: [(&str, &str); 3] = [
+    ("guest.py", include_str!("../guest/python/guest.py")),
+    ("malt.py", include_str!("../guest/python/malt.py")),
+    ("_msgpack.py", include_str!("../guest/python/_msgpack.py")),
+];
+const WIT: &str = include_str!("../wit/worker.wit");
+
+/// Where `Worker::python()` finds the component: `$MALT_PYTHON_COMPONENT`,
+/// else `python/malt_python-VERSION.wasm` in the artifact cache directory.
+pub fn component_path() -> PathBuf {
+    match std::env::var_os(COMPONENT_ENV).filter(|p| !p.is_empty()) {
+        Some(path) => PathBuf::from(path),
+        None => crate::cache_dir()
+            .join("python")
+            .join(format!("malt_python-{}.wasm", crate::VERSION)),
+    }
+}
+
+/// What to do when the component is missing.
+pub(crate) fn missing(path: &Path) -> String {
+    format!(
+        "the Python guest component is not built ({} does not exist): run `pip install \
+         componentize-py=={COMPONENTIZE_PY_VERSION}` and `malt build-python` (or \
+         malt::python::build_component), or set ${COMPONENT_ENV} to a built one",
+        path.display()
+    )
+}
+
+/// Builds the Python guest component into `out` (default:
+/// [`component_path`]) with `componentize-py` from `PATH`, which must be
+/// version [`COMPONENTIZE_PY_VERSION`]. Takes about ten seconds. Returns
+/// the path written.
+pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
+    let out = out.map_or_else(component_path, Path::to_path_buf);
+    let failed = |why: String| Error::Component(format!("cannot build the Python guest: {why}"));
+    let version = Command::new("componentize-py")
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            failed(format!(
+                "componentize-py not found ({e}): pip install \
+                 componentize-py=={COMPONENTIZE_PY_VERSION}"
+            ))
+        })?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    if version.split_whitespace().nth(1) != Some(COMPONENTIZE_PY_VERSION) {
+        return Err(failed(format!(
+            "found {}, need componentize-py {COMPONENTIZE_PY_VERSION}: pip install \
+             componentize-py=={COMPONENTIZE_PY_VERSION}",
+            version.trim()
+        )));
+    }
+    let work =
+        scratch_dir().map_err(|e| failed(format!("cannot make a scratch directory: {e}")))?;
+    let result = (|| {
+        std::fs::create_dir(work.join("wit"))?;
+        std::fs::write(work.join("wit/worker.wit"), WIT)?;
+        for (name, source) in SOURCES {
+            std::fs::write(work.join(name), source)?;
+        }
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::io::Result::Ok(())
+    })()
+    .map_err(|e| failed(format!("cannot write the sources: {e}")));
+    let built = result.and_then(|()| {
+        let tmp = out.with_extension("wasm.tmp");
+        let status = Command::new("componentize-py")
+            .current_dir(&work)
+            .args([
+                "-q",
+                "-d",
+                "wit",
+                "-w",
+                "worker",
+                "componentize",
+                "-p",
+                ".",
+                "guest",
+                "-o",
+            ])
+            .arg(&tmp)
+            .output()
+            .map_err(|e| failed(format!("cannot run componentize-py: {e}")))?;
+        if !status.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(failed(format!(
+                "componentize-py failed ({}): {}",
+                status.status,
+                String::from_utf8_lossy(&status.stderr).trim()
+            )));
+        }
+        std::fs::rename(&tmp, &out)
+            .map_err(|e| failed(format!("cannot write {}: {e}", out.display())))
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    built.map(|()| out)
+}
+
+/// A fresh private directory under the temporary directory.
+fn scratch_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = std::env::temp_dir().join(format!("malt-python-{name}"));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,393 @@
+//! Python guests: a notebook-like session in the wasm sandbox, its values,
+//! errors and interrupts, the standard library, and the sandbox's walls.
+
+#[path = "../support/guests.rs"]
+mod guests;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use malt::{Error, Worker, WorkerBuilder};
+use serde::{Deserialize, Serialize};
+
+fn python() -> WorkerBuilder {
+    Worker::python_component(guests::python_guest())
+}
+
+async fn session() -> Worker {
+    python().spawn().await.expect("start a Python worker")
+}
+
+fn remote_message(err: &Error) -> &str {
+    match err {
+        Error::Remote(e) => &e.message,
+        other => panic!("expected a remote exception, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_definitions_and_returns_trailing_values() {
+    let w = session().await;
+    assert_eq!(w.remote_eval_fetch::<i64>("1 + 1").await.unwrap(), 2);
+    // A statement has no value: None.
+    let none: Option<i64> = w.remote_eval_fetch("x = 20").await.unwrap();
+    assert_eq!(none, None);
+    assert_eq!(w.remote_eval_fetch::<i64>("x * 2 + 2").await.unwrap(), 42);
+    w.remote_eval_wait("def area(w, h=1):\n    return w * h\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        w.remote_call_fetch::<i64>("area", (6, 7)).await.unwrap(),
+        42
+    );
+    assert_eq!(w.remote_call_fetch::<i64>("area", (5,)).await.unwrap(), 5);
+    // Built-ins and dotted names are callable too.
+    assert_eq!(
+        w.remote_call_fetch::<i64>("len", ("four",)).await.unwrap(),
+        4
+    );
+    w.remote_eval_wait("import math").await.unwrap();
+    assert_eq!(
+        w.remote_call_fetch::<f64>("math.sqrt", (9.0,))
+            .await
+            .unwrap(),
+        3.0
+    );
+    let err = w.remote_call_fetch::<i64>("nowhere", ()).await.unwrap_err();
+    assert!(
+        remote_message(&err).contains("'nowhere' is not defined"),
+        "{err}"
+    );
+    w.stop().await.unwrap();
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Record {
+    name: String,
+    tags: Vec<String>,
+    score: f64,
+    blob: serde_bytes::ByteBuf,
+    parent: Option<Box<Record>>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_cross_as_messagepack_and_others_are_named() {
+    let w = session().await;
+    w.remote_eval_wait("def echo(v):\n    return v\n")
+        .await
+        .unwrap();
+    let record = Record {
+        name: "é ü".into(),
+        tags: vec!["a".into(); 40],
+        score: -1.5,
+        blob: serde_bytes::ByteBuf::from(vec![0u8, 255, 7]),
+        parent: Some(Box::new(Record {
+            name: "root".into(),
+            tags: vec![],
+            score: 0.0,
+            blob: serde_bytes::ByteBuf::from(vec![1u8; 70_000]),
+            parent: None,
+        })),
+    };
+    let back: Record = w.remote_call_fetch("echo", (&record,)).await.unwrap();
+    assert_eq!(back, record);
+    for n in [0i64, -1, -33, 127, 128, 65_536, i64::MIN, i64::MAX] {
+        assert_eq!(w.remote_call_fetch::<i64>("echo", (n,)).await.unwrap(), n);
+    }
+    let map: BTreeMap<String, Vec<Option<bool>>> = w
+        .remote_eval_fetch("{'k': [True, None, False], 'j': []}")
+        .await
+        .unwrap();
+    assert_eq!(map["k"], [Some(true), None, Some(false)]);
+    // A tuple crosses as a list; a set does not cross at all.
+    assert_eq!(
+        w.remote_eval_fetch::<Vec<i64>>("(1, 2)").await.unwrap(),
+        [1, 2]
+    );
+    let err = w.remote_eval_fetch::<i64>("{1, 2}").await.unwrap_err();
+    assert!(remote_message(&err).contains("type set"), "{err}");
+    let err = w.remote_eval_fetch::<i64>("2 ** 80").await.unwrap_err();
+    assert!(
+        remote_message(&err).contains("does not fit in 64 bits"),
+        "{err}"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_goes_to_the_workers_stdout() {
+    let w = python().monitor_output(false).spawn().await.unwrap();
+    w.remote_eval_wait("print('hello from python')\nimport sys\nprint('oops', file=sys.stderr)")
+        .await
+        .unwrap();
+    let mut out = w.take_output().unwrap();
+    w.stop().await.unwrap();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    while let Some(chunk) = out.recv().await {
+        let text = String::from_utf8_lossy(&chunk.data).into_owned();
+        match chunk.stream {
+            malt::Stream::Stdout => stdout.push_str(&text),
+            malt::Stream::Stderr => stderr.push_str(&text),
+        }
+    }
+    assert_eq!(stdout, "hello from python\n");
+    assert_eq!(stderr, "oops\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_tracebacks_of_the_users_frames() {
+    let w = session().await;
+    w.remote_eval_wait("def inner(x):\n    return 10 / x\n\ndef outer():\n    return inner(0)\n")
+        .await
+        .unwrap();
+    let err = w.remote_call_fetch::<f64>("outer", ()).await.unwrap_err();
+    let message = remote_message(&err);
+    assert!(
+        message.starts_with("Traceback (most recent call last):"),
+        "{message}"
+    );
+    assert!(
+        message.contains("in outer") && message.contains("in inner"),
+        "{message}"
+    );
+    assert!(
+        message.contains("return 10 / x"),
+        "the source line: {message}"
+    );
+    assert!(
+        message.ends_with("ZeroDivisionError: division by zero"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("guest.py"),
+        "no plumbing frames: {message}"
+    );
+
+    let err = w
+        .remote_eval_fetch::<i64>("x = (1 +\n  * 2)")
+        .await
+        .unwrap_err();
+    let message = remote_message(&err);
+    assert!(message.contains("SyntaxError"), "{message}");
+    assert!(message.contains('^'), "the caret: {message}");
+    assert!(message.contains("line 2"), "{message}");
+    assert!(!message.contains("Traceback"), "{message}");
+
+    // Deep recursion is a RecursionError, not a crash: the session lives.
+    w.remote_eval_wait("kept = 'still here'\ndef down(n):\n    return down(n + 1)\n")
+        .await
+        .unwrap();
+    let err = w.remote_call_fetch::<i64>("down", (0,)).await.unwrap_err();
+    assert!(remote_message(&err).contains("RecursionError"), "{err}");
+    assert_eq!(
+        w.remote_eval_fetch::<String>("kept").await.unwrap(),
+        "still here"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_memory_keeps_the_session() {
+    let w = python().memory_limit(96 << 20).spawn().await.unwrap();
+    w.remote_eval_wait("kept = [1, 2, 3]").await.unwrap();
+    let err = w
+        .remote_eval_fetch::<i64>("big = bytearray(512 * 1024 * 1024)")
+        .await
+        .unwrap_err();
+    assert!(remote_message(&err).contains("MemoryError"), "{err}");
+    assert_eq!(w.remote_eval_fetch::<i64>("sum(kept)").await.unwrap(), 6);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
+    let w = python()
+        .interrupt_grace(Duration::from_secs(5))
+        .spawn()
+        .await
+        .unwrap();
+    w.remote_eval_wait("kept = 41").await.unwrap();
+    for code in [
+        "while True:\n    pass",
+        "import time\ntime.sleep(60)",
+        "import malt\nmalt.sleep(60)",
+        "import malt\nmalt.channel_take('never')",
+        "n = 0\nwhile True:\n    n += 1",
+    ] {
+        let running = w.remote_eval::<i64>(code);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w.interrupt().unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .expect("the interrupt ends it")
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Interrupted { state_lost: false }),
+            "{code:?}: {err:?}"
+        );
+        assert_eq!(
+            w.remote_eval_fetch::<i64>("kept + 1").await.unwrap(),
+            42,
+            "{code:?}: the namespace is intact"
+        );
+    }
+    // Code may catch it where Python raises it (a sleep, a channel take),
+    // as in Jupyter.
+    let caught = w.remote_eval::<String>(
+        "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.interrupt().unwrap();
+    assert_eq!(caught.await.unwrap(), "caught");
+    // Code stuck in C (no loop of Python's own to check in) is killed
+    // after the grace period, as any guest: its state is lost.
+    let stubborn = python()
+        .interrupt_grace(Duration::from_millis(300))
+        .spawn()
+        .await
+        .unwrap();
+    stubborn.remote_eval_wait("kept = 1").await.unwrap();
+    let running = stubborn.remote_eval::<i64>("sum(range(10 ** 15))");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stubborn.interrupt().unwrap();
+    let err = running.await.unwrap_err();
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: true }),
+        "{err:?}"
+    );
+    let gone = stubborn.remote_eval_fetch::<i64>("kept").await.unwrap_err();
+    assert!(remote_message(&gone).contains("NameError"), "{gone}");
+    w.stop().await.unwrap();
+    stubborn.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_library_is_there_at_run_time() {
+    let w = session().await;
+    let modules = [
+        "json",
+        "re",
+        "math",
+        "statistics",
+        "datetime",
+        "collections",
+        "itertools",
+        "functools",
+        "decimal",
+        "fractions",
+        "random",
+        "textwrap",
+        "csv",
+        "dataclasses",
+        "typing",
+        "hashlib",
+        "base64",
+    ];
+    let code = format!(
+        "import {}\n[json.dumps({{'a': 1}}), hashlib.sha256(b'x').hexdigest()[:8], \
+         str(fractions.Fraction(1, 3) + fractions.Fraction(1, 6)), \
+         base64.b64encode(b'malt').decode(), statistics.median([3, 1, 2])]",
+        modules.join(", ")
+    );
+    let out: (String, String, String, String, i64) = w.remote_eval_fetch(&code).await.unwrap();
+    assert_eq!(
+        out,
+        (
+            "{\"a\": 1}".into(),
+            "2d711642".into(),
+            "1/2".into(),
+            "bWFsdA==".into(),
+            2
+        )
+    );
+    // Every worker gets its own random seed, not the build's.
+    let other = session().await;
+    let draw = "import random\nrandom.getrandbits(64)";
+    let a: u64 = w.remote_eval_fetch(draw).await.unwrap();
+    let b: u64 = other.remote_eval_fetch(draw).await.unwrap();
+    assert_ne!(a, b, "two workers drew the same number");
+    w.stop().await.unwrap();
+    other.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_holds_for_python() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.txt"), "granted").unwrap();
+    let w = python()
+        .dir_read_only(dir.path(), "/data")
+        .env("GREETING", "hi")
+        .call_timeout(Duration::from_secs(2))
+        .spawn()
+        .await
+        .unwrap();
+    let read: String = w
+        .remote_eval_fetch("open('/data/in.txt').read()")
+        .await
+        .unwrap();
+    assert_eq!(read, "granted");
+    for (code, says) in [
+        ("open('/etc/passwd').read()", "FileNotFoundError"),
+        ("open('/data/new.txt', 'w')", "Error"),
+        (
+            "import socket\nsocket.create_connection(('127.0.0.1', 22))",
+            "Error",
+        ),
+        ("import subprocess\nsubprocess.run(['true'])", "Error"),
+    ] {
+        let err = w.remote_eval_fetch::<String>(code).await.unwrap_err();
+        assert!(remote_message(&err).contains(says), "{code}: {err}");
+    }
+    let env: (Option<String>, Option<String>) = w
+        .remote_eval_fetch("import os, malt\n(malt.env('GREETING'), os.environ.get('HOME'))")
+        .await
+        .unwrap();
+    assert_eq!(env, (Some("hi".into()), None));
+    // The call timeout stops a runaway loop.
+    let err = w
+        .remote_eval_fetch::<i64>("while True:\n    pass")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout), "{err:?}");
+    assert_eq!(w.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_runs_in_process_and_in_a_pool() {
+    let w = python().in_process().spawn().await.unwrap();
+    assert_eq!(w.kind(), malt::WorkerKind::InProcess);
+    assert_eq!(
+        w.remote_eval_fetch::<i64>("sum(range(10))").await.unwrap(),
+        45
+    );
+    w.stop().await.unwrap();
+    let pool = malt::Pool::builder(python())
+        .size(2)
+        .setup("def sq(x):\n    return x * x\n")
+        .spawn()
+        .await
+        .unwrap();
+    let squares: Vec<i64> = pool
+        .map("sq", (0..100i64).map(|i| (i,)))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(squares[99], 99 * 99);
+    pool.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_component_says_what_to_run() {
+    let err = Worker::python_component("/nonexistent/malt_python.wasm")
+        .spawn()
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("pip install componentize-py==0.25.1")
+            && message.contains("malt build-python"),
+        "{message}"
+    );
+}
