@@ -5,6 +5,7 @@ mod guests;
 #[path = "../../../tests/support/sshd.rs"]
 mod sshd;
 
+mod python;
 mod remote;
 mod repl;
 mod run;

@@ -64,3 +64,38 @@ fn session(args: &[&str]) {
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
+
+/// A Python session: blocks go on until an empty line, Ctrl-C interrupts
+/// a busy loop and the namespace stays.
+#[test]
+fn a_python_session() {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_malt"));
+    cmd.args(["repl", "--python"])
+        .env("NO_COLOR", "1")
+        .env("MALT_CACHE_DIR", cache_dir())
+        .env(malt::python::COMPONENT_ENV, crate::guests::python_guest());
+    // The first start in a fresh cache compiles CPython (seconds).
+    let mut p = spawn_command(cmd, Some(180_000)).expect("start malt repl --python");
+    p.exp_string("malt> ").unwrap();
+    p.send_line("def sq(x):").unwrap();
+    p.exp_string("....> ").unwrap();
+    p.send_line("    return x * x").unwrap();
+    p.exp_string("....> ").unwrap();
+    p.send_line("").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("kept = sq(7)").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("while True: kept += 0").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    p.send_control('c').unwrap();
+    p.exp_string("interrupted (the session is intact)").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("kept + 1").unwrap();
+    p.exp_string("50").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("1 / 0").unwrap();
+    p.exp_string("ZeroDivisionError").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
