@@ -17,6 +17,10 @@ pub(crate) struct Sandbox {
     /// Grant a directory: HOST[::GUEST][:ro] (repeatable; read-write unless :ro).
     #[arg(long = "dir", value_name = "HOST[::GUEST][:ro]", value_parser = parse_dir)]
     pub(crate) dirs: Vec<DirGrant>,
+    /// A directory of pure-Python modules for a --python session's
+    /// sys.path (read-only; repeatable).
+    #[arg(long = "python-path", value_name = "DIR")]
+    pub(crate) python_path: Vec<std::path::PathBuf>,
     /// Environment variable for the guest, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub(crate) env: Vec<(String, String)>,
@@ -152,6 +156,7 @@ impl Sandbox {
                 ("--memory", self.memory.is_some()),
                 ("--fuel", self.fuel.is_some()),
                 ("--dir", !self.dirs.is_empty()),
+                ("--python-path", !self.python_path.is_empty()),
             ] {
                 if given {
                     return Err(usage(format!(
@@ -171,6 +176,9 @@ impl Sandbox {
         }
         for (k, v) in &self.env {
             builder = builder.env(k, v);
+        }
+        for dir in &self.python_path {
+            builder = builder.python_path(dir);
         }
         for d in &self.dirs {
             builder = if d.read_only {

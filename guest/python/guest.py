@@ -12,6 +12,7 @@ KeyboardInterrupt in running code (checked on loop jumps, and in
 import ast
 import builtins
 import linecache
+import os
 import sys
 import time
 import traceback
@@ -43,6 +44,9 @@ def _start():
     global _started
     _started = True
     random.seed()
+    # The manager's python_path directories, searched before the rest.
+    extra = [p for p in os.environ.get("MALT_PYTHON_PATH", "").split(":") if p]
+    sys.path[:0] = extra
 
 
 # -- interrupts ---------------------------------------------------------------

@@ -110,6 +110,11 @@ impl WorkerBuilder {
         WorkerBuilder(self.0.host_program(program))
     }
 
+    /// See [`crate::WorkerBuilder::python_path`].
+    pub fn python_path(self, dir: impl AsRef<Path>) -> Self {
+        WorkerBuilder(self.0.python_path(dir))
+    }
+
     /// See [`crate::WorkerBuilder::launcher`].
     pub fn launcher(self, launcher: impl Into<crate::Launcher>) -> Self {
         WorkerBuilder(self.0.launcher(launcher))
@@ -194,6 +199,16 @@ impl Worker {
     /// See [`crate::Worker::name`].
     pub fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    /// See [`crate::Worker::python`].
+    pub fn python() -> WorkerBuilder {
+        WorkerBuilder(crate::Worker::python())
+    }
+
+    /// See [`crate::Worker::python_component`].
+    pub fn python_component(path: impl AsRef<Path>) -> WorkerBuilder {
+        WorkerBuilder(crate::Worker::python_component(path))
     }
 
     /// See [`crate::Worker::host_pid`].

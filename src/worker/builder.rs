@@ -44,6 +44,11 @@ pub(crate) const STOP_STEP: Duration = Duration::from_secs(2);
 
 pub(crate) static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
 
+/// Where a Python guest sees its `python_path` directories, and the
+/// variable that lists them (read by the guest at its first request).
+const PYTHON_PATH_DIR: &str = "/malt/python-path";
+const PYTHON_PATH_ENV: &str = "MALT_PYTHON_PATH";
+
 /// The embedded script guest (built by build.rs).
 pub(crate) const SCRIPT_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/malt_script.wasm"));
 pub(crate) const SCRIPT_SHA256: &str =
@@ -141,6 +146,33 @@ impl WorkerBuilder {
             guest: guest_path.into(),
             read_only: true,
         });
+        self
+    }
+
+    /// Adds a host directory of pure-Python modules and packages to a
+    /// Python guest's `sys.path` (read-only; seen as
+    /// `/malt/python-path/N`). May be given several times: searched in
+    /// order, before the standard library. For other guests it is only a
+    /// read-only grant.
+    pub fn python_path(mut self, dir: impl AsRef<Path>) -> Self {
+        let n = self
+            .dirs
+            .iter()
+            .filter(|d| d.guest.starts_with(PYTHON_PATH_DIR))
+            .count();
+        let guest = format!("{PYTHON_PATH_DIR}/{n}");
+        self.dirs.push(DirGrant {
+            host: dir.as_ref().to_string_lossy().into_owned(),
+            guest: guest.clone(),
+            read_only: true,
+        });
+        match self.env.iter_mut().find(|(k, _)| k == PYTHON_PATH_ENV) {
+            Some((_, paths)) => {
+                paths.push(':');
+                paths.push_str(&guest);
+            }
+            None => self.env.push((PYTHON_PATH_ENV.into(), guest)),
+        }
         self
     }
 

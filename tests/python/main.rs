@@ -391,3 +391,90 @@ async fn a_missing_component_says_what_to_run() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_path_adds_the_users_packages_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("grading")).unwrap();
+    std::fs::write(
+        dir.path().join("grading/__init__.py"),
+        "from .rules import grade\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("grading/rules.py"),
+        "def grade(score):\n    return 'pass' if score >= 50 else 'fail'\n",
+    )
+    .unwrap();
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("helpers.py"), "TWO = 2\n").unwrap();
+    let w = python()
+        .python_path(dir.path())
+        .python_path(other.path())
+        .spawn()
+        .await
+        .unwrap();
+    let out: (String, i64) = w
+        .remote_eval_fetch("import grading, helpers\n(grading.grade(72), helpers.TWO)")
+        .await
+        .unwrap();
+    assert_eq!(out, ("pass".into(), 2));
+    let err = w
+        .remote_eval_fetch::<()>("open(grading.__file__, 'a').write('x')")
+        .await
+        .unwrap_err();
+    assert!(remote_message(&err).contains("Error"), "read-only: {err}");
+    // Nothing was written into the user's directory (no __pycache__).
+    assert!(!dir.path().join("grading/__pycache__").exists());
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_crashes_and_limits_in_a_python_worker() {
+    let w = python().fuel(2_000_000_000).spawn().await.unwrap();
+    // A channel shared by the manager and the guest.
+    let jobs = w.worker_channel::<i64>("jobs", 4).await.unwrap();
+    let results = w.worker_channel::<i64>("results", 4).await.unwrap();
+    let worker_loop = w.remote_eval::<()>(
+        "import malt\nwhile True:\n    n = malt.channel_take('jobs')\n    if n < 0:\n        break\n    malt.channel_put('results', n * n)",
+    );
+    for n in [3, 4, -1] {
+        jobs.put(n).await.unwrap();
+    }
+    assert_eq!(results.take().await.unwrap(), 9);
+    assert_eq!(results.take().await.unwrap(), 16);
+    worker_loop.await.unwrap();
+    // Threads and processes are not there: clear errors, not traps.
+    let err = w
+        .remote_eval_fetch::<()>("import threading\nthreading.Thread(target=print).start()")
+        .await
+        .unwrap_err();
+    assert!(remote_message(&err).contains("Error"), "{err}");
+    // Fuel stops a runaway request; the worker goes on (fresh state).
+    let err = w
+        .remote_eval_fetch::<i64>("total = 0\nfor i in range(10 ** 12):\n    total += i")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: malt::Limit::Fuel,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(w.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
+    // A host killed under a request: the request fails, the handle says so.
+    let pending = w.remote_eval::<()>("import time\ntime.sleep(60)");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: kill(2) on the worker's own host process.
+    unsafe { libc::kill(w.pid() as i32, libc::SIGKILL) };
+    let err = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("the call ends with its worker")
+        .unwrap_err();
+    assert!(err.is_terminated(), "{err:?}");
+    assert!(!w.is_running());
+}
