@@ -15,6 +15,7 @@ mod sshd;
 mod floor;
 mod interrupts;
 mod pools;
+mod python;
 mod remote;
 mod report;
 
@@ -67,9 +68,15 @@ async fn run(quick: bool) -> Result<Table, Error> {
         pools::measure(&mut table, quick).await?;
         return Ok(table);
     }
+    // `-- --python` measures Python guests alone.
+    if std::env::args().any(|a| a == "--python") {
+        python::measure(&mut table, quick).await?;
+        return Ok(table);
+    }
     // `-- --remote` measures workers over SSH alone.
     if std::env::args().any(|a| a == "--remote") {
         remote::measure(&mut table, quick).await?;
+        python::measure(&mut table, quick).await?;
         return Ok(table);
     }
     let guest = guests::test_guest();

@@ -5,7 +5,7 @@ use super::*;
 #[derive(Clone, Copy)]
 pub(crate) struct Stats {
     pub(crate) median: Duration,
-    p99: Duration,
+    pub(crate) p99: Duration,
 }
 
 pub(crate) fn stats(mut samples: Vec<Duration>) -> Stats {
