@@ -142,7 +142,7 @@ impl Watch {
     /// Watches the link on a thread of its own: a host process whose
     /// manager has been silent for [`protocol::HEARTBEAT_MISSES`]
     /// heartbeat intervals exits (the link is dead, or the manager is).
-    pub fn spawn(self, interval: Duration, shared: Arc<Shared>) {
+    pub fn spawn(self, interval: Duration) {
         let limit = interval * protocol::HEARTBEAT_MISSES;
         let _ = std::thread::Builder::new()
             .name("malt-heartbeat".into())
@@ -156,7 +156,9 @@ impl Watch {
                              {interval:?}): the link is dead, exiting",
                             silence.as_secs_f64()
                         );
-                        shared.exit(exit::LINK_LOST);
+                        // Not `Shared::exit`: a guest thread blocked
+                        // writing to the dead link holds the stream's lock.
+                        std::process::exit(exit::LINK_LOST);
                     }
                 }
             });

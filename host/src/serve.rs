@@ -110,7 +110,7 @@ pub fn serve(
     });
 
     if let Some(interval) = config.heartbeat.filter(|_| place == Place::Process) {
-        heard.spawn(interval, shared.clone());
+        heard.spawn(interval);
     }
     let code = read_loop(&mut input, &shared, &work_tx);
     if place == Place::Process {

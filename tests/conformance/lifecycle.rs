@@ -28,16 +28,7 @@ conformance_ssh!(
 // The wasm sandbox's limits (a native worker has only the process wall).
 conformance_wasm!(memory_limit_is_enforced, fuel_limits_a_request);
 
-pub(crate) fn process_alive(pid: u32) -> bool {
-    // A zombie is dead for our purposes.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
+pub(crate) use crate::procs::alive as process_alive;
 
 pub(crate) async fn wait_gone(pid: u32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -8,6 +8,8 @@
 mod common;
 #[path = "../support/guests.rs"]
 mod guests;
+#[path = "../support/procs.rs"]
+mod procs;
 #[path = "../support/sshd.rs"]
 mod sshd;
 

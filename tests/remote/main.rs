@@ -6,6 +6,8 @@
 
 #[path = "../support/guests.rs"]
 mod guests;
+#[path = "../support/procs.rs"]
+mod procs;
 #[path = "../support/sshd.rs"]
 mod sshd;
 
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use malt::{Error, Worker};
+use procs::alive;
 
 fn this_program() -> PathBuf {
     std::env::current_exe().unwrap()
@@ -25,16 +28,6 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
-}
-
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 /// Waits (at most `limit`, a liveness bound) for a process to be gone;
