@@ -142,7 +142,7 @@ pub enum GuestSpec {
 /// its bytes (against a keyed MAC in malt's cache): any write, rename or
 /// replacement since changes one of these (the kernel sets `ctime` on each
 /// and no user can set it back).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ArtifactIdentity {
     /// Device of the file.
     pub dev: u64,

@@ -269,6 +269,59 @@ pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Re
     artifact_status(bytes, sha256, what, fuel).map(|(artifact, _)| artifact)
 }
 
+/// The artifact of the component file at `path`. Its bytes are read and
+/// hashed once per version of the file in this process: a file whose
+/// identity (device, inode, size, mtime, ctime: any write changes one) is
+/// the one hashed before keeps that hash, and is read again only if its
+/// artifact must be compiled. A 19 MB component (the Python guest) costs
+/// a `stat`, not tens of milliseconds, per worker.
+pub(crate) fn component_artifact(path: &Path, fuel: bool) -> Result<Artifact> {
+    type Hashed = Mutex<HashMap<(PathBuf, ArtifactIdentity), String>>;
+    static HASHED: OnceLock<Hashed> = OnceLock::new();
+    let what = path.display().to_string();
+    let cannot_read = |e| Error::io(format!("cannot read the component {what}"), e);
+    let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+    let identity = ArtifactIdentity::of(&file.metadata().map_err(cannot_read)?);
+    let key = (path.to_path_buf(), identity);
+    let hashed = HASHED.get_or_init(Default::default);
+    let known = hashed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let read = |file: &mut std::fs::File| -> Result<Vec<u8>> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(cannot_read)?;
+        check_component(&bytes, &what)?;
+        Ok(bytes)
+    };
+    let sha256 = match known {
+        Some(sha256) => sha256,
+        None => {
+            let bytes = read(&mut file)?;
+            let sha256 = sha256_hex(&bytes);
+            hashed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, sha256.clone());
+            return artifact(&bytes, &sha256, &what, fuel);
+        }
+    };
+    artifact_from(&sha256, &what, fuel, || {
+        // Compiling after all (the cache lost it): the same open file,
+        // checked against the hash it had.
+        let bytes = read(&mut file)?;
+        match sha256_hex(&bytes) == sha256 {
+            true => Ok(Cow::Owned(bytes)),
+            false => Err(Error::Component(format!(
+                "{what} changed while it was read"
+            ))),
+        }
+    })
+    .map(|(artifact, _)| artifact)
+}
+
 /// Like [`artifact`], and tells whether the cache had it already.
 pub(crate) fn artifact_status(
     bytes: &[u8],
@@ -501,5 +554,22 @@ mod tests {
             read_only: true,
         }];
         assert!(remote_store(request(&named, &grant, &mut never)).is_err());
+    }
+
+    #[test]
+    fn a_component_file_is_hashed_again_only_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("malt-hash-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.wasm");
+        // Not a component: reading it fails the header check, each time
+        // it is read.
+        std::fs::write(&path, b"\0asm\x01\0\0\0").unwrap();
+        let err = component_artifact(&path, false).unwrap_err().to_string();
+        assert!(err.contains("core WebAssembly module"), "{err}");
+        // A changed file is read again (and its new error seen).
+        std::fs::write(&path, b"not wasm at all").unwrap();
+        let err = component_artifact(&path, false).unwrap_err().to_string();
+        assert!(!err.contains("core WebAssembly module"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

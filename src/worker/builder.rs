@@ -573,11 +573,7 @@ async fn component_spec(source: GuestSource) -> Result<Prepared> {
 pub(crate) async fn prepare_artifact(source: GuestSource, fuel: bool) -> Result<cache::Artifact> {
     tokio::task::spawn_blocking(move || match source {
         GuestSource::Wasm(path) | GuestSource::Python(path) => {
-            let what = path.display().to_string();
-            let bytes = std::fs::read(&path)
-                .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
-            cache::check_component(&bytes, &what)?;
-            cache::artifact(&bytes, &cache::sha256_hex(&bytes), &what, fuel)
+            cache::component_artifact(&path, fuel)
         }
         _ => cache::artifact(SCRIPT_WASM, SCRIPT_SHA256, "the script guest", fuel),
     })
