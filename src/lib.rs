@@ -17,7 +17,8 @@
 //! - an *in-process worker* ([`WorkerBuilder::in_process`]) runs a wasm
 //!   guest on a thread of the manager (the wasm wall only);
 //! - the default guest is the built-in **script guest** ([Rhai]), embedded
-//!   in malt, so evaluating code works out of the box.
+//!   in malt, so evaluating code works out of the box; [`Worker::python`]
+//!   runs a CPython session in the wasm sandbox instead (see [`python`]).
 //!
 //! Every kind has the same API and semantics. Programs without an async
 //! runtime use [`blocking`].
@@ -62,6 +63,12 @@
 //! each line prefixed with the worker; or, with output monitoring off, is
 //! handed to the caller ([`Worker::take_output`]). It travels as protocol
 //! frames, so printing can never corrupt the protocol.
+//!
+//! **Many workers, other machines.** A [`Pool`] keeps several workers of
+//! one kind behind one handle, replaces the dead and maps inputs across
+//! them in order. A [`Launcher`] starts a worker's host elsewhere: over
+//! SSH or any command whose stdin and stdout reach a remote `malt` (see
+//! [`launcher`]).
 //!
 //! **Lifetime.** A worker dies with its manager: its host exits when the
 //! protocol stream closes and, on Linux, on the manager's death signal.
