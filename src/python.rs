@@ -18,7 +18,8 @@
 //! tuple, dict, nested. An exception is an [`Error::Remote`] carrying the
 //! traceback of the user's frames. An interrupt raises `KeyboardInterrupt`
 //! in running code (checked on loop jumps, in `time.sleep`, `malt.sleep`
-//! and `malt.channel_take`): code that lets it propagate ends with
+//! and `malt.channel_take`), which `try/except` can catch (but around a
+//! loop written on one line); code that lets it propagate ends with
 //! `Interrupted { state_lost: false }` and the namespace intact; code that
 //! ignores it is killed after the grace period (state lost), as any guest.
 //! Guest code can `import malt` for `interrupted()`, `sleep(s)`,

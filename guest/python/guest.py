@@ -53,22 +53,47 @@ def _start():
 
 _monitoring = sys.monitoring
 _TOOL = 4
+_JUMP = _monitoring.events.JUMP
+_LINE = _monitoring.events.LINE
 _CHECK_EVERY = 1000
 _jumps = 0
+_pending = False
 
 
+# Every 1000 loop jumps, ask the host. An exception raised by a JUMP
+# callback escapes the `try` around the loop (CPython 3.12-3.14), one
+# raised by a LINE callback does not: so an interrupt turns on LINE events
+# and the next line raises KeyboardInterrupt where the user's code can
+# catch it. A loop on one line has no next line: 1000 jumps later the JUMP
+# callback raises it itself (the cell ends; the namespace is intact).
 def _on_jump(code, source, destination):
-    global _jumps
+    global _jumps, _pending
     _jumps += 1
     if _jumps >= _CHECK_EVERY:
         _jumps = 0
-        if host.interrupted():
+        if _pending:
+            _lines_off()
             raise KeyboardInterrupt
+        if host.interrupted():
+            _pending = True
+            _monitoring.set_events(_TOOL, _JUMP | _LINE)
+
+
+def _on_line(code, line):
+    _lines_off()
+    raise KeyboardInterrupt
+
+
+def _lines_off():
+    global _pending
+    _pending = False
+    _monitoring.set_events(_TOOL, _JUMP)
 
 
 _monitoring.use_tool_id(_TOOL, "malt")
-_monitoring.register_callback(_TOOL, _monitoring.events.JUMP, _on_jump)
-_monitoring.set_events(_TOOL, _monitoring.events.JUMP)
+_monitoring.register_callback(_TOOL, _JUMP, _on_jump)
+_monitoring.register_callback(_TOOL, _LINE, _on_line)
+_monitoring.set_events(_TOOL, _JUMP)
 
 # Python's own sleep is a WASI clock wait: make it answer interrupts too.
 time.sleep = malt.sleep
@@ -170,6 +195,8 @@ class WitWorld(wit_world.WitWorld):
     def eval(self, code: str) -> bytes:
         if not _started:
             _start()
+        if _pending:
+            _lines_off()
         try:
             value = _cell(code)
         except BaseException as error:  # noqa: BLE001 (KeyboardInterrupt too)
@@ -181,6 +208,8 @@ class WitWorld(wit_world.WitWorld):
     def call(self, name: str, args: bytes) -> bytes:
         if not _started:
             _start()
+        if _pending:
+            _lines_off()
         try:
             arguments = _msgpack.unpackb(args)
             function = _lookup(name)

@@ -213,6 +213,8 @@ async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
         "import malt\nmalt.sleep(60)",
         "import malt\nmalt.channel_take('never')",
         "n = 0\nwhile True:\n    n += 1",
+        // A loop on one line: no next line to raise on (see guest.py).
+        "while True: pass",
     ] {
         let running = w.remote_eval::<i64>(code);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -231,14 +233,18 @@ async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
             "{code:?}: the namespace is intact"
         );
     }
-    // Code may catch it where Python raises it (a sleep, a channel take),
-    // as in Jupyter.
-    let caught = w.remote_eval::<String>(
+    // Code may catch it, as in Jupyter: in a sleep, a channel take, or a
+    // loop (a loop of more than one line: see guest.py).
+    for code in [
         "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    w.interrupt().unwrap();
-    assert_eq!(caught.await.unwrap(), "caught");
+        "try:\n    while True:\n        pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+        "def spin():\n    n = 0\n    for i in range(10 ** 12):\n        n += i\ntry:\n    spin()\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+    ] {
+        let caught = w.remote_eval::<String>(code);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w.interrupt().unwrap();
+        assert_eq!(caught.await.unwrap(), "caught", "{code}");
+    }
     // Code stuck in C (no loop of Python's own to check in) is killed
     // after the grace period, as any guest: its state is lost.
     let stubborn = python()
