@@ -38,6 +38,30 @@ fn native_loop() -> Option<f64> {
     String::from_utf8(out.stdout).ok()?.trim().parse().ok()
 }
 
+/// pyeryx's figures, measured by `eryx_peer.py` with the first Python
+/// (3.12 or later) that has it (`$MALT_BENCH_ERYX_PYTHON` names one):
+/// first session in a process, a later session, a small exec, the same
+/// loop. None when it is not installed.
+fn eryx_peer() -> Option<[f64; 4]> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/malt_bench/eryx_peer.py"
+    );
+    let mut pythons: Vec<String> = std::env::var("MALT_BENCH_ERYX_PYTHON")
+        .into_iter()
+        .collect();
+    pythons.extend(["python3.14", "python3.13", "python3.12", "python3"].map(String::from));
+    pythons.iter().find_map(|python| {
+        let out = Command::new(python).arg(script).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        let values: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('=')?.1.trim_end_matches("us").parse().ok())
+            .collect();
+        <[f64; 4]>::try_from(values).ok()
+    })
+}
+
 const LOOP: &str = "total = 0\nfor i in range(3_000_000):\n    total += i\n";
 
 pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error> {
@@ -163,6 +187,38 @@ pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error>
         "—".into(),
         "≤ 10 %",
     );
+
+    match eryx_peer() {
+        Some([first, session, exec_us, loop_s]) => {
+            for (what, value) in [
+                (
+                    "pyeryx (peer): first session in a process",
+                    fmt(Duration::from_secs_f64(first)),
+                ),
+                (
+                    "pyeryx (peer): a later session (in-process)",
+                    fmt(Duration::from_secs_f64(session)),
+                ),
+                (
+                    "pyeryx (peer): `execute(\"x = 1+1\")`",
+                    format!("{exec_us:.0} µs"),
+                ),
+                (
+                    "pyeryx (peer): the same loop of 3 M additions",
+                    format!("{:.1} ms", loop_s * 1e3),
+                ),
+            ] {
+                table.figure(what, value, "—".into(), "—".into(), "peer");
+            }
+        }
+        None => table.figure(
+            "pyeryx (peer)",
+            "not installed (pip install pyeryx, Python >= 3.12): skipped".into(),
+            "—".into(),
+            "—".into(),
+            "",
+        ),
+    }
 
     // Memory per idle Python worker, 20 alive.
     let mut workers = Vec::new();
