@@ -234,14 +234,17 @@ async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
         );
     }
     // Code may catch it, as in Jupyter: in a sleep, a channel take, or a
-    // loop (a loop of more than one line: see guest.py).
+    // loop (a loop of more than one line: see guest.py). Each cell says
+    // when it is inside its `try`, so that the interrupt lands there.
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     for code in [
-        "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
-        "try:\n    while True:\n        pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
-        "def spin():\n    n = 0\n    for i in range(10 ** 12):\n        n += i\ntry:\n    spin()\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+        "import time, malt\ntry:\n    malt.channel_put('started', 1)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True:\n        pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+        "import malt\ndef spin():\n    n = 0\n    for i in range(10 ** 12):\n        n += i\ntry:\n    malt.channel_put('started', 1)\n    spin()\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
     ] {
         let caught = w.remote_eval::<String>(code);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(started.take().await.unwrap(), 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
         w.interrupt().unwrap();
         assert_eq!(caught.await.unwrap(), "caught", "{code}");
     }
