@@ -8,8 +8,9 @@
 //! library's common modules already imported. It is about 19 MB and not
 //! embedded in malt: build it once with [`build_component`] (the CLI:
 //! `malt build-python`), which needs `pip install componentize-py==0.25.1`.
-//! It is written to [`component_path`], where `Worker::python()` looks;
-//! its compiled artifact is cached like any other component's.
+//! It is written to [`component_path`], where `Worker::python()` looks, and
+//! compiled into the artifact cache at once (like any component's), so the
+//! first worker does not wait for CPython to compile.
 //!
 //! In a session, `remote_eval` runs code in one persistent namespace and
 //! returns the value of a trailing expression (as Jupyter does), `None`
@@ -68,8 +69,9 @@ pub(crate) fn missing(path: &Path) -> String {
 
 /// Builds the Python guest component into `out` (default:
 /// [`component_path`]) with `componentize-py` from `PATH`, which must be
-/// version [`COMPONENTIZE_PY_VERSION`]. Takes about ten seconds. Returns
-/// the path written.
+/// version [`COMPONENTIZE_PY_VERSION`], and compiles it into the artifact
+/// cache, so that the first worker starts at once. Takes about twenty
+/// seconds. Returns the path written.
 pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
     let out = out.map_or_else(component_path, Path::to_path_buf);
     let failed = |why: String| Error::Component(format!("cannot build the Python guest: {why}"));
@@ -135,7 +137,11 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
             .map_err(|e| failed(format!("cannot write {}: {e}", out.display())))
     });
     let _ = std::fs::remove_dir_all(&work);
-    built.map(|()| out)
+    built?;
+    // Compiled now, into the artifact cache: the first worker of a fresh
+    // program then starts in milliseconds, not after compiling CPython.
+    crate::cache::component_artifact(&out, false)?;
+    Ok(out)
 }
 
 /// A fresh private directory under the temporary directory.

@@ -202,7 +202,7 @@ EXAMPLES:
         #[arg(long)]
         fuel: bool,
     },
-    /// Build the Python guest component (needs componentize-py 0.25.1).
+    /// Build the Python guest component and compile it into the cache (needs componentize-py 0.25.1).
     #[command(
         name = "build-python",
         after_help = "EXAMPLES:
