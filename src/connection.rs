@@ -514,16 +514,16 @@ async fn supervise_process(
     group: bool,
 ) {
     let mut signals_open = true;
-    let leader = child.id();
-    let send = |child: &Child, signal: libc::c_int| {
-        if let Some(pid) = child.id() {
-            let target = if group {
-                -(pid as libc::pid_t)
-            } else {
-                pid as libc::pid_t
-            };
-            // SAFETY: the child is not reaped yet (we own it and have not
-            // seen it exit), so the pid (and the group it leads) is ours.
+    // Inside the loop the child is not reaped yet, so its pid (and the
+    // group it leads) is ours; after it, only a group is signalled, whose
+    // id stays reserved while it has members.
+    let target = child.id().map(|pid| match group {
+        true => -(pid as libc::pid_t),
+        false => pid as libc::pid_t,
+    });
+    let send = |signal: libc::c_int| {
+        if let Some(target) = target {
+            // SAFETY: kill(2) on our own unreaped child (or its group).
             unsafe { libc::kill(target, signal) };
         }
     };
@@ -531,19 +531,16 @@ async fn supervise_process(
         tokio::select! {
             status = child.wait() => break status.unwrap_or_else(|_| status_from_code(255)),
             signal = signals.recv(), if signals_open => match signal {
-                Some(Signal::Kill) => send(&child, libc::SIGKILL),
-                Some(Signal::Term) => send(&child, libc::SIGTERM),
+                Some(Signal::Kill) => send(libc::SIGKILL),
+                Some(Signal::Term) => send(libc::SIGTERM),
                 None => signals_open = false,
             },
         }
     };
     if group {
-        // What the launcher left behind goes with it.
-        // SAFETY: as above; the group id stays reserved while it has
-        // members, and killing an empty group fails harmlessly.
-        if let Some(pid) = leader {
-            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
-        }
+        // What the launcher left behind goes with it (an empty group
+        // fails harmlessly).
+        send(libc::SIGKILL);
     }
     let _ = exited.send(status);
 }

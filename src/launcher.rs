@@ -76,7 +76,7 @@ pub trait Launch: fmt::Debug + Send + Sync + 'static {
 pub struct Launcher(pub(crate) Via);
 
 /// The launchers malt knows, and yours.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) enum Via {
     /// A process of this program (or the chosen host program) here.
     Local,

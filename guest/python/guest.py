@@ -38,6 +38,15 @@ _cells = 0
 _started = False
 
 
+def _begin():
+    """Before each request: the first one starts the session; an interrupt
+    left pending by the last one is forgotten."""
+    if not _started:
+        _start()
+    if _pending:
+        _lines_off()
+
+
 def _start():
     """Once, at the first request (not while the component is built: a seed
     taken then would be the same in every worker)."""
@@ -193,10 +202,7 @@ _namespace["__malt_load__"] = _load
 
 class WitWorld(wit_world.WitWorld):
     def eval(self, code: str) -> bytes:
-        if not _started:
-            _start()
-        if _pending:
-            _lines_off()
+        _begin()
         try:
             value = _cell(code)
         except BaseException as error:  # noqa: BLE001 (KeyboardInterrupt too)
@@ -206,10 +212,7 @@ class WitWorld(wit_world.WitWorld):
         return _encode(value)
 
     def call(self, name: str, args: bytes) -> bytes:
-        if not _started:
-            _start()
-        if _pending:
-            _lines_off()
+        _begin()
         try:
             arguments = _msgpack.unpackb(args)
             function = _lookup(name)

@@ -97,31 +97,50 @@ pub(crate) fn resolve_component(
 }
 
 /// A reader that notes when it last got bytes: the heartbeat watchdog's
-/// evidence that the manager is alive (a large frame still arriving counts).
+/// evidence that the manager is alive (a large frame still arriving
+/// counts). It notes nothing until the watchdog starts: a host without
+/// heartbeats pays nothing per read.
 pub(crate) struct Heard<R> {
     inner: R,
-    last: std::sync::Arc<AtomicU64>,
+    link: std::sync::Arc<Link>,
+}
+
+/// What a [`Heard`] reader and its [`Watch`] share.
+struct Link {
     epoch: Instant,
+    /// Milliseconds since `epoch` when bytes last arrived.
+    last: AtomicU64,
+    watched: std::sync::atomic::AtomicBool,
+}
+
+impl Link {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
 }
 
 impl<R> Heard<R> {
     pub fn new(inner: R) -> (Self, Watch) {
-        let last = std::sync::Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
-        let watch = Watch {
-            last: last.clone(),
-            epoch,
-        };
-        (Heard { inner, last, epoch }, watch)
+        let link = std::sync::Arc::new(Link {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            watched: std::sync::atomic::AtomicBool::new(false),
+        });
+        (
+            Heard {
+                inner,
+                link: link.clone(),
+            },
+            Watch { link },
+        )
     }
 }
 
 impl<R: Read> Read for Heard<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if n > 0 {
-            let now = self.epoch.elapsed().as_millis() as u64;
-            self.last.store(now, Ordering::Relaxed);
+        if n > 0 && self.link.watched.load(Ordering::Relaxed) {
+            self.link.last.store(self.link.now(), Ordering::Relaxed);
         }
         Ok(n)
     }
@@ -129,20 +148,26 @@ impl<R: Read> Read for Heard<R> {
 
 /// The other end of [`Heard`]: how long the manager has been silent.
 pub(crate) struct Watch {
-    last: std::sync::Arc<AtomicU64>,
-    epoch: Instant,
+    link: std::sync::Arc<Link>,
 }
 
 impl Watch {
     fn silence(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)))
+        let now = self.link.now();
+        Duration::from_millis(now.saturating_sub(self.link.last.load(Ordering::Relaxed)))
+    }
+
+    /// Starts noting reads, silent since now.
+    fn start(&self) {
+        self.link.last.store(self.link.now(), Ordering::Relaxed);
+        self.link.watched.store(true, Ordering::Relaxed);
     }
 
     /// Watches the link on a thread of its own: a host process whose
     /// manager has been silent for [`protocol::HEARTBEAT_MISSES`]
     /// heartbeat intervals exits (the link is dead, or the manager is).
     pub fn spawn(self, interval: Duration) {
+        self.start();
         let limit = interval * protocol::HEARTBEAT_MISSES;
         let _ = std::thread::Builder::new()
             .name("malt-heartbeat".into())
@@ -172,6 +197,7 @@ mod tests {
     #[test]
     fn heard_notes_each_read_with_bytes() {
         let (mut reader, watch) = Heard::new(&b"abc"[..]);
+        watch.start();
         std::thread::sleep(Duration::from_millis(30));
         assert!(watch.silence() >= Duration::from_millis(30));
         let mut buf = [0u8; 8];

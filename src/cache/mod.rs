@@ -269,13 +269,25 @@ pub(crate) fn artifact(bytes: &[u8], sha256: &str, what: &str, fuel: bool) -> Re
     artifact_status(bytes, sha256, what, fuel).map(|(artifact, _)| artifact)
 }
 
-/// The artifact of the component file at `path`. Its bytes are read and
-/// hashed once per version of the file in this process: a file whose
-/// identity (device, inode, size, mtime, ctime: any write changes one) is
-/// the one hashed before keeps that hash, and is read again only if its
-/// artifact must be compiled. A 19 MB component (the Python guest) costs
-/// a `stat`, not tens of milliseconds, per worker.
-pub(crate) fn component_artifact(path: &Path, fuel: bool) -> Result<Artifact> {
+/// A component file's hash, from [`component_digest`].
+pub(crate) struct ComponentDigest {
+    /// SHA-256 of its bytes, lowercase hex.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its bytes, when they had to be read to hash them.
+    pub bytes: Option<Vec<u8>>,
+    /// The open file: read it (`read_component`) if the bytes are needed
+    /// after all.
+    pub file: std::fs::File,
+}
+
+/// The hash of the component file at `path`, read and hashed once per
+/// version of the file in this process: a file whose identity (device,
+/// inode, size, mtime, ctime: any write changes one) is the one hashed
+/// before keeps that hash. A 19 MB component (the Python guest) costs a
+/// `stat` per worker, not tens of milliseconds.
+pub(crate) fn component_digest(path: &Path) -> Result<ComponentDigest> {
     type Hashed = Mutex<HashMap<(PathBuf, ArtifactIdentity), String>>;
     static HASHED: OnceLock<Hashed> = OnceLock::new();
     let what = path.display().to_string();
@@ -289,29 +301,54 @@ pub(crate) fn component_artifact(path: &Path, fuel: bool) -> Result<Artifact> {
         .unwrap_or_else(|e| e.into_inner())
         .get(&key)
         .cloned();
-    let read = |file: &mut std::fs::File| -> Result<Vec<u8>> {
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(cannot_read)?;
-        check_component(&bytes, &what)?;
-        Ok(bytes)
-    };
-    let sha256 = match known {
-        Some(sha256) => sha256,
+    let (sha256, bytes) = match known {
+        Some(sha256) => (sha256, None),
         None => {
-            let bytes = read(&mut file)?;
+            let bytes = read_component(&mut file, &what)?;
             let sha256 = sha256_hex(&bytes);
             hashed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key, sha256.clone());
-            return artifact(&bytes, &sha256, &what, fuel);
+            (sha256, Some(bytes))
         }
     };
+    Ok(ComponentDigest {
+        sha256,
+        size: identity.size,
+        bytes,
+        file,
+    })
+}
+
+/// Reads a component from an open file, checking that it is one.
+pub(crate) fn read_component(file: &mut std::fs::File, what: &str) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek};
+    let mut bytes = Vec::new();
+    file.rewind()
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
+    check_component(&bytes, what)?;
+    Ok(bytes)
+}
+
+/// The artifact of the component file at `path` (hashed as
+/// [`component_digest`] does; read again only if it must be compiled).
+pub(crate) fn component_artifact(path: &Path, fuel: bool) -> Result<Artifact> {
+    let what = path.display().to_string();
+    let ComponentDigest {
+        sha256,
+        bytes,
+        mut file,
+        ..
+    } = component_digest(path)?;
+    if let Some(bytes) = bytes {
+        return artifact(&bytes, &sha256, &what, fuel);
+    }
     artifact_from(&sha256, &what, fuel, || {
         // Compiling after all (the cache lost it): the same open file,
         // checked against the hash it had.
-        let bytes = read(&mut file)?;
+        let bytes = read_component(&mut file, &what)?;
         match sha256_hex(&bytes) == sha256 {
             true => Ok(Cow::Owned(bytes)),
             false => Err(Error::Component(format!(

@@ -142,6 +142,14 @@ impl Shared {
 
     /// Waits for an idle worker.
     async fn acquire(&self) -> Result<(Ticket, Arc<Worker>)> {
+        // Counted as queued while it waits (`stats`).
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let acquired = self.acquire_uncounted().await;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        acquired
+    }
+
+    async fn acquire_uncounted(&self) -> Result<(Ticket, Arc<Worker>)> {
         loop {
             let notified = self.wake.notified();
             tokio::pin!(notified);
@@ -182,9 +190,7 @@ impl Shared {
             .map_err(|_| Error::TerminatedWorker)?;
         let mut attempt = 0;
         loop {
-            self.queued.fetch_add(1, Ordering::Relaxed);
             let acquired = self.acquire().await;
-            self.queued.fetch_sub(1, Ordering::Relaxed);
             let (ticket, worker) = acquired?;
             let started = Instant::now();
             let result: Result<R> = match request {
@@ -229,9 +235,7 @@ impl Shared {
         let mut rest = args;
         let mut attempt = 0;
         while !rest.is_empty() {
-            self.queued.fetch_add(1, Ordering::Relaxed);
             let acquired = self.acquire().await;
-            self.queued.fetch_sub(1, Ordering::Relaxed);
             let (ticket, worker) = match acquired {
                 Ok(acquired) => acquired,
                 Err(e) => {

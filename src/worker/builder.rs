@@ -86,11 +86,12 @@ pub struct WorkerBuilder {
     spawn_timeout: Duration,
     fuel: Option<u64>,
     prefix_output: bool,
-    in_process: bool,
     require_hardening: bool,
     output_limit: u64,
     max_pending: usize,
-    launcher: Option<Arc<dyn crate::launcher::Launch>>,
+    /// How the host is started: here, on threads of this process, or by a
+    /// launcher's command.
+    via: crate::launcher::Via,
     heartbeat: Option<Duration>,
 }
 
@@ -109,11 +110,10 @@ impl WorkerBuilder {
             spawn_timeout: DEFAULT_SPAWN_TIMEOUT,
             fuel: None,
             prefix_output: true,
-            in_process: false,
             require_hardening: false,
             output_limit: DEFAULT_OUTPUT_LIMIT,
             max_pending: DEFAULT_MAX_PENDING,
-            launcher: None,
+            via: crate::launcher::Via::Local,
             heartbeat: Some(crate::launcher::DEFAULT_HEARTBEAT),
         }
     }
@@ -227,8 +227,7 @@ impl WorkerBuilder {
     /// process. Same API and semantics (interrupts included). Wasm guests
     /// only.
     pub fn in_process(mut self) -> Self {
-        self.in_process = true;
-        self.launcher = None;
+        self.via = crate::launcher::Via::InProcess;
         self
     }
 
@@ -238,14 +237,7 @@ impl WorkerBuilder {
     /// travels over the protocol by content, and heartbeats watch the link
     /// (see [`crate::launcher`]). The host must be this same malt version.
     pub fn launcher(mut self, launcher: impl Into<Launcher>) -> Self {
-        use crate::launcher::Via;
-        let (remote, in_process) = match launcher.into().0 {
-            Via::Local => (None, false),
-            Via::InProcess => (None, true),
-            Via::Command(launch) => (Some(launch), false),
-        };
-        self.launcher = remote;
-        self.in_process = in_process;
+        self.via = launcher.into().0;
         self
     }
 
@@ -339,7 +331,9 @@ impl WorkerBuilder {
             self.guest,
             GuestSource::Script | GuestSource::Wasm(_) | GuestSource::Python(_)
         );
-        if self.require_hardening && (!wasm || self.in_process) {
+        let in_process = matches!(self.via, crate::launcher::Via::InProcess);
+        let remote = matches!(self.via, crate::launcher::Via::Command(_));
+        if self.require_hardening && (!wasm || in_process) {
             return Err(refuse(
                 "hardening is required, but only a wasm worker in a process of its own \
                  locks itself down (this one is in-process or native)"
@@ -348,13 +342,13 @@ impl WorkerBuilder {
         }
         // A host behind a launcher has its own cache: it gets the
         // component by hash (and its bytes only if it lacks them).
-        let artifact = match (wasm, &self.launcher) {
-            (true, None) => Some(Prepared::Artifact(
+        let artifact = match (wasm, remote) {
+            (true, false) => Some(Prepared::Artifact(
                 prepare_artifact(self.guest.clone(), self.fuel.is_some())
                     .await
                     .map_err(|e| refuse(e.to_string()))?,
             )),
-            (true, Some(_)) => Some(
+            (true, true) => Some(
                 component_spec(self.guest.clone())
                     .await
                     .map_err(|e| refuse(e.to_string()))?,
@@ -383,7 +377,8 @@ impl WorkerBuilder {
             stderr,
         };
         let fuel = self.fuel.is_some();
-        let (kind, guest, program) = match &self.guest {
+        let in_process = matches!(self.via, crate::launcher::Via::InProcess);
+        let (kind, guest) = match &self.guest {
             GuestSource::Script | GuestSource::Wasm(_) | GuestSource::Python(_) => {
                 let spec = match artifact.expect("spawn prepares a wasm guest first") {
                     Prepared::Artifact(artifact) => GuestSpec::Artifact {
@@ -392,45 +387,30 @@ impl WorkerBuilder {
                     },
                     Prepared::Component(spec) => spec,
                 };
-                let program = match (&self.launcher, self.in_process) {
-                    (Some(launcher), _) => Via::Launcher(launcher.clone()),
-                    (None, true) => Via::InProcess,
-                    (None, false) => Via::Program(
-                        process::host_program(self.host_program.as_deref())
-                            .map_err(|m| spawn_error(m, String::new()))?,
-                    ),
+                let kind = match in_process {
+                    true => WorkerKind::InProcess,
+                    false => WorkerKind::Wasm,
                 };
-                let kind = if self.in_process {
-                    WorkerKind::InProcess
-                } else {
-                    WorkerKind::Wasm
-                };
-                (kind, spec, program)
+                (kind, spec)
             }
-            GuestSource::NativeScript | GuestSource::NativeProgram(_) if self.in_process => {
+            GuestSource::NativeScript | GuestSource::NativeProgram(_) if in_process => {
                 return Err(spawn_error(
                     "an in-process worker runs wasm guests only".into(),
                     String::new(),
                 ));
             }
-            GuestSource::NativeScript => {
-                let via = match &self.launcher {
-                    Some(launcher) => Via::Launcher(launcher.clone()),
-                    None => Via::Program(
-                        process::host_program(self.host_program.as_deref())
-                            .map_err(|m| spawn_error(m, String::new()))?,
-                    ),
-                };
-                (WorkerKind::Native, GuestSpec::NativeScript, via)
-            }
-            GuestSource::NativeProgram(path) => (
-                WorkerKind::Native,
-                GuestSpec::Native,
-                match &self.launcher {
-                    Some(launcher) => Via::Launcher(launcher.clone()),
-                    None => Via::Program(process::HostProgram::Chosen(path.clone())),
-                },
-            ),
+            GuestSource::NativeScript => (WorkerKind::Native, GuestSpec::NativeScript),
+            GuestSource::NativeProgram(_) => (WorkerKind::Native, GuestSpec::Native),
+        };
+        let program = match &self.via {
+            crate::launcher::Via::Command(launch) => Via::Launcher(launch.clone()),
+            crate::launcher::Via::InProcess => Via::InProcess,
+            crate::launcher::Via::Local => Via::Program(match &self.guest {
+                // A native guest program is its own host.
+                GuestSource::NativeProgram(path) => process::HostProgram::Chosen(path.clone()),
+                _ => process::host_program(self.host_program.as_deref())
+                    .map_err(|m| spawn_error(m, String::new()))?,
+            }),
         };
 
         let (output, captured) = if self.monitor_output {
@@ -444,7 +424,7 @@ impl WorkerBuilder {
             let (sink, rx) = OutputSink::capture();
             (sink, Some(rx))
         };
-        let remote = self.launcher.is_some();
+        let remote = matches!(program, Via::Launcher(_));
         let mut launch = Launch {
             via: program,
             component: Some(self.guest.clone()).filter(|_| remote),
@@ -535,15 +515,14 @@ pub(crate) enum Prepared {
     Component(GuestSpec),
 }
 
-/// The bytes of a wasm guest.
+/// The bytes of a wasm guest (for a host that asks for them).
 pub(crate) fn component_bytes(source: &GuestSource) -> Result<Cow<'static, [u8]>> {
     match source {
         GuestSource::Wasm(path) | GuestSource::Python(path) => {
-            let what = path.display().to_string();
-            let bytes = std::fs::read(path)
-                .map_err(|e| Error::io(format!("cannot read the component {what}"), e))?;
-            cache::check_component(&bytes, &what)?;
-            Ok(Cow::Owned(bytes))
+            let mut file = std::fs::File::open(path).map_err(|e| {
+                Error::io(format!("cannot read the component {}", path.display()), e)
+            })?;
+            cache::read_component(&mut file, &path.display().to_string()).map(Cow::Owned)
         }
         _ => Ok(Cow::Borrowed(SCRIPT_WASM)),
     }
@@ -553,16 +532,13 @@ pub(crate) fn component_bytes(source: &GuestSource) -> Result<Cow<'static, [u8]>
 async fn component_spec(source: GuestSource) -> Result<Prepared> {
     tokio::task::spawn_blocking(move || {
         let (sha256, size) = match &source {
-            GuestSource::Wasm(_) | GuestSource::Python(_) => {
-                let bytes = component_bytes(&source)?;
-                (cache::sha256_hex(&bytes), bytes.len())
+            GuestSource::Wasm(path) | GuestSource::Python(path) => {
+                let digest = cache::component_digest(path)?;
+                (digest.sha256, digest.size)
             }
-            _ => (SCRIPT_SHA256.to_string(), SCRIPT_WASM.len()),
+            _ => (SCRIPT_SHA256.to_string(), SCRIPT_WASM.len() as u64),
         };
-        Ok(Prepared::Component(GuestSpec::Component {
-            sha256,
-            size: size as u64,
-        }))
+        Ok(Prepared::Component(GuestSpec::Component { sha256, size }))
     })
     .await
     .map_err(|e| Error::Component(format!("preparing the guest panicked: {e}")))?
