@@ -81,6 +81,30 @@ async fn run(quick: bool) -> Result<Table, Error> {
         return Ok(table);
     }
     let guest = guests::test_guest();
+    // `-- --throughput` runs the pipelined calls alone (for a profiler).
+    if std::env::args().any(|a| a == "--throughput") {
+        let w = host(Worker::wasm(&guest)).spawn().await?;
+        for round in 0..5 {
+            let calls = 200_000;
+            let start = Instant::now();
+            let handles: Vec<_> = (0..calls)
+                .map(|i| w.remote_call::<i64>("add", (i, 1)))
+                .collect();
+            for h in handles {
+                h.await?;
+            }
+            let rate = calls as f64 / start.elapsed().as_secs_f64();
+            table.figure(
+                &format!("throughput, round {round}: {calls} pipelined calls"),
+                format!("{rate:.0} calls/s"),
+                "—".into(),
+                "—".into(),
+                "",
+            );
+        }
+        w.stop().await?;
+        return Ok(table);
+    }
 
     // 1. Call round trip. The call frame is ~30 bytes.
     let floor = floor_round_trip(n, 32);

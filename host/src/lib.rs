@@ -59,7 +59,7 @@ pub use remote::{ComponentRequest, ComponentStore, set_component_store};
 #[cfg(feature = "wasm")]
 pub(crate) use serve::StartFailed;
 pub use serve::{Place, serve};
-pub(crate) use shared::Shared;
+pub(crate) use shared::{Out, Shared};
 
 /// Stack of the thread that runs the guest.
 const GUEST_STACK: usize = 64 << 20;

@@ -17,7 +17,26 @@ pub(crate) fn guest_loop(
     shared: &Shared,
     place: Place,
 ) {
-    while let Ok((id, job, mode)) = work.recv() {
+    use std::sync::mpsc::TryRecvError;
+    loop {
+        let (id, job, mode) = match work.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Empty) => {
+                // Nothing more is queued: what was held goes out now.
+                shared.flush_held();
+                match work.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            }
+            Err(TryRecvError::Disconnected) => {
+                shared.flush_held();
+                return;
+            }
+        };
+        shared
+            .queued
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         let go_on = match job {
             Job::One(work) => run_one(&mut *guest, shared, place, id, work, mode),
             Job::Batch { name, args } => run_batch(&mut *guest, shared, place, id, name, args),
@@ -104,8 +123,8 @@ fn run_batch(
         }
     }
     match rmp_serde::to_vec(&results) {
-        Ok(bytes) => shared.reply(id, Ok(Some(bytes))),
-        Err(e) => shared.reply(
+        Ok(bytes) => shared.answer(id, Ok(Some(bytes))),
+        Err(e) => shared.answer(
             id,
             Err(Failure::Invalid(format!("encoding the batch: {e}"))),
         ),
@@ -143,8 +162,8 @@ fn reply(shared: &Shared, id: u64, work: &Work, mode: ReplyMode, result: Result<
     match mode {
         // A value over the frame cap is answered with that error by
         // `Shared::send`.
-        ReplyMode::Value => shared.reply(id, result.map(Some)),
-        ReplyMode::Ack => shared.reply(id, result.map(|_| None)),
+        ReplyMode::Value => shared.answer(id, result.map(Some)),
+        ReplyMode::Ack => shared.answer(id, result.map(|_| None)),
         ReplyMode::None => {
             if let Err(failure) = result {
                 let what = match work {
@@ -158,7 +177,7 @@ fn reply(shared: &Shared, id: u64, work: &Work, mode: ReplyMode, result: Result<
             }
             // No value, but the manager learns the request ran (a
             // restarted native host must not run it twice).
-            shared.reply(id, Ok(None));
+            shared.answer(id, Ok(None));
         }
     }
 }

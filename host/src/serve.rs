@@ -45,7 +45,8 @@ pub fn serve(
         }
     }
     let shared = Arc::new(Shared {
-        out: Mutex::new(None),
+        out: Mutex::new(Out::default()),
+        queued: Default::default(),
         output_limit: config.output_limit,
         output_used: std::sync::atomic::AtomicU64::new(0),
         control: Control::new(config.interrupt_grace, config.call_timeout),
@@ -100,7 +101,7 @@ pub fn serve(
             exit::START_FAILED,
         );
     }
-    *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(output));
+    shared.open(Box::new(output));
     shared.send(&FromHost::Hello {
         version: PROTOCOL_VERSION,
         malt_version: protocol::MALT_VERSION.to_string(),
@@ -135,7 +136,7 @@ fn spawn_timer(shared: &Arc<Shared>, place: Place) -> std::thread::JoinHandle<()
     std::thread::Builder::new()
         .name("malt-timer".into())
         .spawn(move || {
-            if s.control.timer_loop(&s.channels) {
+            if s.control.timer_loop(&s.channels, &|| s.flush_held()) {
                 // The guest ignored both the interrupt and the kill (a
                 // native guest blocked outside the host's reach): give up
                 // on it, so the manager sees the worker terminate instead
@@ -288,6 +289,22 @@ fn fatal(out: &mut impl Write, kind: FatalKind, message: &str, code: i32) -> i32
     code
 }
 
+/// Hands a request to the guest thread.
+fn queue(
+    shared: &Shared,
+    work: &std::sync::mpsc::Sender<(u64, Job, ReplyMode)>,
+    job: (u64, Job, ReplyMode),
+) {
+    shared
+        .queued
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    if work.send(job).is_err() {
+        shared
+            .queued
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Reads and dispatches requests until the stream ends or a Stop arrives.
 fn read_loop(
     input: &mut impl std::io::Read,
@@ -318,17 +335,25 @@ fn read_loop(
                 args,
                 reply,
             } => {
-                let _ = work.send((id, Job::One(Work::Call { name, args }), reply));
+                queue(
+                    shared,
+                    work,
+                    (id, Job::One(Work::Call { name, args }), reply),
+                );
             }
             ToHost::Eval { id, code, reply } => {
-                let _ = work.send((id, Job::One(Work::Eval { code }), reply));
+                queue(shared, work, (id, Job::One(Work::Eval { code }), reply));
             }
             ToHost::CallBatch { id, name, args } => {
                 let args = args
                     .into_iter()
                     .map(serde_bytes::ByteBuf::into_vec)
                     .collect();
-                let _ = work.send((id, Job::Batch { name, args }, ReplyMode::Value));
+                queue(
+                    shared,
+                    work,
+                    (id, Job::Batch { name, args }, ReplyMode::Value),
+                );
             }
             ToHost::Interrupt { up_to } => shared.control.interrupt(up_to, &shared.channels),
             ToHost::ChannelOpen { id, name, capacity } => {

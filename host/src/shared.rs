@@ -2,13 +2,56 @@
 
 use super::*;
 
+/// How many bytes of replies the guest thread holds back at most.
+const HELD_BYTES: usize = 64 << 10;
+
+/// How long a held reply may wait for the next request to end before the
+/// timer thread writes it.
+pub(crate) const HELD_FOR: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The protocol stream out, and the replies held back for it.
+#[derive(Default)]
+pub(crate) struct Out {
+    /// `None` once closed.
+    pub(crate) stream: Option<Box<dyn Write + Send>>,
+    /// Replies not written yet: while more requests wait in the queue,
+    /// the guest thread answers them in one `write` (pipelined calls
+    /// cost one syscall per batch, not per call). Written before any
+    /// other frame, when the queue runs dry, when full, or by the timer
+    /// thread after [`HELD_FOR`].
+    held: Vec<u8>,
+}
+
+impl Out {
+    /// Writes the held replies, then `frame`; a failed write means the
+    /// manager is gone: the stream is dropped.
+    fn write(&mut self, frame: &[u8]) {
+        let Out { stream, held } = self;
+        if let Some(w) = stream.as_mut() {
+            let written = if held.is_empty() {
+                w.write_all(frame)
+            } else {
+                held.extend_from_slice(frame);
+                w.write_all(held)
+            };
+            if written.and_then(|()| w.flush()).is_err() {
+                *stream = None;
+            }
+        }
+        held.clear();
+    }
+}
+
 /// State shared by the host's threads.
 pub(crate) struct Shared {
     /// The protocol stream out. Whoever has a frame writes it (one
-    /// `write` per frame, under the lock, so frames never interleave):
-    /// no hop through a writer thread on the way back to the manager.
-    /// `None` once closed.
-    pub(crate) out: Mutex<Option<Box<dyn Write + Send>>>,
+    /// `write` per frame or batch, under the lock, so frames never
+    /// interleave): no hop through a writer thread on the way back to the
+    /// manager.
+    pub(crate) out: Mutex<Out>,
+    /// Requests read but not yet taken by the guest thread: while there
+    /// are some, the guest thread holds its replies back.
+    pub(crate) queued: std::sync::atomic::AtomicUsize,
     pub control: Control,
     pub channels: Channels,
     pub max_frame: usize,
@@ -42,7 +85,11 @@ impl Shared {
             }
         }
         Arc::new(Shared {
-            out: Mutex::new(Some(Box::new(Sink(out)))),
+            out: Mutex::new(Out {
+                stream: Some(Box::new(Sink(out))),
+                held: Vec::new(),
+            }),
+            queued: Default::default(),
             control: Control::new(std::time::Duration::from_secs(600), None),
             channels: Channels::new(channel_bytes),
             max_frame: 1 << 20,
@@ -57,7 +104,25 @@ impl Shared {
     /// frame cap goes out as that error instead (the manager would refuse
     /// the frame and end the worker).
     pub fn send(&self, message: &FromHost) {
-        let frame = match protocol::encode_capped(message, self.max_frame) {
+        let Some(frame) = self.encode(message) else {
+            return;
+        };
+        self.lock_out().write(&frame);
+    }
+
+    fn lock_out(&self) -> std::sync::MutexGuard<'_, Out> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the stream out (once the guest has started).
+    pub(crate) fn open(&self, stream: Box<dyn Write + Send>) {
+        self.lock_out().stream = Some(stream);
+    }
+
+    /// The frame of a message; a reply over the frame cap becomes that
+    /// error.
+    fn encode(&self, message: &FromHost) -> Option<Vec<u8>> {
+        Some(match protocol::encode_capped(message, self.max_frame) {
             Ok(frame) => frame,
             Err(e) => match message {
                 FromHost::Reply { id, .. } => protocol::encode(&FromHost::Reply {
@@ -69,23 +134,44 @@ impl Shared {
                 }),
                 // Output is sent in pieces below the cap; nothing else
                 // carries a value.
-                _ => return,
+                _ => return None,
             },
+        })
+    }
+
+    /// Answers a request from the guest thread: held back while another
+    /// request waits in the queue (see [`Out::held`]).
+    pub(crate) fn answer(&self, id: u64, result: Result<Option<Vec<u8>>, Failure>) {
+        use std::sync::atomic::Ordering;
+        let result = result.map(|v| v.map(serde_bytes::ByteBuf::from));
+        let Some(frame) = self.encode(&FromHost::Reply { id, result }) else {
+            return;
         };
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = out.as_mut()
-            && w.write_all(&frame).and_then(|()| w.flush()).is_err()
-        {
-            *out = None;
+        let mut out = self.lock_out();
+        if self.queued.load(Ordering::Acquire) == 0 || out.held.len() + frame.len() > HELD_BYTES {
+            out.write(&frame);
+            return;
+        }
+        let first = out.held.is_empty();
+        out.held.extend_from_slice(&frame);
+        drop(out);
+        if first {
+            self.control.flush_within(HELD_FOR);
+        }
+    }
+
+    /// Writes the replies held back, if any.
+    pub(crate) fn flush_held(&self) {
+        let mut out = self.lock_out();
+        if !out.held.is_empty() {
+            out.write(&[]);
         }
     }
 
     /// Exits the host process once every frame written so far is out.
     pub fn exit(&self, code: i32) -> ! {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = out.as_mut() {
-            let _ = w.flush();
-        }
+        let mut out = self.lock_out();
+        out.write(&[]);
         std::process::exit(code)
     }
 
@@ -103,7 +189,9 @@ impl Shared {
 
     /// Closes the stream (an in-process worker winding down).
     pub(crate) fn close(&self) {
-        *self.out.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut out = self.lock_out();
+        out.write(&[]);
+        out.stream = None;
     }
 
     pub fn reply(&self, id: u64, result: Result<Option<Vec<u8>>, Failure>) {
@@ -134,5 +222,81 @@ impl Shared {
                 data: chunk.to_vec(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn written(out: &Mutex<Vec<u8>>) -> usize {
+        out.lock().unwrap().len()
+    }
+
+    #[test]
+    fn replies_wait_while_requests_are_queued_and_go_out_together() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared::for_tests(out.clone());
+        // Nothing queued: a reply goes out at once.
+        shared.answer(1, Ok(None));
+        let one = written(&out);
+        assert!(one > 0);
+        // A request waits: replies are held, then written together.
+        shared.queued.store(1, Ordering::Release);
+        shared.answer(2, Ok(None));
+        shared.answer(3, Ok(None));
+        assert_eq!(written(&out), one);
+        shared.flush_held();
+        assert_eq!(written(&out), 3 * one);
+        // Any other frame takes the held replies with it, in order.
+        shared.answer(4, Ok(None));
+        shared.send(&FromHost::Pong);
+        let bytes = out.lock().unwrap().clone();
+        let mut input = &bytes[..];
+        let mut ids = Vec::new();
+        while let Ok(body) = protocol::read_frame(&mut input, 1 << 20) {
+            match protocol::decode::<FromHost>(&body).unwrap() {
+                FromHost::Reply { id, .. } => ids.push(id),
+                FromHost::Pong => ids.push(0),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(ids, [1, 2, 3, 4, 0]);
+    }
+
+    #[test]
+    fn held_replies_never_grow_past_their_cap() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared::for_tests(out.clone());
+        shared.queued.store(1, Ordering::Release);
+        let value = vec![7u8; HELD_BYTES / 4];
+        for id in 0..8 {
+            shared.answer(id, Ok(Some(value.clone())));
+        }
+        let held = shared.out.lock().unwrap().held.len();
+        assert!(held <= HELD_BYTES, "{held} bytes held");
+        assert!(written(&out) >= 4 * value.len(), "the first ones went out");
+    }
+
+    #[test]
+    fn the_timer_writes_held_replies_when_the_guest_thread_does_not() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared::for_tests(out.clone());
+        let s = shared.clone();
+        let timer =
+            std::thread::spawn(move || s.control.timer_loop(&s.channels, &|| s.flush_held()));
+        shared.queued.store(1, Ordering::Release);
+        shared.answer(1, Ok(None));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while written(&out) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the held reply never went out"
+            );
+            std::thread::sleep(HELD_FOR);
+        }
+        shared.control.shut_down(&shared.channels);
+        assert!(!timer.join().unwrap());
     }
 }

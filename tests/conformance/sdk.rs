@@ -10,6 +10,7 @@ conformance!(
     a_panic_fails_the_call_and_resets_the_guest,
     sdk_sleep_is_cut_short_by_an_interrupt,
     sdk_channels,
+    a_reply_is_not_held_back_by_the_request_queued_after_it,
 );
 
 async fn typed_calls(kind: Kind) {
@@ -88,6 +89,22 @@ async fn sdk_channels(kind: Kind) {
     inbox.put(99).await.unwrap();
     assert_eq!(finishes("relay", relay).await.unwrap(), 99);
     assert_eq!(outbox.take().await.unwrap(), 99);
+    w.stop().await.unwrap();
+}
+
+async fn a_reply_is_not_held_back_by_the_request_queued_after_it(kind: Kind) {
+    let w = test_guest_worker(kind).spawn().await.unwrap();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    // Sent together, so the host has the nap queued when the add ends:
+    // it holds the add's reply back a moment (replies to queued requests
+    // go out in batches), but never until the nap ends.
+    let quick = w.remote_call::<i64>("add", (1, 2));
+    let napping = w.remote_call::<bool>("nap", (100_000,));
+    assert_eq!(finishes("the quick call", quick).await.unwrap(), 3);
+    // The nap still runs: an interrupt cuts it short.
+    finishes("the nap to start", started.take()).await.unwrap();
+    w.interrupt().unwrap();
+    assert!(!finishes("nap", napping).await.unwrap());
     w.stop().await.unwrap();
 }
 

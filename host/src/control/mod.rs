@@ -75,6 +75,8 @@ struct Timer {
     /// An interrupt that arrived while no request ran: applies to the
     /// next request to begin if its id is at most this.
     pending_up_to: Option<u64>,
+    /// When the replies held back must be written (see `Shared::answer`).
+    flush_at: Option<Instant>,
 }
 
 pub(crate) struct Control {
@@ -194,6 +196,7 @@ impl Control {
             id,
             timeout_at: self.timeout.map(|d| Instant::now() + d),
             shut_down: t.shut_down,
+            flush_at: t.flush_at,
             ..Timer::default()
         };
         self.interrupted.store(false, Ordering::Release);
@@ -222,11 +225,22 @@ impl Control {
         *t = Timer {
             shut_down: t.shut_down,
             pending_up_to: if t.id == START { t.pending_up_to } else { None },
+            flush_at: t.flush_at,
             ..Timer::default()
         };
         self.interrupted.store(false, Ordering::Release);
         self.killed.store(false, Ordering::Release);
         ended
+    }
+
+    /// Replies were held back: the timer writes them (calls its `flush`)
+    /// within `limit` unless the guest thread does first.
+    pub fn flush_within(&self, limit: Duration) {
+        let mut t = self.lock();
+        if t.flush_at.is_none() {
+            t.flush_at = Some(Instant::now() + limit);
+            self.wake_timer.notify_one();
+        }
     }
 
     /// The manager asked to interrupt whatever runs now; `up_to` is the
@@ -285,12 +299,21 @@ impl Control {
     /// Enforces timeouts and grace periods. Returns true when a killed
     /// request failed to unwind (the host must give up on the guest),
     /// false once shut down.
-    pub fn timer_loop(&self, channels: &Channels) -> bool {
+    pub fn timer_loop(&self, channels: &Channels, flush: &dyn Fn()) -> bool {
         let mut t = self.lock();
         loop {
             let now = Instant::now();
             if t.shut_down {
                 return false;
+            }
+            if t.flush_at.is_some_and(|at| now >= at) {
+                t.flush_at = None;
+                // Not under this lock: the guest thread takes the stream's
+                // lock, then this one.
+                drop(t);
+                flush();
+                t = self.lock();
+                continue;
             }
             if t.id != 0 {
                 if t.timeout_at.is_some_and(|at| now >= at) {
@@ -307,7 +330,7 @@ impl Control {
                     return true;
                 }
             }
-            let next = [t.timeout_at, t.kill_at, t.give_up_at]
+            let next = [t.timeout_at, t.kill_at, t.give_up_at, t.flush_at]
                 .into_iter()
                 .flatten()
                 .min();

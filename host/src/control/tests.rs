@@ -24,7 +24,7 @@ fn run_timer(
         let _ = tx.lock().unwrap().send((id, reason));
     }));
     let (c, ch) = (c.clone(), ch.clone());
-    let timer = std::thread::spawn(move || c.timer_loop(&ch));
+    let timer = std::thread::spawn(move || c.timer_loop(&ch, &|| ()));
     (rx, timer)
 }
 
