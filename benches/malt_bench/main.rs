@@ -105,6 +105,26 @@ async fn run(quick: bool) -> Result<Table, Error> {
         w.stop().await?;
         return Ok(table);
     }
+    // `-- --payload` sends 50 MB to a worker and back, alone (for a
+    // profiler).
+    if std::env::args().any(|a| a == "--payload") {
+        let w = host(Worker::wasm(&guest)).spawn().await?;
+        let sent = ByteBuf::from(vec![9u8; 50 << 20]);
+        for round in 0..10 {
+            let start = Instant::now();
+            let back: ByteBuf = w.remote_call_fetch("echo", (&sent,)).await?;
+            assert_eq!(back.len(), sent.len());
+            table.figure(
+                &format!("payload, round {round}: 50 MB to the worker and back"),
+                fmt(start.elapsed()),
+                "—".into(),
+                "—".into(),
+                "",
+            );
+        }
+        w.stop().await?;
+        return Ok(table);
+    }
 
     // 1. Call round trip. The call frame is ~30 bytes.
     let floor = floor_round_trip(n, 32);
