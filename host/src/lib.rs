@@ -90,8 +90,14 @@ pub fn main_if_host_with<G: NativeGuest + 'static>(
 
 /// What a guest is asked to do.
 pub(crate) enum Work {
-    Call { name: String, args: Vec<u8> },
-    Eval { code: String },
+    Call {
+        name: String,
+        /// Read in place from the request's frame.
+        args: protocol::FrameBytes,
+    },
+    Eval {
+        code: String,
+    },
 }
 
 /// How a guest request ended, short of success.

@@ -105,12 +105,12 @@ fn run_batch(
     let mut results: Vec<Result<serde_bytes::ByteBuf, Failure>> = Vec::with_capacity(args.len());
     let mut work = Work::Call {
         name,
-        args: Vec::new(),
+        args: Vec::new().into(),
     };
     let mut trapped = false;
     for input in args {
         if let Work::Call { args, .. } = &mut work {
-            *args = input;
+            *args = input.into();
         }
         let Some((result, trap)) = run_call(guest, shared, id, &work) else {
             return false;

@@ -312,9 +312,23 @@ fn read_loop(
     work: &std::sync::mpsc::Sender<(u64, Job, ReplyMode)>,
 ) -> i32 {
     loop {
-        let message = match protocol::read_frame(input, shared.max_frame)
-            .and_then(|body| protocol::decode::<ToHost>(&body))
-        {
+        // Calls, the frequent request and the one that can be large, are
+        // read in place.
+        let body = match protocol::read_frame(input, shared.max_frame) {
+            Ok(body) => match protocol::decode_call(body) {
+                Ok((id, name, args, reply)) => {
+                    queue(
+                        shared,
+                        work,
+                        (id, Job::One(Work::Call { name, args }), reply),
+                    );
+                    continue;
+                }
+                Err(body) => Ok(body),
+            },
+            Err(e) => Err(e),
+        };
+        let message = match body.and_then(|body| protocol::decode::<ToHost>(&body)) {
             Ok(m) => m,
             // The manager is gone: a worker dies with its manager.
             Err(FrameError::Eof) => return exit::OK,
@@ -335,6 +349,7 @@ fn read_loop(
                 args,
                 reply,
             } => {
+                let args = args.into();
                 queue(
                     shared,
                     work,

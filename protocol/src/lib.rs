@@ -509,6 +509,100 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     from_msgpack(body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// Bytes that lie inside a frame body: a value read in place, without
+/// copying it out of the frame (a value can be as large as the frame cap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameBytes {
+    body: Vec<u8>,
+    range: std::ops::Range<usize>,
+}
+
+impl FrameBytes {
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.body[self.range.clone()]
+    }
+}
+
+impl From<Vec<u8>> for FrameBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        let range = 0..bytes.len();
+        FrameBytes { body: bytes, range }
+    }
+}
+
+impl std::ops::Deref for FrameBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+/// A [`FromHost::Reply`], its value read in place.
+pub type Reply = (u64, Result<Option<FrameBytes>, Failure>);
+
+/// Reads a frame body that holds a [`FromHost::Reply`] without copying
+/// its value: the request's id and its value (or why it failed). Any
+/// other message (or a malformed one: [`decode`] says what is wrong with
+/// it) gives the body back.
+pub fn decode_reply(body: Vec<u8>) -> Result<Reply, Vec<u8>> {
+    /// [`FromHost`] with its `Reply` variant alone, the value borrowed.
+    #[derive(Deserialize)]
+    enum Borrowed<'a> {
+        Reply {
+            id: u64,
+            #[serde(borrow)]
+            result: Result<Option<&'a serde_bytes::Bytes>, Failure>,
+        },
+    }
+    let (id, result) = match from_msgpack::<Borrowed<'_>>(&body) {
+        Ok(Borrowed::Reply { id, result }) => {
+            (id, result.map(|value| value.map(|v| range_in(&body, v))))
+        }
+        Err(_) => return Err(body),
+    };
+    let result = result.map(|range| range.map(|range| FrameBytes { body, range }));
+    Ok((id, result))
+}
+
+/// Where `inner`, a slice of `body`, lies in it.
+fn range_in(body: &[u8], inner: &[u8]) -> std::ops::Range<usize> {
+    let offset = inner.as_ptr() as usize - body.as_ptr() as usize;
+    debug_assert!(offset + inner.len() <= body.len());
+    offset..offset + inner.len()
+}
+
+/// A [`ToHost::Call`], its arguments read in place: id, function name,
+/// arguments, reply mode.
+pub type Call = (u64, String, FrameBytes, ReplyMode);
+
+/// Reads a frame body that holds a [`ToHost::Call`] without copying its
+/// arguments; any other message gives the body back (see
+/// [`decode_reply`]).
+pub fn decode_call(body: Vec<u8>) -> Result<Call, Vec<u8>> {
+    /// [`ToHost`] with its `Call` variant alone, the arguments borrowed.
+    #[derive(Deserialize)]
+    enum Borrowed<'a> {
+        Call {
+            id: u64,
+            name: String,
+            #[serde(borrow)]
+            args: &'a serde_bytes::Bytes,
+            reply: ReplyMode,
+        },
+    }
+    let (id, name, range, reply) = match from_msgpack::<Borrowed<'_>>(&body) {
+        Ok(Borrowed::Call {
+            id,
+            name,
+            args,
+            reply,
+        }) => (id, name, range_in(&body, args), reply),
+        Err(_) => return Err(body),
+    };
+    Ok((id, name, FrameBytes { body, range }, reply))
+}
+
 /// Reads one frame body from a blocking reader.
 pub fn read_frame(reader: &mut impl Read, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
@@ -553,6 +647,60 @@ mod tests {
         let frame = encode(&msg);
         let body = read_frame(&mut &frame[..], DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(decode::<ToHost>(&body).unwrap(), msg);
+    }
+
+    #[test]
+    fn replies_and_calls_are_read_in_place_and_nothing_else_is_taken_for_one() {
+        let body = |m: &FromHost| read_frame(&mut &encode(m)[..], DEFAULT_MAX_FRAME).unwrap();
+        let value = rmp_serde::to_vec(&vec![7u8; 300]).unwrap();
+        let b = body(&FromHost::Reply {
+            id: 9,
+            result: Ok(Some(serde_bytes::ByteBuf::from(value.clone()))),
+        });
+        let (id, result) = decode_reply(b).unwrap();
+        assert_eq!(id, 9);
+        assert_eq!(result.unwrap().unwrap().bytes(), &value[..]);
+        let b = body(&FromHost::Reply {
+            id: 10,
+            result: Ok(None),
+        });
+        assert_eq!(decode_reply(b), Ok((10, Ok(None))));
+        let failure = Failure::Remote("no".into());
+        let b = body(&FromHost::Reply {
+            id: 11,
+            result: Err(failure.clone()),
+        });
+        assert_eq!(decode_reply(b), Ok((11, Err(failure))));
+        for other in [
+            FromHost::Pong,
+            FromHost::Restart,
+            FromHost::Output {
+                stream: Stream::Stdout,
+                data: b"hi".to_vec(),
+            },
+            FromHost::NeedComponent {
+                sha256: "ab".into(),
+            },
+        ] {
+            let b = body(&other);
+            assert_eq!(decode_reply(b.clone()), Err(b), "{other:?}");
+        }
+        assert_eq!(decode_reply(vec![0xc1, 0x00]), Err(vec![0xc1, 0x00]));
+
+        let call = ToHost::Call {
+            id: 3,
+            name: "echo".into(),
+            args: value.clone(),
+            reply: ReplyMode::Ack,
+        };
+        let b = read_frame(&mut &encode(&call)[..], DEFAULT_MAX_FRAME).unwrap();
+        let (id, name, args, reply) = decode_call(b).unwrap();
+        assert_eq!(
+            (id, name.as_str(), &args[..], reply),
+            (3, "echo", &value[..], ReplyMode::Ack)
+        );
+        let b = read_frame(&mut &encode(&ToHost::Ping)[..], DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(decode_call(b.clone()), Err(b));
     }
 
     #[test]

@@ -3,9 +3,9 @@
 use super::*;
 
 /// The bytes of a reply value; a reply without one reads as nil.
-pub(crate) fn reply_bytes(value: &Option<serde_bytes::ByteBuf>) -> &[u8] {
+pub(crate) fn reply_bytes(value: &Option<protocol::FrameBytes>) -> &[u8] {
     const NIL: &[u8] = &[0xc0];
-    value.as_ref().map_or(NIL, |b| b.as_slice())
+    value.as_ref().map_or(NIL, protocol::FrameBytes::bytes)
 }
 
 pub(crate) fn decode_value<R: DeserializeOwned>(worker: &str, bytes: &[u8]) -> Result<R> {

@@ -19,8 +19,19 @@ pub(crate) async fn read_frames(
                     Ok(None) => break None,
                     Err(e) => break Some(e),
                 };
+            // Replies, the most frequent frame and the one that can be
+            // large, are read in place.
+            let body = match protocol::decode_reply(body) {
+                Ok((id, result)) => {
+                    inner.resolve(id, result);
+                    continue;
+                }
+                Err(body) => body,
+            };
             match protocol::decode::<FromHost>(&body) {
-                Ok(FromHost::Reply { id, result }) => inner.resolve(id, result),
+                Ok(FromHost::Reply { id, result }) => {
+                    inner.resolve(id, result.map(|v| v.map(|b| b.into_vec().into())))
+                }
                 Ok(FromHost::Output { stream, data }) => inner.output().write(stream, &data),
                 Ok(FromHost::Restart) if inner.restartable => restart = true,
                 Ok(FromHost::Pong) => {}
@@ -73,7 +84,7 @@ pub(crate) async fn read_frames(
     }
 }
 
-pub(crate) type Reply = std::result::Result<Option<serde_bytes::ByteBuf>, Error>;
+pub(crate) type Reply = std::result::Result<Option<protocol::FrameBytes>, Error>;
 
 /// A request not answered yet.
 pub(crate) struct Waiting {
@@ -169,7 +180,7 @@ impl Inner {
     pub(crate) fn resolve(
         &self,
         id: u64,
-        result: std::result::Result<Option<serde_bytes::ByteBuf>, Failure>,
+        result: std::result::Result<Option<protocol::FrameBytes>, Failure>,
     ) {
         let Some(Waiting { tx: Some(tx), .. }) = self.lock_pending().waiting.remove(&id) else {
             return;
