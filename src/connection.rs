@@ -51,9 +51,18 @@ pub(crate) enum Signal {
     Kill,
 }
 
+/// A frame on its way to the host: whole, or a head and a large value
+/// written after it from where it lies (shared, not copied, when kept
+/// for resending).
+#[derive(Debug, Clone)]
+pub(crate) enum Frame {
+    Whole(Vec<u8>),
+    Split(Vec<u8>, Arc<Vec<u8>>),
+}
+
 /// A live connection to a host.
 pub(crate) struct Connection {
-    pub frames: mpsc::UnboundedSender<Vec<u8>>,
+    pub frames: mpsc::UnboundedSender<Frame>,
     pub signals: mpsc::UnboundedSender<Signal>,
     pub pid: u32,
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
@@ -474,7 +483,7 @@ async fn read_host_stderr(
 /// stream) when the queue closes or `close` fires.
 async fn write_frames(
     out: impl AsyncWrite + Unpin,
-    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
     close: Option<oneshot::Receiver<()>>,
 ) {
     let mut out = tokio::io::BufWriter::with_capacity(64 << 10, out);
@@ -491,16 +500,26 @@ async fn write_frames(
             let _ = out.shutdown().await;
             return;
         };
-        if out.write_all(&frame).await.is_err() {
+        if write_frame(&mut out, &frame).await.is_err() {
             return;
         }
         while let Ok(frame) = frames.try_recv() {
-            if out.write_all(&frame).await.is_err() {
+            if write_frame(&mut out, &frame).await.is_err() {
                 return;
             }
         }
         if out.flush().await.is_err() {
             return;
+        }
+    }
+}
+
+async fn write_frame(out: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Result<()> {
+    match frame {
+        Frame::Whole(bytes) => out.write_all(bytes).await,
+        Frame::Split(head, value) => {
+            out.write_all(head).await?;
+            out.write_all(value).await
         }
     }
 }

@@ -70,7 +70,7 @@ impl AsyncRead for Heard {
 pub(crate) fn watch(
     reader: Box<dyn AsyncRead + Send + Unpin>,
     interval: Duration,
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<crate::connection::Frame>,
     signals: mpsc::UnboundedSender<Signal>,
 ) -> Box<dyn AsyncRead + Send + Unpin> {
     let link = Arc::new(Link {
@@ -88,7 +88,10 @@ pub(crate) fn watch(
         loop {
             ticks.tick().await;
             // The writer is gone with the connection: so is the need.
-            if frames.send(ping.clone()).is_err() {
+            if frames
+                .send(crate::connection::Frame::Whole(ping.clone()))
+                .is_err()
+            {
                 return;
             }
             let silence = watched.silence();

@@ -40,6 +40,37 @@ impl Out {
         }
         held.clear();
     }
+
+    /// Writes the held replies and one frame given in two parts.
+    fn write_parts(&mut self, head: &[u8], tail: &[u8]) {
+        let Out { stream, held } = self;
+        if let Some(w) = stream.as_mut() {
+            held.extend_from_slice(head);
+            let written = w
+                .write_all(held)
+                .and_then(|()| w.write_all(tail))
+                .and_then(|()| w.flush());
+            if written.is_err() {
+                *stream = None;
+            }
+        }
+        held.clear();
+    }
+}
+
+/// A reply value this large is written from where it lies rather than
+/// copied into its frame.
+const IN_PLACE_BYTES: usize = 64 << 10;
+
+/// The reply a value over the frame cap gets instead.
+fn too_large(id: u64, e: &protocol::FrameError) -> Vec<u8> {
+    protocol::encode(&FromHost::Reply {
+        id,
+        result: Err(Failure::Limit {
+            limit: protocol::Limit::FrameSize,
+            message: format!("the value is too large: {e}"),
+        }),
+    })
 }
 
 /// State shared by the host's threads.
@@ -125,13 +156,7 @@ impl Shared {
         Some(match protocol::encode_capped(message, self.max_frame) {
             Ok(frame) => frame,
             Err(e) => match message {
-                FromHost::Reply { id, .. } => protocol::encode(&FromHost::Reply {
-                    id: *id,
-                    result: Err(Failure::Limit {
-                        limit: protocol::Limit::FrameSize,
-                        message: format!("the value is too large: {e}"),
-                    }),
-                }),
+                FromHost::Reply { id, .. } => too_large(*id, &e),
                 // Output is sent in pieces below the cap; nothing else
                 // carries a value.
                 _ => return None,
@@ -143,6 +168,20 @@ impl Shared {
     /// request waits in the queue (see [`Out::held`]).
     pub(crate) fn answer(&self, id: u64, result: Result<Option<Vec<u8>>, Failure>) {
         use std::sync::atomic::Ordering;
+        // A large value goes out from where it lies, behind a frame head.
+        if let Ok(Some(value)) = &result
+            && value.len() >= IN_PLACE_BYTES
+        {
+            let empty = FromHost::Reply {
+                id,
+                result: Ok(Some(serde_bytes::ByteBuf::new())),
+            };
+            match protocol::frame_head(&empty, value.len(), self.max_frame) {
+                Ok(head) => self.lock_out().write_parts(&head, value),
+                Err(e) => self.lock_out().write(&too_large(id, &e)),
+            }
+            return;
+        }
         let result = result.map(|v| v.map(serde_bytes::ByteBuf::from));
         let Some(frame) = self.encode(&FromHost::Reply { id, result }) else {
             return;
@@ -263,6 +302,44 @@ mod tests {
             }
         }
         assert_eq!(ids, [1, 2, 3, 4, 0]);
+    }
+
+    #[test]
+    fn a_large_value_is_answered_from_where_it_lies() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared::for_tests(out.clone());
+        shared.queued.store(1, Ordering::Release);
+        shared.answer(1, Ok(None));
+        let value: Vec<u8> = (0..IN_PLACE_BYTES * 3).map(|i| i as u8).collect();
+        shared.answer(2, Ok(Some(value.clone())));
+        // Over the frame cap (1 MiB here): the error instead.
+        shared.answer(3, Ok(Some(vec![0; 2 << 20])));
+        let bytes = out.lock().unwrap().clone();
+        let mut input = &bytes[..];
+        let mut replies = Vec::new();
+        while let Ok(body) = protocol::read_frame(&mut input, 1 << 20) {
+            match protocol::decode::<FromHost>(&body).unwrap() {
+                FromHost::Reply { id, result } => replies.push((id, result)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(replies.len(), 3);
+        assert_eq!(replies[0], (1, Ok(None)));
+        assert_eq!(replies[1], (2, Ok(Some(serde_bytes::ByteBuf::from(value)))));
+        assert!(
+            matches!(
+                &replies[2],
+                (
+                    3,
+                    Err(Failure::Limit {
+                        limit: protocol::Limit::FrameSize,
+                        ..
+                    })
+                )
+            ),
+            "{:?}",
+            replies[2]
+        );
     }
 
     #[test]

@@ -489,6 +489,80 @@ pub fn encode_capped<T: Serialize>(message: &T, max: usize) -> Result<Vec<u8>, F
     Ok(buf)
 }
 
+/// The head of a frame whose message ends in a value of `len` bytes (a
+/// MessagePack bin) that the writer sends after the head, from where it
+/// already lies: `message` is the message with that value empty. The
+/// head is the frame header, the message up to the value, and the
+/// value's bin header. Over `max` is [`FrameError::TooLarge`].
+///
+/// A large reply goes out without being copied into a frame first.
+pub fn frame_head(message: &impl Serialize, len: usize, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut head = encode(message);
+    // An empty bin: bin 8, length 0.
+    if !head.ends_with(&[0xc4, 0x00]) {
+        return Err(FrameError::Malformed(
+            "the message does not end in an empty value".into(),
+        ));
+    }
+    head.truncate(head.len() - 2);
+    let max = max.min(u32::MAX as usize);
+    let message_len = head.len() - HEADER_LEN;
+    let too_large = || FrameError::TooLarge {
+        len: message_len + len,
+        max,
+    };
+    let len32 = u32::try_from(len).map_err(|_| too_large())?;
+    match len {
+        0..=0xff => head.extend_from_slice(&[0xc4, len as u8]),
+        0x100..=0xffff => {
+            head.push(0xc5);
+            head.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            head.push(0xc6);
+            head.extend_from_slice(&len32.to_be_bytes());
+        }
+    }
+    let body = head.len() - HEADER_LEN + len;
+    let header = u32::try_from(body)
+        .ok()
+        .filter(|_| body <= max)
+        .ok_or_else(too_large)?;
+    head[..HEADER_LEN].copy_from_slice(&header.to_le_bytes());
+    Ok(head)
+}
+
+/// The [`frame_head`] of a [`ToHost::Call`] whose arguments (`args_len`
+/// bytes) the writer sends after it: the same message, its fields in
+/// another order (a struct is a map here: its fields may come in any
+/// order), the arguments last.
+pub fn call_head(
+    id: u64,
+    name: &str,
+    reply: ReplyMode,
+    args_len: usize,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
+    /// [`ToHost`]'s `Call`, the arguments last.
+    #[derive(Serialize)]
+    enum Head<'a> {
+        Call {
+            id: u64,
+            name: &'a str,
+            reply: ReplyMode,
+            #[serde(with = "serde_bytes")]
+            args: &'a [u8],
+        },
+    }
+    let head = Head::Call {
+        id,
+        name,
+        reply,
+        args: &[],
+    };
+    frame_head(&head, args_len, max)
+}
+
 /// Deepest nesting of arrays and maps a decoded value may have. Deeper
 /// input is an error, not a stack overflow: a guest's reply is untrusted,
 /// and recursive types (`rmpv::Value`, `serde_json::Value`) recurse per
@@ -701,6 +775,61 @@ mod tests {
         );
         let b = read_frame(&mut &encode(&ToHost::Ping)[..], DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(decode_call(b.clone()), Err(b));
+    }
+
+    #[test]
+    fn a_frame_head_and_its_value_make_the_frame() {
+        for len in [0usize, 1, 255, 256, 65_535, 65_536, 300_000] {
+            let value: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let empty = FromHost::Reply {
+                id: 5,
+                result: Ok(Some(serde_bytes::ByteBuf::new())),
+            };
+            let mut frame = frame_head(&empty, len, DEFAULT_MAX_FRAME).unwrap();
+            frame.extend_from_slice(&value);
+            let body = read_frame(&mut &frame[..], DEFAULT_MAX_FRAME).unwrap();
+            assert_eq!(
+                decode::<FromHost>(&body).unwrap(),
+                FromHost::Reply {
+                    id: 5,
+                    result: Ok(Some(serde_bytes::ByteBuf::from(value))),
+                },
+                "{len} bytes"
+            );
+        }
+        let empty = FromHost::Reply {
+            id: 5,
+            result: Ok(Some(serde_bytes::ByteBuf::new())),
+        };
+        assert!(matches!(
+            frame_head(&empty, 2000, 1000),
+            Err(FrameError::TooLarge { max: 1000, .. })
+        ));
+        assert!(matches!(
+            frame_head(&FromHost::Pong, 10, DEFAULT_MAX_FRAME),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_call_head_and_its_arguments_make_the_call() {
+        let args = rmp_serde::to_vec(&(serde_bytes::ByteBuf::from(vec![3u8; 70_000]),)).unwrap();
+        let mut frame =
+            call_head(8, "echo", ReplyMode::Value, args.len(), DEFAULT_MAX_FRAME).unwrap();
+        frame.extend_from_slice(&args);
+        let body = read_frame(&mut &frame[..], DEFAULT_MAX_FRAME).unwrap();
+        let call = ToHost::Call {
+            id: 8,
+            name: "echo".into(),
+            args: args.clone(),
+            reply: ReplyMode::Value,
+        };
+        assert_eq!(decode::<ToHost>(&body).unwrap(), call);
+        let (id, name, read, reply) = decode_call(body).unwrap();
+        assert_eq!(
+            (id, name.as_str(), &read[..], reply),
+            (8, "echo", &args[..], ReplyMode::Value)
+        );
     }
 
     #[test]

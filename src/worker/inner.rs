@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Call arguments this large are sent from where they lie rather than
+/// copied into their frame.
+const IN_PLACE_BYTES: usize = 64 << 10;
+
 /// Reads the host's frames until the worker is gone; restarts a native
 /// host that asked for it.
 pub(crate) async fn read_frames(
@@ -91,7 +95,7 @@ pub(crate) struct Waiting {
     /// Where the answer goes (`None` for `remote_do`).
     pub(crate) tx: Option<oneshot::Sender<Reply>>,
     /// The request, kept to send again to a restarted native host.
-    pub(crate) resend: Option<Vec<u8>>,
+    pub(crate) resend: Option<connection::Frame>,
 }
 
 pub(crate) struct Pending {
@@ -99,7 +103,7 @@ pub(crate) struct Pending {
     /// Set once the worker is gone: new requests fail at once.
     pub(crate) closed: bool,
     /// The current connection's outgoing frames and control.
-    pub(crate) frames: mpsc::UnboundedSender<Vec<u8>>,
+    pub(crate) frames: mpsc::UnboundedSender<connection::Frame>,
     pub(crate) signals: mpsc::UnboundedSender<Signal>,
 }
 
@@ -141,7 +145,7 @@ impl Inner {
     /// in order.
     pub(crate) fn reconnect(
         &self,
-        frames: mpsc::UnboundedSender<Vec<u8>>,
+        frames: mpsc::UnboundedSender<connection::Frame>,
         signals: mpsc::UnboundedSender<Signal>,
         pid: u32,
         host_pid: u32,
@@ -229,7 +233,7 @@ impl Inner {
         tx: Option<oneshot::Sender<Reply>>,
     ) -> Result<()> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = self.frame(&message(id))?;
+        let frame = self.request_frame(message(id))?;
         let mut pending = self.lock_pending();
         if pending.closed {
             return Err(Error::TerminatedWorker);
@@ -257,7 +261,7 @@ impl Inner {
         if !self.running.load(Ordering::Acquire) {
             return Err(Error::TerminatedWorker);
         }
-        let frame = self.frame(message)?;
+        let frame = connection::Frame::Whole(self.frame(message)?);
         self.lock_pending()
             .frames
             .send(frame)
@@ -265,13 +269,35 @@ impl Inner {
     }
 
     pub(crate) fn frame(&self, message: &ToHost) -> Result<Vec<u8>> {
-        protocol::encode_capped(message, self.launch.config.max_frame).map_err(|e| {
-            Error::LimitExceeded {
-                worker: self.name.clone(),
-                limit: protocol::Limit::FrameSize,
-                message: format!("the request is too large: {e}"),
+        protocol::encode_capped(message, self.launch.config.max_frame)
+            .map_err(|e| self.too_large(e))
+    }
+
+    /// A request's frame: a call with large arguments is sent as a head
+    /// and the arguments as they are, not copied into one frame.
+    fn request_frame(&self, message: ToHost) -> Result<connection::Frame> {
+        match message {
+            ToHost::Call {
+                id,
+                name,
+                args,
+                reply,
+            } if args.len() >= IN_PLACE_BYTES => {
+                let max = self.launch.config.max_frame;
+                let head = protocol::call_head(id, &name, reply, args.len(), max)
+                    .map_err(|e| self.too_large(e))?;
+                Ok(connection::Frame::Split(head, Arc::new(args)))
             }
-        })
+            message => Ok(connection::Frame::Whole(self.frame(&message)?)),
+        }
+    }
+
+    fn too_large(&self, e: protocol::FrameError) -> Error {
+        Error::LimitExceeded {
+            worker: self.name.clone(),
+            limit: protocol::Limit::FrameSize,
+            message: format!("the request is too large: {e}"),
+        }
     }
 
     pub(crate) fn decode<R: DeserializeOwned>(&self, bytes: &[u8]) -> Result<R> {
