@@ -1,16 +1,20 @@
 //! One figure alone, repeated, for a profiler (`perf record -a -g --
 //! target/release/deps/malt_bench-* --throughput`): `--throughput` (calls
-//! pipelined on one worker) or `--payload` (50 MB to a worker and back).
+//! pipelined on one worker), `--payload` (50 MB to a worker and back) or
+//! `--interrupts` (every kind, few rounds).
 
 use super::*;
 
 pub(crate) fn wanted() -> bool {
-    std::env::args().any(|a| a == "--throughput" || a == "--payload")
+    std::env::args().any(|a| ["--throughput", "--payload", "--interrupts"].contains(&a.as_str()))
 }
 
 pub(crate) async fn measure(table: &mut Table, guest: &std::path::Path) -> Result<(), Error> {
+    if std::env::args().any(|a| a == "--interrupts") {
+        return interrupts::measure(table, true).await;
+    }
     if std::env::args().any(|a| a == "--throughput") {
-        let w = host(Worker::wasm(&guest)).spawn().await?;
+        let w = host(Worker::wasm(guest)).spawn().await?;
         for round in 0..5 {
             let calls = 200_000;
             let start = Instant::now();
@@ -33,7 +37,7 @@ pub(crate) async fn measure(table: &mut Table, guest: &std::path::Path) -> Resul
         return Ok(());
     }
     if std::env::args().any(|a| a == "--payload") {
-        let w = host(Worker::wasm(&guest)).spawn().await?;
+        let w = host(Worker::wasm(guest)).spawn().await?;
         let sent = ByteBuf::from(vec![9u8; 50 << 20]);
         for round in 0..10 {
             let start = Instant::now();

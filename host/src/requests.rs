@@ -215,6 +215,8 @@ pub(crate) fn under_start_timeout(
 /// False when it cannot be: the worker ends with a `Reset` fatal frame
 /// (never the manager's process: an in-process worker just stops).
 fn reset(guest: &mut dyn Guest, shared: &Shared, place: Place) -> bool {
+    // A reset can take milliseconds: nothing answered waits for it.
+    shared.flush_held();
     match under_start_timeout(shared, "restart", || guest.reset()) {
         Ok(()) => true,
         Err(StartError::ShutDown) => false,

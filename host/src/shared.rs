@@ -182,12 +182,18 @@ impl Shared {
             }
             return;
         }
+        let failed = result.is_err();
         let result = result.map(|v| v.map(serde_bytes::ByteBuf::from));
         let Some(frame) = self.encode(&FromHost::Reply { id, result }) else {
             return;
         };
         let mut out = self.lock_out();
-        if self.queued.load(Ordering::Acquire) == 0 || out.held.len() + frame.len() > HELD_BYTES {
+        // A failure is not held: it is rare in a stream of calls, and
+        // the caller of an interrupted request waits for it.
+        if failed
+            || self.queued.load(Ordering::Acquire) == 0
+            || out.held.len() + frame.len() > HELD_BYTES
+        {
             out.write(&frame);
             return;
         }
@@ -288,6 +294,19 @@ mod tests {
         assert_eq!(written(&out), one);
         shared.flush_held();
         assert_eq!(written(&out), 3 * one);
+        // A failure is never held (nor is what was held before it).
+        shared.answer(5, Ok(None));
+        shared.answer(6, Err(Failure::Interrupted { state_lost: true }));
+        let bytes = out.lock().unwrap().clone();
+        let mut input = &bytes[3 * one..];
+        let mut late = Vec::new();
+        while let Ok(body) = protocol::read_frame(&mut input, 1 << 20) {
+            if let FromHost::Reply { id, .. } = protocol::decode::<FromHost>(&body).unwrap() {
+                late.push(id);
+            }
+        }
+        assert_eq!(late, [5, 6]);
+        out.lock().unwrap().clear();
         // Any other frame takes the held replies with it, in order.
         shared.answer(4, Ok(None));
         shared.send(&FromHost::Pong);
@@ -301,7 +320,7 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert_eq!(ids, [1, 2, 3, 4, 0]);
+        assert_eq!(ids, [4, 0]);
     }
 
     #[test]
