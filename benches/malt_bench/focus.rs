@@ -31,14 +31,7 @@ pub(crate) async fn measure(table: &mut Table, guest: &std::path::Path) -> Resul
         let w = host(Worker::wasm(guest)).spawn().await?;
         for round in 0..5 {
             let calls = 200_000;
-            let start = Instant::now();
-            let handles: Vec<_> = (0..calls)
-                .map(|i| w.remote_call::<i64>("add", (i, 1)))
-                .collect();
-            for h in handles {
-                h.await?;
-            }
-            let rate = calls as f64 / start.elapsed().as_secs_f64();
+            let rate = pipelined_rate(&w, calls).await?;
             table.figure(
                 &format!("throughput, round {round}: {calls} pipelined calls"),
                 format!("{rate:.0} calls/s"),

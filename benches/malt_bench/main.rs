@@ -50,6 +50,18 @@ async fn time_calls(w: &Worker, n: usize, mut call: impl AsyncFnMut(&Worker)) ->
     stats(samples)
 }
 
+/// Calls per second of `calls` calls of `add` sent at once to one worker.
+pub(crate) async fn pipelined_rate(w: &Worker, calls: usize) -> Result<f64, Error> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..calls as i64)
+        .map(|i| w.remote_call::<i64>("add", (i, 1)))
+        .collect();
+    for h in handles {
+        h.await?;
+    }
+    Ok(calls as f64 / start.elapsed().as_secs_f64())
+}
+
 fn pss_rss_kib(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     let field = |name: &str| {
@@ -164,14 +176,7 @@ async fn run(quick: bool) -> Result<Table, Error> {
 
     // 2. Throughput: calls pipelined on one worker.
     let calls = if quick { 20_000 } else { 100_000 };
-    let start = Instant::now();
-    let handles: Vec<_> = (0..calls)
-        .map(|i| w.remote_call::<i64>("add", (i, 1)))
-        .collect();
-    for h in handles {
-        h.await?;
-    }
-    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    let rate = pipelined_rate(&w, calls).await?;
     let floor_rate = floor_pipelined(calls);
     table.figure(
         &format!("throughput, {calls} pipelined calls (wasm, Rust guest)"),
