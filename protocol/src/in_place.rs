@@ -35,12 +35,12 @@ impl std::ops::Deref for FrameBytes {
     }
 }
 
-/// A [`FromHost::Reply`], its value read in place.
+/// A [`FromHost::Reply`](crate::FromHost::Reply), its value read in place.
 pub type Reply = (u64, Result<Option<FrameBytes>, Failure>);
 
-/// Reads a frame body that holds a [`FromHost::Reply`] without copying
+/// Reads a frame body that holds a [`FromHost::Reply`](crate::FromHost::Reply) without copying
 /// its value: the request's id and its value (or why it failed). Any
-/// other message (or a malformed one: [`decode`] says what is wrong with
+/// other message (or a malformed one: [`decode`](crate::decode) says what is wrong with
 /// it) gives the body back.
 pub fn decode_reply(body: Vec<u8>) -> Result<Reply, Vec<u8>> {
     /// [`FromHost`] with its `Reply` variant alone, the value borrowed.
@@ -69,11 +69,11 @@ fn range_in(body: &[u8], inner: &[u8]) -> std::ops::Range<usize> {
     offset..offset + inner.len()
 }
 
-/// A [`ToHost::Call`], its arguments read in place: id, function name,
+/// A [`ToHost::Call`](crate::ToHost::Call), its arguments read in place: id, function name,
 /// arguments, reply mode.
 pub type Call = (u64, String, FrameBytes, ReplyMode);
 
-/// Reads a frame body that holds a [`ToHost::Call`] without copying its
+/// Reads a frame body that holds a [`ToHost::Call`](crate::ToHost::Call) without copying its
 /// arguments; any other message gives the body back (see
 /// [`decode_reply`]).
 pub fn decode_call(body: Vec<u8>) -> Result<Call, Vec<u8>> {
@@ -143,7 +143,7 @@ pub fn frame_head(message: &impl Serialize, len: usize, max: usize) -> Result<Ve
     Ok(head)
 }
 
-/// The [`frame_head`] of a [`ToHost::Call`] whose arguments (`args_len`
+/// The [`frame_head`] of a [`ToHost::Call`](crate::ToHost::Call) whose arguments (`args_len`
 /// bytes) the writer sends after it: the same message, its fields in
 /// another order (a struct is a map here: its fields may come in any
 /// order), the arguments last.
