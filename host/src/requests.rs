@@ -17,22 +17,14 @@ pub(crate) fn guest_loop(
     shared: &Shared,
     place: Place,
 ) {
-    use std::sync::mpsc::TryRecvError;
     loop {
-        let (id, job, mode) = match work.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Empty) => {
-                // Nothing more is queued: what was held goes out now.
-                shared.flush_held();
-                match work.recv() {
-                    Ok(job) => job,
-                    Err(_) => return,
-                }
-            }
-            Err(TryRecvError::Disconnected) => {
-                shared.flush_held();
-                return;
-            }
+        let next = work.try_recv().or_else(|_| {
+            // Nothing more is queued: what was held goes out now.
+            shared.flush_held();
+            work.recv()
+        });
+        let Ok((id, job, mode)) = next else {
+            return;
         };
         shared
             .queued

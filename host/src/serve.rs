@@ -314,18 +314,16 @@ fn read_loop(
     loop {
         // Calls, the frequent request and the one that can be large, are
         // read in place.
-        let body = match protocol::read_frame(input, shared.max_frame) {
-            Ok(body) => match protocol::decode_call(body) {
-                Ok((id, name, args, reply)) => {
-                    queue(
-                        shared,
-                        work,
-                        (id, Job::One(Work::Call { name, args }), reply),
-                    );
-                    continue;
-                }
-                Err(body) => Ok(body),
-            },
+        let body = match protocol::read_frame(input, shared.max_frame).map(protocol::decode_call) {
+            Ok(Ok((id, name, args, reply))) => {
+                queue(
+                    shared,
+                    work,
+                    (id, Job::One(Work::Call { name, args }), reply),
+                );
+                continue;
+            }
+            Ok(Err(body)) => Ok(body),
             Err(e) => Err(e),
         };
         let message = match body.and_then(|body| protocol::decode::<ToHost>(&body)) {

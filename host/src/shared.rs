@@ -26,41 +26,31 @@ impl Out {
     /// Writes the held replies, then `frame`; a failed write means the
     /// manager is gone: the stream is dropped.
     fn write(&mut self, frame: &[u8]) {
-        let Out { stream, held } = self;
-        if let Some(w) = stream.as_mut() {
-            let written = if held.is_empty() {
-                w.write_all(frame)
-            } else {
-                held.extend_from_slice(frame);
-                w.write_all(held)
-            };
-            if written.and_then(|()| w.flush()).is_err() {
-                *stream = None;
-            }
-        }
-        held.clear();
+        self.write_parts(frame, &[]);
     }
 
-    /// Writes the held replies and one frame given in two parts.
+    /// Writes the held replies and one frame given in two parts (a head,
+    /// and a large value written from where it lies).
     fn write_parts(&mut self, head: &[u8], tail: &[u8]) {
         let Out { stream, held } = self;
         if let Some(w) = stream.as_mut() {
-            held.extend_from_slice(head);
-            let written = w
-                .write_all(held)
+            let written = if held.is_empty() {
+                w.write_all(head)
+            } else {
+                held.extend_from_slice(head);
+                w.write_all(held)
+            };
+            if written
                 .and_then(|()| w.write_all(tail))
-                .and_then(|()| w.flush());
-            if written.is_err() {
+                .and_then(|()| w.flush())
+                .is_err()
+            {
                 *stream = None;
             }
         }
         held.clear();
     }
 }
-
-/// A reply value this large is written from where it lies rather than
-/// copied into its frame.
-const IN_PLACE_BYTES: usize = 64 << 10;
 
 /// The reply a value over the frame cap gets instead.
 fn too_large(id: u64, e: &protocol::FrameError) -> Vec<u8> {
@@ -170,7 +160,7 @@ impl Shared {
         use std::sync::atomic::Ordering;
         // A large value goes out from where it lies, behind a frame head.
         if let Ok(Some(value)) = &result
-            && value.len() >= IN_PLACE_BYTES
+            && value.len() >= protocol::IN_PLACE_BYTES
         {
             let empty = FromHost::Reply {
                 id,
@@ -329,7 +319,7 @@ mod tests {
         let shared = Shared::for_tests(out.clone());
         shared.queued.store(1, Ordering::Release);
         shared.answer(1, Ok(None));
-        let value: Vec<u8> = (0..IN_PLACE_BYTES * 3).map(|i| i as u8).collect();
+        let value: Vec<u8> = (0..protocol::IN_PLACE_BYTES * 3).map(|i| i as u8).collect();
         shared.answer(2, Ok(Some(value.clone())));
         // Over the frame cap (1 MiB here): the error instead.
         shared.answer(3, Ok(Some(vec![0; 2 << 20])));

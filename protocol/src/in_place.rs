@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Failure, FrameError, HEADER_LEN, ReplyMode, encode, from_msgpack};
 
+/// Values (call arguments, reply values) at least this large are written
+/// behind a frame head ([`call_head`], [`frame_head`]) rather than copied
+/// into their frame; smaller ones are not worth a second `write`.
+pub const IN_PLACE_BYTES: usize = 64 << 10;
+
 /// Bytes that lie inside a frame body: a value read in place, without
 /// copying it out of the frame (a value can be as large as the frame cap).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -490,7 +490,9 @@ pub fn encode_capped<T: Serialize>(message: &T, max: usize) -> Result<Vec<u8>, F
 }
 
 mod in_place;
-pub use in_place::{Call, FrameBytes, Reply, call_head, decode_call, decode_reply, frame_head};
+pub use in_place::{
+    Call, FrameBytes, IN_PLACE_BYTES, Reply, call_head, decode_call, decode_reply, frame_head,
+};
 
 /// Deepest nesting of arrays and maps a decoded value may have. Deeper
 /// input is an error, not a stack overflow: a guest's reply is untrusted,

@@ -3,10 +3,6 @@
 
 use super::*;
 
-/// Call arguments this large are sent from where they lie rather than
-/// copied into their frame.
-const IN_PLACE_BYTES: usize = 64 << 10;
-
 /// Reads the host's frames until the worker is gone; restarts a native
 /// host that asked for it.
 pub(crate) async fn read_frames(
@@ -282,7 +278,7 @@ impl Inner {
                 name,
                 args,
                 reply,
-            } if args.len() >= IN_PLACE_BYTES => {
+            } if args.len() >= protocol::IN_PLACE_BYTES => {
                 let max = self.launch.config.max_frame;
                 let head = protocol::call_head(id, &name, reply, args.len(), max)
                     .map_err(|e| self.too_large(e))?;
