@@ -5,8 +5,9 @@
 expression is the result (as in Jupyter), None otherwise. `call` calls a
 function defined earlier. Values cross as MessagePack. Errors are Python
 tracebacks of the user's frames. A cooperative interrupt raises
-KeyboardInterrupt in running code (checked on loop jumps, and in
-`time.sleep`, `malt.sleep` and `malt.channel_take`).
+KeyboardInterrupt in running code: the host writes it into CPython's
+thread state as its asynchronous exception (see `_use_memory_interrupt`);
+`time.sleep`, `malt.sleep` and `malt.channel_take` raise it themselves.
 """
 
 import ast
@@ -50,16 +51,113 @@ def _begin():
 def _start():
     """Once, at the first request (not while the component is built: a seed
     taken then would be the same in every worker)."""
-    global _started
+    global _started, _memory_interrupt, interrupts
     _started = True
     random.seed()
     # The manager's python_path directories, searched before the rest.
     extra = [p for p in os.environ.get("MALT_PYTHON_PATH", "").split(":") if p]
     sys.path[:0] = extra
+    refused = _use_memory_interrupt()
+    _memory_interrupt = refused is None
+    if _memory_interrupt:
+        interrupts = "memory"
+    else:
+        interrupts = f"polling ({refused})"
+        _monitoring.set_events(_TOOL, _JUMP)
 
 
 # -- interrupts ---------------------------------------------------------------
 
+# How interrupts reach running code: "memory", or "polling (why not memory)".
+interrupts = None
+_memory_interrupt = False
+
+# The interrupt as CPython's own asynchronous exception: the host stores
+# KeyboardInterrupt in the thread state's `async_exc` and sets the
+# asynchronous-exception bit of its eval breaker, which the interpreter
+# checks on every loop jump and call anyway. The exception lands where the
+# code runs, so its own `try` catches it, and costs nothing until then.
+# The layout of CPython 3.14.0 in componentize-py 0.25.1 (wasm32): the
+# runtime state is static; in it the empty tuple, then the main interpreter
+# and, inside that, the main thread's state. The host checks that the
+# thread state is where this says before it accepts.
+_INTERP_FROM_EMPTY_TUPLE = 0x38
+_TSTATE_FROM_INTERP = 0x1C020
+_INTERP = 8  # offsetof(PyThreadState, interp)
+_EVAL_BREAKER = 12  # offsetof(PyThreadState, eval_breaker)
+_RECURSION_LIMIT = 36  # offsetof(PyThreadState, py_recursion_limit)
+_ASYNC_EXC = 88  # offsetof(PyThreadState, async_exc)
+_ASYNC_EXCEPTION_BIT = 1 << 3
+_MARK = 987_654_321
+
+
+def _use_memory_interrupt():
+    """None if the host raises interrupts in this interpreter's memory
+    from now on, else why not."""
+    if sys.implementation.name != "cpython" or sys.version_info[:3] != (3, 14, 0):
+        return f"no thread-state layout known for {sys.version.split()[0]}"
+    if sys.maxsize != 2**31 - 1:
+        return "not a 32-bit interpreter"
+    interp = id(()) + _INTERP_FROM_EMPTY_TUPLE
+    tstate = interp + _TSTATE_FROM_INTERP
+    at = host.MemoryInterrupt(
+        word=tstate + _EVAL_BREAKER,
+        bits=_ASYNC_EXCEPTION_BIT,
+        slot=tstate + _ASYNC_EXC,
+        value=id(KeyboardInterrupt),  # a static type: never freed
+    )
+    probe = os.urandom(16)
+    limit = sys.getrecursionlimit()
+    # A limit nothing else has marks the thread state for the host's check.
+    sys.setrecursionlimit(_MARK)
+    try:
+        checks = [
+            (tstate + _INTERP, interp),
+            (tstate + _RECURSION_LIMIT, _MARK),
+            (tstate + _ASYNC_EXC, 0),
+        ]
+        # A bytes object's data starts 16 bytes in (wasm32).
+        host.use_memory_interrupt(at, probe, id(probe) + 16, checks)
+        return None
+    except Err as e:
+        return e.value
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _run(work, *args):
+    """Runs the user's part of a request: (True, value) or (False, error).
+    An interrupt raised in memory lands in the user's code or in these
+    lines, never after them: they disarm it before they return."""
+    if not _memory_interrupt:
+        try:
+            return True, work(*args)
+        except BaseException as error:  # noqa: BLE001 (KeyboardInterrupt too)
+            return False, error
+    try:
+        host.arm_memory_interrupt(True)
+        malt._armed = True
+        try:
+            outcome = True, work(*args)
+        except BaseException as error:  # noqa: BLE001
+            outcome = False, error
+        malt._armed = False
+        host.arm_memory_interrupt(False)
+    except KeyboardInterrupt as error:
+        # It landed between the lines above; there is no second one.
+        malt._armed = False
+        host.arm_memory_interrupt(False)
+        outcome = False, error
+    return outcome
+
+
+# Without the memory interrupt: every 1000 loop jumps, ask the host. An
+# exception raised by a JUMP callback escapes the `try` around the loop
+# (CPython 3.12-3.14), one raised by a LINE callback does not: so an
+# interrupt turns on LINE events and the next line raises KeyboardInterrupt
+# where the user's code can catch it. A loop on one line has no next line:
+# 1000 jumps later the JUMP callback raises it itself (the cell ends; the
+# namespace is intact).
 _monitoring = sys.monitoring
 _TOOL = 4
 _JUMP = _monitoring.events.JUMP
@@ -69,12 +167,6 @@ _jumps = 0
 _pending = False
 
 
-# Every 1000 loop jumps, ask the host. An exception raised by a JUMP
-# callback escapes the `try` around the loop (CPython 3.12-3.14), one
-# raised by a LINE callback does not: so an interrupt turns on LINE events
-# and the next line raises KeyboardInterrupt where the user's code can
-# catch it. A loop on one line has no next line: 1000 jumps later the JUMP
-# callback raises it itself (the cell ends; the namespace is intact).
 def _on_jump(code, source, destination):
     global _jumps, _pending
     _jumps += 1
@@ -99,10 +191,11 @@ def _lines_off():
     _monitoring.set_events(_TOOL, _JUMP)
 
 
+# Registered now, turned on at the first request if the memory interrupt
+# is refused.
 _monitoring.use_tool_id(_TOOL, "malt")
 _monitoring.register_callback(_TOOL, _JUMP, _on_jump)
 _monitoring.register_callback(_TOOL, _LINE, _on_line)
-_monitoring.set_events(_TOOL, _JUMP)
 
 # Python's own sleep is a WASI clock wait: make it answer interrupts too.
 time.sleep = malt.sleep
@@ -204,21 +297,23 @@ class WitWorld(wit_world.WitWorld):
     def eval(self, code: str) -> bytes:
         _begin()
         try:
-            value = _cell(code)
-        except BaseException as error:  # noqa: BLE001 (KeyboardInterrupt too)
-            raise Err(_traceback(error)) from None
+            ok, value = _run(_cell, code)
         finally:
             _finish()
+        if not ok:
+            raise Err(_traceback(value))
         return _encode(value)
 
     def call(self, name: str, args: bytes) -> bytes:
         _begin()
         try:
-            arguments = _msgpack.unpackb(args)
-            function = _lookup(name)
-            value = function(*arguments)
-        except BaseException as error:  # noqa: BLE001
-            raise Err(_traceback(error)) from None
+            ok, value = _run(_call, name, args)
         finally:
             _finish()
+        if not ok:
+            raise Err(_traceback(value))
         return _encode(value)
+
+
+def _call(name, args):
+    return _lookup(name)(*_msgpack.unpackb(args))

@@ -32,6 +32,25 @@ def sleep(seconds):
         raise KeyboardInterrupt
 
 
+# True while the guest's memory interrupt is armed (see guest.py): an
+# interrupt may land as KeyboardInterrupt in Python code at any moment.
+_armed = False
+
+
+def _lifted(call, *args):
+    """Calls a host import whose answer is a result: componentize-py builds
+    it with Python constructors, where an exception landing would trap the
+    instance. So it runs disarmed; re-armed after, an interrupt that came
+    meanwhile lands here, in the caller's code."""
+    if not _armed:
+        return call(*args)
+    host.arm_memory_interrupt(False)
+    try:
+        return call(*args)
+    finally:
+        host.arm_memory_interrupt(True)
+
+
 def _failed(error):
     if host.interrupted():
         raise KeyboardInterrupt from None
@@ -42,7 +61,7 @@ def channel_put(name, value):
     """Appends a value to the worker channel `name` (blocks while full)."""
     data = _msgpack.packb(value)
     try:
-        host.channel_put(name, data)
+        _lifted(host.channel_put, name, data)
     except Err as e:
         _failed(e)
 
@@ -50,7 +69,7 @@ def channel_put(name, value):
 def channel_take(name):
     """Removes and returns the oldest value of channel `name` (blocks)."""
     try:
-        data = host.channel_take(name)
+        data = _lifted(host.channel_take, name)
     except Err as e:
         _failed(e)
     return _msgpack.unpackb(data)

@@ -161,22 +161,48 @@ impl GuestContext {
 
     /// True once the manager asked to interrupt the request now running.
     pub fn interrupted(&self) -> bool {
-        self.shared.control.interrupted()
+        self.told(self.shared.control.interrupted())
     }
 
     /// Sleeps unless interrupted; false when an interrupt cut it short.
     pub fn sleep(&self, duration: std::time::Duration) -> bool {
-        self.shared.channels.sleep(&self.shared.control, duration)
+        let slept = self.shared.channels.sleep(&self.shared.control, duration);
+        !self.told(!slept)
     }
 
     /// Appends a MessagePack value to a worker channel (waits while full).
     pub fn channel_put(&self, name: &str, value: Vec<u8>) -> Result<(), String> {
-        self.shared.channels.guest_put(&self.shared, name, value)
+        let put = self.shared.channels.guest_put(&self.shared, name, value);
+        self.told(put.is_err() && self.shared.control.interrupted());
+        put
     }
 
     /// Takes the oldest MessagePack value of a worker channel (waits while empty).
     pub fn channel_take(&self, name: &str) -> Result<Vec<u8>, String> {
-        self.shared.channels.guest_take(&self.shared, name)
+        let taken = self.shared.channels.guest_take(&self.shared, name);
+        self.told(taken.is_err() && self.shared.control.interrupted());
+        taken
+    }
+
+    /// From now on interrupts are raised in the guest's memory, there.
+    #[cfg(feature = "wasm")]
+    pub(crate) fn use_memory_interrupt(&self, at: control::MemoryInterrupt) {
+        self.shared.control.use_memory_interrupt(Some(at));
+    }
+
+    /// The guest runs code that takes a memory interrupt (or stops).
+    #[cfg(feature = "wasm")]
+    pub(crate) fn arm_memory_interrupt(&self, armed: bool) {
+        self.shared.control.arm_memory_interrupt(armed);
+    }
+
+    /// Whether this call tells the guest of an interrupt: then it is not
+    /// raised in the guest's memory too (one interrupt, one exception).
+    fn told(&self, interrupted: bool) -> bool {
+        if interrupted {
+            self.shared.control.interrupt_delivered();
+        }
+        interrupted
     }
 
     /// Whether a take would not wait.

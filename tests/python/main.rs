@@ -207,6 +207,13 @@ async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
         .await
         .unwrap();
     w.remote_eval_wait("kept = 41").await.unwrap();
+    // This build of CPython takes interrupts in memory, at no cost until
+    // one comes (the polling fallback is for layouts it does not know).
+    let mode: String = w
+        .remote_eval_fetch("import sys; sys.modules['guest'].interrupts")
+        .await
+        .unwrap();
+    assert_eq!(mode, "memory");
     for code in [
         "while True:\n    pass",
         "import time\ntime.sleep(60)",
@@ -233,14 +240,23 @@ async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
             "{code:?}: the namespace is intact"
         );
     }
-    // Code may catch it, as in Jupyter: in a sleep, a channel take, or a
-    // loop (a loop of more than one line: see guest.py). Each cell says
-    // when it is inside its `try`, so that the interrupt lands there.
+    // Code may catch it, as in Jupyter: in a sleep, a channel take, or any
+    // loop (the interrupt is CPython's own asynchronous exception, raised
+    // where the code is). Each cell says when it is inside its `try`, so
+    // that the interrupt lands there.
     let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     for code in [
         "import time, malt\ntry:\n    malt.channel_put('started', 1)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
         "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True:\n        pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
         "import malt\ndef spin():\n    n = 0\n    for i in range(10 ** 12):\n        n += i\ntry:\n    malt.channel_put('started', 1)\n    spin()\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+        // A loop on one line, and one that only calls C functions.
+        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True: pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True: len('x'); abs(-1)\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+        // One interrupt, one exception: the sleep reports it, and nothing
+        // is left raised for the loop after it.
+        "import time, malt\ntry:\n    malt.channel_put('started', 1)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    pass\nfor i in range(3 * 10 ** 5):\n    pass\n'caught'",
+        // Code that goes on after catching it is not interrupted again.
+        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True:\n        pass\nexcept KeyboardInterrupt:\n    pass\nfor i in range(3 * 10 ** 5):\n    pass\n'caught'",
     ] {
         let caught = w.remote_eval::<String>(code);
         assert_eq!(started.take().await.unwrap(), 1);
@@ -319,6 +335,91 @@ async fn the_standard_library_is_there_at_run_time() {
     other.stop().await.unwrap();
 }
 
+/// An interrupt may come at any moment: in the user's code, in malt's
+/// calls (a channel put that is blocked or just returning), in the guest's
+/// own lines around them. Wherever it lands the session survives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_at_any_moment_keeps_the_session() {
+    let w = session().await;
+    w.remote_eval_wait(
+        "kept = 41\nimport malt\ndef busy():\n    n = 0\n    while True:\n        malt.channel_put('tick', n)\n        n += 1\n        text = str({'a': [n, n]}) * 3\n        malt.channel_is_ready('tick')\n",
+    )
+    .await
+    .unwrap();
+    // A small channel: the guest is often blocked in a put.
+    let ticks = w.worker_channel::<i64>("tick", 4).await.unwrap();
+    for round in 0..60u32 {
+        let running = w.remote_call::<()>("busy", ());
+        for _ in 0..round % 9 {
+            ticks.take().await.unwrap();
+        }
+        if round % 3 == 0 {
+            tokio::time::sleep(Duration::from_micros(u64::from(round) * 37 % 500)).await;
+        }
+        w.interrupt().unwrap();
+        let err = running.await.unwrap_err();
+        assert!(
+            matches!(err, Error::Interrupted { state_lost: false }),
+            "round {round}: {err:?}"
+        );
+        while ticks.is_ready().await.unwrap() {
+            ticks.take().await.unwrap();
+        }
+    }
+    assert_eq!(w.remote_eval_fetch::<i64>("kept + 1").await.unwrap(), 42);
+    w.stop().await.unwrap();
+}
+
+/// Guest code can call the host's `use-memory-interrupt` itself: whatever
+/// it names, the host writes nowhere but in the guest's own memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_interrupts_cannot_be_aimed_outside_the_guests_memory() {
+    let w = session().await;
+    w.remote_eval_wait(
+        "from wit_world.imports import host\n\
+         from componentize_py_types import Err\n\
+         import os\n\
+         probe = os.urandom(16)\n\
+         mine = bytearray(64)\n\
+         def ask(word, slot, probe_at=None, checks=()):\n    \
+             at = host.MemoryInterrupt(word=word, bits=8, slot=slot, value=1)\n    \
+             try:\n        \
+                 host.use_memory_interrupt(at, probe, id(probe) + 16 if probe_at is None else probe_at, list(checks))\n        \
+                 return 'accepted'\n    \
+             except Err as e:\n        \
+                 return e.value\n\
+         here = (id(mine) + 64) & ~3",
+    )
+    .await
+    .unwrap();
+    for (ask, refusal) in [
+        // Past the end of the 4 GiB a 32-bit memory can address: the
+        // host's own memory, were it not checked.
+        ("ask(here, 0xFFFFFFFC)", "outside the memory"),
+        ("ask(0xFFFFFFF0, here)", "outside the memory"),
+        ("ask(here + 1, here)", "not 4-byte aligned"),
+        // A probe said to be where it is not: the memory is not where the
+        // guest claims it starts.
+        (
+            "ask(here, here, probe_at=id(probe) + 20)",
+            "probe is not at",
+        ),
+        ("ask(here, here, checks=[(here, 12345)])", "not 0x3039"),
+    ] {
+        let answer: String = w.remote_eval_fetch(ask).await.unwrap();
+        assert!(answer.contains(refusal), "{ask}: {answer}");
+    }
+    // Refusals change nothing: interrupts still land in the session.
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let caught = w.remote_eval::<String>(
+        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True: pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+    );
+    assert_eq!(started.take().await.unwrap(), 1);
+    w.interrupt().unwrap();
+    assert_eq!(caught.await.unwrap(), "caught");
+    w.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_holds_for_python() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,6 +471,18 @@ async fn python_runs_in_process_and_in_a_pool() {
         w.remote_eval_fetch::<i64>("sum(range(10))").await.unwrap(),
         45
     );
+    // The manager's own process finds this guest's memory among the
+    // others' to raise interrupts in it.
+    let other = python().in_process().spawn().await.unwrap();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let caught = w.remote_eval::<String>(
+        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True: pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+    );
+    assert_eq!(started.take().await.unwrap(), 1);
+    w.interrupt().unwrap();
+    assert_eq!(caught.await.unwrap(), "caught");
+    assert_eq!(other.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
+    other.stop().await.unwrap();
     w.stop().await.unwrap();
     let pool = malt::Pool::builder(python())
         .size(2)

@@ -25,6 +25,14 @@ use tokio::sync::Notify;
 use super::{Channels, Killer};
 use malt_protocol::Failure;
 
+mod memory;
+use memory::Delivery;
+pub(crate) use memory::MemoryInterrupt;
+
+/// How often a memory interrupt the guest has not taken is raised again:
+/// a store of the guest's own to the word can overwrite the host's bits.
+const RAISE_AGAIN_EVERY: Duration = Duration::from_millis(1);
+
 /// The id the start (or a reset) runs under: above every request id, so
 /// no interrupt aimed at requests can hit it.
 const START: u64 = u64::MAX;
@@ -77,6 +85,10 @@ struct Timer {
     pending_up_to: Option<u64>,
     /// When the replies held back must be written (see `Shared::answer`).
     flush_at: Option<Instant>,
+    /// The guest's memory interrupt: kept across requests.
+    delivery: Delivery,
+    /// When to raise the memory interrupt again.
+    raise_again_at: Option<Instant>,
 }
 
 pub(crate) struct Control {
@@ -172,11 +184,13 @@ impl Control {
         if t.shut_down {
             return;
         }
+        let delivery = between_requests(&mut t);
         *t = Timer {
             id: START,
             reason: Some(Reason::Timeout),
             kill_at: Instant::now().checked_add(timeout),
             pending_up_to: t.pending_up_to,
+            delivery,
             ..Timer::default()
         };
         self.interrupted.store(false, Ordering::Release);
@@ -192,11 +206,13 @@ impl Control {
             return false;
         }
         let pending = t.pending_up_to;
+        let delivery = between_requests(&mut t);
         *t = Timer {
             id,
             timeout_at: self.timeout.map(|d| Instant::now() + d),
             shut_down: t.shut_down,
             flush_at: t.flush_at,
+            delivery,
             ..Timer::default()
         };
         self.interrupted.store(false, Ordering::Release);
@@ -222,10 +238,12 @@ impl Control {
             killed: t.killed,
             shut_down: t.shut_down,
         };
+        let delivery = between_requests(&mut t);
         *t = Timer {
             shut_down: t.shut_down,
             pending_up_to: if t.id == START { t.pending_up_to } else { None },
             flush_at: t.flush_at,
+            delivery,
             ..Timer::default()
         };
         self.interrupted.store(false, Ordering::Release);
@@ -264,16 +282,60 @@ impl Control {
         t.timeout_at = None;
         t.kill_at = Some(Instant::now() + self.grace);
         self.interrupted.store(true, Ordering::Release);
+        Self::raise_in_memory(t);
         // Wake a guest blocked in sleep, a channel operation or a WASI wait.
         channels.wake_all();
         self.wake_async();
         self.wake_timer.notify_one();
     }
 
+    fn raise_in_memory(t: &mut Timer) {
+        if t.delivery.raise() {
+            t.raise_again_at = Some(Instant::now() + RAISE_AGAIN_EVERY);
+        }
+    }
+
+    /// Where the guest takes interrupts in its memory (`None`: nowhere,
+    /// as before that memory is freed).
+    #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
+    pub fn use_memory_interrupt(&self, memory: Option<MemoryInterrupt>) {
+        let mut t = self.lock();
+        t.delivery.reset();
+        t.delivery.memory = memory;
+        t.raise_again_at = None;
+    }
+
+    /// The guest arms or disarms its memory interrupt (see the WIT's
+    /// `arm-memory-interrupt`).
+    #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
+    pub fn arm_memory_interrupt(&self, armed: bool) {
+        let mut t = self.lock();
+        if armed {
+            t.delivery.armed = true;
+            if t.reason.is_some() && !t.killed && t.id != START {
+                Self::raise_in_memory(&mut t);
+                self.wake_timer.notify_one();
+            }
+        } else {
+            t.delivery.take_back();
+            t.delivery.armed = false;
+            t.raise_again_at = None;
+        }
+    }
+
+    /// A host call told the guest of the interrupt (a sleep cut short, a
+    /// channel's error, `interrupted()`): it is not raised in memory too.
+    pub fn interrupt_delivered(&self) {
+        let mut t = self.lock();
+        t.delivery.delivered_otherwise();
+        t.raise_again_at = None;
+    }
+
     /// Kills the running request: the flag first (the wasm epoch callback
     /// and blocked host calls check it), then the backend's killer.
     fn kill(&self, t: &mut Timer, channels: &Channels) {
         t.killed = true;
+        t.raise_again_at = None;
         self.killed.store(true, Ordering::Release);
         self.wake_async();
         channels.wake_all();
@@ -329,11 +391,21 @@ impl Control {
                 if t.give_up_at.is_some_and(|at| now >= at) {
                     return true;
                 }
+                if t.raise_again_at.is_some_and(|at| now >= at) {
+                    t.raise_again_at = t.delivery.raise_again().then(|| now + RAISE_AGAIN_EVERY);
+                    continue;
+                }
             }
-            let next = [t.timeout_at, t.kill_at, t.give_up_at, t.flush_at]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                t.timeout_at,
+                t.kill_at,
+                t.give_up_at,
+                t.flush_at,
+                t.raise_again_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             t = match next {
                 Some(at) => {
                     self.wake_timer
@@ -345,6 +417,14 @@ impl Control {
             };
         }
     }
+}
+
+/// The memory interrupt as a request begins or ends: disarmed, anything
+/// raised and not taken taken back.
+fn between_requests(t: &mut Timer) -> Delivery {
+    let mut delivery = std::mem::take(&mut t.delivery);
+    delivery.reset();
+    delivery
 }
 
 #[cfg(test)]

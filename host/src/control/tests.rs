@@ -206,3 +206,118 @@ fn async_waits_wake_on_interrupt_and_on_kill() {
     c.shut_down(&ch);
     timer.join().unwrap();
 }
+
+/// A guest's memory interrupt: two words of a stand-in memory.
+struct Words(Box<[std::sync::atomic::AtomicU32; 2]>);
+
+impl Words {
+    const BITS: u32 = 0b1000;
+    const VALUE: u32 = 0xfeed;
+
+    fn new(c: &Control) -> Words {
+        let words = Words(Box::default());
+        let at = |i: usize| words.0[i].as_ptr().cast::<u8>();
+        // SAFETY: aligned words that outlive the control's use of them
+        // (each test forgets them before they are dropped).
+        c.use_memory_interrupt(Some(unsafe {
+            MemoryInterrupt::new(at(0), Self::BITS, at(1), Self::VALUE)
+        }));
+        words
+    }
+
+    fn raised(&self) -> (bool, bool) {
+        (
+            self.0[0].load(Ordering::SeqCst) & Self::BITS != 0,
+            self.0[1].load(Ordering::SeqCst) == Self::VALUE,
+        )
+    }
+
+    /// What the guest does when it takes it.
+    fn take(&self) {
+        self.0[1].store(0, Ordering::SeqCst);
+        self.0[0].fetch_and(!Self::BITS, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_memory_interrupt_is_raised_only_while_armed_and_once() {
+    let (c, ch) = control(LONG, None);
+    let words = Words::new(&c);
+    // Not armed: only the flag.
+    assert!(c.begin(1, &ch));
+    c.interrupt(1, &ch);
+    assert_eq!(words.raised(), (false, false));
+    // Arming with an interrupt pending raises it at once.
+    c.arm_memory_interrupt(true);
+    assert_eq!(words.raised(), (true, true));
+    words.take();
+    c.arm_memory_interrupt(false);
+    c.arm_memory_interrupt(true);
+    assert_eq!(words.raised(), (false, false), "taken: never raised again");
+    c.end();
+
+    // Armed before the interrupt: raised as it comes; disarming takes
+    // back what the guest has not taken.
+    assert!(c.begin(2, &ch));
+    c.arm_memory_interrupt(true);
+    c.interrupt(2, &ch);
+    assert_eq!(words.raised(), (true, true));
+    c.arm_memory_interrupt(false);
+    assert_eq!(words.raised(), (false, false));
+    c.end();
+
+    // A host call that reports the interrupt takes it back, and it is
+    // not raised again in that request.
+    assert!(c.begin(3, &ch));
+    c.arm_memory_interrupt(true);
+    c.interrupt(3, &ch);
+    c.interrupt_delivered();
+    assert_eq!(words.raised(), (false, false));
+    c.arm_memory_interrupt(true);
+    assert_eq!(words.raised(), (false, false));
+    // The end of a request takes back anything left, and disarms.
+    c.end();
+    assert!(c.begin(4, &ch));
+    c.arm_memory_interrupt(true);
+    c.interrupt(4, &ch);
+    c.end();
+    assert_eq!(words.raised(), (false, false));
+    assert!(c.begin(5, &ch));
+    c.interrupt(5, &ch);
+    assert_eq!(
+        words.raised(),
+        (false, false),
+        "the next request starts disarmed"
+    );
+    c.end();
+    c.use_memory_interrupt(None);
+}
+
+#[test]
+fn a_memory_interrupt_is_raised_again_until_taken() {
+    let (c, ch) = control(LONG, None);
+    let (_kills, timer) = run_timer(&c, &ch);
+    let words = Words::new(&c);
+    assert!(c.begin(1, &ch));
+    c.arm_memory_interrupt(true);
+    c.interrupt(1, &ch);
+    // A store of the guest's own overwrites the bits; the timer sets them
+    // again while the value waits in the slot.
+    words.0[0].store(0, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while words.raised() != (true, true) {
+        assert!(Instant::now() < deadline, "the bits were never set again");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Taken: the timer stops. (It may set the bits once more if it looked
+    // just before: bits with an empty slot cost the guest one look.)
+    words.take();
+    std::thread::sleep(Duration::from_millis(20));
+    words.take();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(words.raised(), (false, false));
+    c.end();
+    c.use_memory_interrupt(None);
+    c.shut_down(&ch);
+    assert!(!timer.join().unwrap());
+}

@@ -4,20 +4,22 @@
 //! (wasmtime's async API, on a single-threaded tokio runtime of its own):
 //! WASI's blocking calls are async host functions, so a guest blocked in
 //! one is a pending future, not a blocked thread. The other threads never
-//! touch the store. A kill sets a flag, bumps the engine's epoch (which
+//! touch the store; the timer thread may write the two words of a memory
+//! interrupt the guest asked for (`memory.rs`). A kill sets a flag, bumps the engine's epoch (which
 //! traps running wasm code within microseconds) and wakes the guest
 //! thread, which drops the call future wherever it is (inside a host
 //! call, too). Either way the store is gone with it: the guest gets a
 //! fresh store and instance (from the pre-instantiated component: ~50 µs).
 
 mod limits;
+mod memory;
 mod output;
 mod waits;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable, WasmList};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -61,6 +63,9 @@ pub(crate) struct State {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
+    /// `/proc/self/maps`, opened before the sandbox closes the filesystem:
+    /// how the host finds the guest's memory (`None`: it cannot).
+    maps: Option<Arc<std::fs::File>>,
 }
 
 impl WasiView for State {
@@ -93,6 +98,22 @@ impl bindings::malt::worker::host::Host for State {
     fn channel_is_ready(&mut self, name: String) -> bool {
         self.services.channel_is_ready(&name)
     }
+
+    // Replaced in `link` by `use_memory_interrupt`, which sees where in
+    // the guest's memory the probe lies (a `Vec` is a copy).
+    fn use_memory_interrupt(
+        &mut self,
+        _: bindings::malt::worker::host::MemoryInterrupt,
+        _: Vec<u8>,
+        _: u32,
+        _: Vec<(u32, u32)>,
+    ) -> Result<(), String> {
+        Err("the host cannot see the guest's memory".into())
+    }
+
+    fn arm_memory_interrupt(&mut self, armed: bool) {
+        self.services.arm_memory_interrupt(armed);
+    }
 }
 
 /// Most host resources (open files and directories, streams, pollables) a
@@ -106,6 +127,8 @@ pub(crate) struct WasmGuest {
     config: Arc<HostConfig>,
     grants: Grants,
     shared: Arc<Shared>,
+    /// `/proc/self/maps` (see `State::maps`).
+    maps: Option<Arc<std::fs::File>>,
     /// `None` only while being replaced or dropped.
     instance: Option<(Store<State>, Bindings)>,
     /// Runs the guest's futures on the guest thread; its blocking pool
@@ -161,6 +184,8 @@ impl WasmGuest {
             config: Arc::new(config.clone()),
             grants: Grants::open(&config.dirs).map_err(|e| format!("{e:#}"))?,
             shared,
+            // Now: a host's sandbox closes the filesystem once it is loaded.
+            maps: std::fs::File::open("/proc/self/maps").ok().map(Arc::new),
             instance: None,
             runtime: Some(runtime),
         };
@@ -170,9 +195,15 @@ impl WasmGuest {
     /// A fresh store and instance, replacing the current ones. Fails when
     /// the start traps or is killed by the start timeout.
     fn instantiate(&mut self) -> Result<(), String> {
-        self.instance = None;
-        let mut store = new_store(&self.engine, &self.config, &self.grants, &self.shared)
-            .map_err(|e| format!("{e:#}"))?;
+        self.drop_instance();
+        let mut store = new_store(
+            &self.engine,
+            &self.config,
+            &self.grants,
+            &self.shared,
+            self.maps.clone(),
+        )
+        .map_err(|e| format!("{e:#}"))?;
         let runtime = self
             .runtime
             .as_ref()
@@ -193,6 +224,13 @@ impl WasmGuest {
         self.instance = Some((store, bindings));
         Ok(())
     }
+
+    /// The store goes, and its memory with it: the control forgets where
+    /// the guest took interrupts in that memory first.
+    fn drop_instance(&mut self) {
+        self.shared.control.use_memory_interrupt(None);
+        self.instance = None;
+    }
 }
 
 impl Drop for WasmGuest {
@@ -200,7 +238,7 @@ impl Drop for WasmGuest {
         // The store first: its pending WASI tasks are cancelled. Then the
         // runtime, without waiting for a blocking file operation still
         // running on its pool: a worker never waits on its guest's I/O.
-        self.instance = None;
+        self.drop_instance();
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -254,6 +292,11 @@ fn link(engine: &Engine, component: &Component) -> wasmtime::Result<BindingsPre<
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     waits::add_to_linker(&mut linker)?;
     Bindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+    linker
+        .allow_shadowing(true)
+        .instance("malt:worker/host@0.1.0")?
+        .func_wrap("use-memory-interrupt", use_memory_interrupt)?;
+    linker.allow_shadowing(false);
     let pre = linker.instantiate_pre(component).map_err(|e| {
         e.context(
             "the component's imports cannot be satisfied (does it target the malt:worker world?)",
@@ -261,6 +304,38 @@ fn link(engine: &Engine, component: &Component) -> wasmtime::Result<BindingsPre<
     })?;
     BindingsPre::new(pre)
         .map_err(|e| e.context("the component does not implement the malt:worker world"))
+}
+
+/// The guest asks for interrupts raised in its memory (the WIT's
+/// `use-memory-interrupt`). The probe arrives unlifted: where it lies is
+/// how the host finds the guest's memory, and only that memory.
+fn use_memory_interrupt(
+    store: wasmtime::StoreContextMut<'_, State>,
+    (at, probe, probe_at, checks): (
+        bindings::malt::worker::host::MemoryInterrupt,
+        WasmList<u8>,
+        u32,
+        Vec<(u32, u32)>,
+    ),
+) -> wasmtime::Result<(Result<(), String>,)> {
+    let Some(maps) = store.data().maps.clone() else {
+        return Ok((Err("this host cannot read its memory map".into()),));
+    };
+    let request = memory::Request {
+        word: at.word,
+        bits: at.bits,
+        slot: at.slot,
+        value: at.value,
+        probe: probe.as_le_slice(&store),
+        probe_at,
+        checks: &checks,
+    };
+    let found = match memory::locate(&maps, &request) {
+        Ok(found) => found,
+        Err(why) => return Ok((Err(why),)),
+    };
+    store.data().services.use_memory_interrupt(found);
+    Ok((Ok(()),))
 }
 
 /// The granted directories, opened once when the guest is loaded. Every
@@ -319,6 +394,7 @@ fn new_store(
     config: &HostConfig,
     grants: &Grants,
     shared: &Arc<Shared>,
+    maps: Option<Arc<std::fs::File>>,
 ) -> wasmtime::Result<Store<State>> {
     let mut wasi = sandbox(config, grants)?;
     wasi.stdout(FrameOutput {
@@ -338,6 +414,7 @@ fn new_store(
             table
         },
         limiter: Limiter::new(usize::try_from(config.memory_limit).unwrap_or(usize::MAX)),
+        maps,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
