@@ -237,7 +237,7 @@ fn prepare_wasm(
         harden::apply().map_err(harden_failed)?;
         harden::limit_data(config.memory_limit, config.max_frame as u64).map_err(harden_failed)?;
     }
-    let guest = wasm::WasmGuest::load(config, shared.clone())?;
+    let guest = wasm::WasmGuest::load(config, shared.clone(), place)?;
     // Loaded: from now on the process needs no file but those beneath the
     // guest's grants.
     let hardening = match place {

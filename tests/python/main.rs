@@ -482,6 +482,27 @@ async fn python_runs_in_process_and_in_a_pool() {
     w.interrupt().unwrap();
     assert_eq!(caught.await.unwrap(), "caught");
     assert_eq!(other.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
+    // In-process workers of one component share its engine: a kill (an
+    // epoch bump) in one leaves the other's request running.
+    other.remote_eval_wait("kept = 1").await.unwrap();
+    let busy =
+        other.remote_eval::<i64>("n = 0\nfor i in range(2 * 10 ** 6):\n    n += 1\nn + kept");
+    let stuck = python()
+        .in_process()
+        .interrupt_grace(Duration::from_millis(50))
+        .spawn()
+        .await
+        .unwrap();
+    let c_bound = stuck.remote_eval::<i64>("sum(range(10 ** 15))");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stuck.interrupt().unwrap();
+    let err = c_bound.await.unwrap_err();
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: true }),
+        "{err:?}"
+    );
+    assert_eq!(busy.await.unwrap(), 2 * 10_i64.pow(6) + 1);
+    stuck.stop().await.unwrap();
     other.stop().await.unwrap();
     w.stop().await.unwrap();
     let pool = malt::Pool::builder(python())

@@ -12,6 +12,7 @@
 //! fresh store and instance (from the pre-instantiated component: ~50 µs).
 
 mod limits;
+mod loaded;
 mod memory;
 mod output;
 mod waits;
@@ -137,36 +138,25 @@ pub(crate) struct WasmGuest {
 }
 
 impl WasmGuest {
-    /// Loads the precompiled component and links it; [`start`] instantiates
-    /// it.
+    /// Loads the precompiled component and links it (in the manager's
+    /// process, once per artifact: in-process workers share it);
+    /// [`start`] instantiates it.
     ///
     /// [`start`]: super::Guest::start
-    pub(crate) fn load(config: &HostConfig, shared: Arc<Shared>) -> Result<Self, StartFailed> {
-        let GuestSpec::Artifact { path, identity } = &config.guest else {
-            return Err("not a wasm guest".into());
+    pub(crate) fn load(
+        config: &HostConfig,
+        shared: Arc<Shared>,
+        place: crate::Place,
+    ) -> Result<Self, StartFailed> {
+        let (engine, pre) = match place {
+            crate::Place::Process => load_linked(config)?,
+            crate::Place::InProcess => loaded::get_or_load(config, load_linked)?,
         };
-        let engine = Engine::new(&engine_config(config.fuel.is_some()))
-            .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
-        let load_failed = |e: String| {
-            StartFailed::new(
-                FatalKind::ArtifactLoad,
-                format!("cannot load the compiled component {path}: {e}"),
-            )
-        };
-        let artifact = open_artifact(path, identity.as_ref()).map_err(load_failed)?;
-        // SAFETY: the artifact is a regular file of this user that nobody
-        // else may write (checked on the open file), the very file whose
-        // bytes the manager verified against its cache's MAC, unchanged
-        // since (or a file the manager's user chose); deserialize checks
-        // the header, the wasmtime version and the engine configuration.
-        // It is mapped through the descriptor just checked, not its path.
-        let component = unsafe { Component::deserialize_file(&engine, fd_path(&artifact)) }
-            .map_err(|e| load_failed(format!("{e:#}")))?;
-        drop(artifact);
-        let pre = link(&engine, &component).map_err(|e| format!("{e:#}"))?;
         // The timer's kill: the epoch bump traps running wasm code (the
         // kill flag, set before, makes the epoch callback refuse to extend
         // the deadline); a guest waiting in the host is woken by the flag.
+        // Other stores of a shared engine see the bump, not the flag: they
+        // go on.
         let epoch = engine.clone();
         shared
             .control
@@ -231,6 +221,34 @@ impl WasmGuest {
         self.shared.control.use_memory_interrupt(None);
         self.instance = None;
     }
+}
+
+/// Loads the precompiled component of `config` and links it: the engine
+/// and the component ready to instantiate.
+fn load_linked(config: &HostConfig) -> Result<(Engine, BindingsPre<State>), StartFailed> {
+    let GuestSpec::Artifact { path, identity } = &config.guest else {
+        return Err("not a wasm guest".into());
+    };
+    let engine = Engine::new(&engine_config(config.fuel.is_some()))
+        .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
+    let load_failed = |e: String| {
+        StartFailed::new(
+            FatalKind::ArtifactLoad,
+            format!("cannot load the compiled component {path}: {e}"),
+        )
+    };
+    let artifact = open_artifact(path, identity.as_ref()).map_err(load_failed)?;
+    // SAFETY: the artifact is a regular file of this user that nobody
+    // else may write (checked on the open file), the very file whose
+    // bytes the manager verified against its cache's MAC, unchanged
+    // since (or a file the manager's user chose); deserialize checks
+    // the header, the wasmtime version and the engine configuration.
+    // It is mapped through the descriptor just checked, not its path.
+    let component = unsafe { Component::deserialize_file(&engine, fd_path(&artifact)) }
+        .map_err(|e| load_failed(format!("{e:#}")))?;
+    drop(artifact);
+    let pre = link(&engine, &component).map_err(|e| format!("{e:#}"))?;
+    Ok((engine, pre))
 }
 
 impl Drop for WasmGuest {
