@@ -20,7 +20,7 @@ def packb(value):
 
 def _pack(v, out, depth):
     if depth > 512:
-        raise UnsupportedType("the value is nested too deeply to send")
+        raise UnsupportedType("cannot send a value nested more than 512 levels deep")
     if v is None:
         out.append(0xC0)
     elif v is True:
@@ -77,8 +77,8 @@ def _pack(v, out, depth):
             _pack(item, out, depth + 1)
     else:
         raise UnsupportedType(
-            f"a value of type {type(v).__qualname__} cannot be sent to the manager "
-            "(send None, bool, int, float, str, bytes, list, tuple or dict)"
+            f"cannot send a value of type {type(v).__qualname__} to the manager: "
+            "only None, bool, int, float, str, bytes, list, tuple and dict cross"
         )
 
 

@@ -7,9 +7,24 @@ use malt::Error;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Kind, finishes};
-use crate::{conformance, conformance_ssh};
+use crate::{conformance, conformance_python, conformance_ssh};
 
 conformance!(
+    worker_management,
+    stop_while_a_call_runs_fails_the_call,
+    calls_on_a_stopped_worker_fail,
+    call_functions,
+    evaluate_expressions_with_persistent_state,
+    async_calls_resolve_in_order,
+    remote_call_wait_and_remote_do,
+    structured_values_round_trip,
+    many_requests_in_flight,
+    workers_are_isolated_from_each_other,
+    no_inherited_environment,
+    env_is_explicit,
+);
+
+conformance_python!(
     worker_management,
     stop_while_a_call_runs_fails_the_call,
     calls_on_a_stopped_worker_fail,
@@ -89,9 +104,12 @@ async fn call_functions(kind: Kind) {
     // Built-in functions are callable by name...
     assert_eq!(w.remote_call_fetch::<i64>("abs", (-5,)).await.unwrap(), 5);
     // ...and so are functions defined by an eval.
-    w.remote_eval_wait("fn add(a, b) { a + b } fn hello() { \"hi\" }")
-        .await
-        .unwrap();
+    w.remote_eval_wait(kind.code(
+        "fn add(a, b) { a + b } fn hello() { \"hi\" }",
+        "def add(a, b):\n    return a + b\ndef hello():\n    return 'hi'",
+    ))
+    .await
+    .unwrap();
     assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
     assert_eq!(
         w.remote_call_fetch::<f64>("add", (1.5, 2.0)).await.unwrap(),
@@ -109,21 +127,32 @@ async fn call_functions(kind: Kind) {
 async fn evaluate_expressions_with_persistent_state(kind: Kind) {
     let w = kind.spawn().await;
     assert_eq!(w.remote_eval_fetch::<i64>("1 + 1").await.unwrap(), 2);
-    w.remote_eval_wait("let x = 40;").await.unwrap();
+    w.remote_eval_wait(kind.code("let x = 40;", "x = 40"))
+        .await
+        .unwrap();
     assert_eq!(w.remote_eval_fetch::<i64>("x + 2").await.unwrap(), 42);
     w.remote_eval_wait("x += 1;").await.unwrap();
     assert_eq!(w.remote_eval_fetch::<i64>("x").await.unwrap(), 41);
     // A function may use one defined in an earlier eval.
-    w.remote_eval_wait("fn double(n) { n * 2 }").await.unwrap();
-    w.remote_eval_wait("fn quad(n) { double(double(n)) }")
+    w.remote_eval_wait(kind.code("fn double(n) { n * 2 }", "def double(n):\n    return n * 2"))
         .await
         .unwrap();
+    w.remote_eval_wait(kind.code(
+        "fn quad(n) { double(double(n)) }",
+        "def quad(n):\n    return double(double(n))",
+    ))
+    .await
+    .unwrap();
     assert_eq!(w.remote_eval_fetch::<i64>("quad(x)").await.unwrap(), 164);
     assert_eq!(w.remote_call_fetch::<i64>("quad", (2,)).await.unwrap(), 8);
     // Unit is nil, which decodes as () or Option::None.
-    w.remote_eval_fetch::<()>("let y = 1;").await.unwrap();
+    w.remote_eval_fetch::<()>(kind.code("let y = 1;", "y = 1"))
+        .await
+        .unwrap();
     assert_eq!(
-        w.remote_eval_fetch::<Option<i64>>("()").await.unwrap(),
+        w.remote_eval_fetch::<Option<i64>>(kind.code("()", "None"))
+            .await
+            .unwrap(),
         None
     );
     w.stop().await.unwrap();
@@ -131,14 +160,17 @@ async fn evaluate_expressions_with_persistent_state(kind: Kind) {
 
 async fn async_calls_resolve_in_order(kind: Kind) {
     let w = kind.spawn().await;
-    w.remote_eval_wait("let log = []; fn record(n) { log.push(n); n }")
+    w.remote_eval_wait(kind.code("let log = []; fn record(n) { log.push(n); n }", "log = []"))
         .await
         .unwrap();
     // remote_call returns a handle already sent: all three are in flight
     // before any is awaited, and the guest runs them in arrival order.
-    let a = w.remote_eval::<i64>("sleep(0.05); log.push(1); 1");
-    let b = w.remote_eval::<i64>("log.push(2); 2");
-    let c = w.remote_eval::<Vec<i64>>("log.push(3); log");
+    let a = w.remote_eval::<i64>(kind.code(
+        "sleep(0.05); log.push(1); 1",
+        "sleep(0.05); log.append(1); 1",
+    ));
+    let b = w.remote_eval::<i64>(kind.code("log.push(2); 2", "log.append(2); 2"));
+    let c = w.remote_eval::<Vec<i64>>(kind.code("log.push(3); log", "log.append(3); log"));
     // Awaiting out of order changes nothing.
     assert_eq!(c.await.unwrap(), vec![1, 2, 3]);
     assert_eq!(b.await.unwrap(), 2);
@@ -148,8 +180,12 @@ async fn async_calls_resolve_in_order(kind: Kind) {
 
 async fn remote_call_wait_and_remote_do(kind: Kind) {
     let w = kind.spawn().await;
-    w.remote_eval_wait("let counter = 0;").await.unwrap();
-    w.remote_eval_wait("fn bump(n) { n + 1 }").await.unwrap();
+    w.remote_eval_wait(kind.code("let counter = 0;", "counter = 0"))
+        .await
+        .unwrap();
+    w.remote_eval_wait(kind.code("fn bump(n) { n + 1 }", "def bump(n):\n    return n + 1"))
+        .await
+        .unwrap();
     // remote_call_wait waits for the call but brings no value back.
     w.remote_call_wait("bump", (1,)).await.unwrap();
     w.remote_eval_wait("counter += 1;").await.unwrap();
@@ -181,9 +217,12 @@ struct Point {
 
 async fn structured_values_round_trip(kind: Kind) {
     let w = kind.spawn().await;
-    w.remote_eval_wait("fn shift(p, d) { p.x += d; p.label += \"!\"; p }")
-        .await
-        .unwrap();
+    w.remote_eval_wait(kind.code(
+        "fn shift(p, d) { p.x += d; p.label += \"!\"; p }",
+        "def shift(p, d):\n    p['x'] += d\n    p['label'] += '!'\n    return p",
+    ))
+    .await
+    .unwrap();
     let p = Point {
         x: 1,
         y: 2,
@@ -199,12 +238,12 @@ async fn structured_values_round_trip(kind: Kind) {
         }
     );
     let list: Vec<i64> = w
-        .remote_eval_fetch("[1, 2, 3].map(|v| v * v)")
+        .remote_eval_fetch(kind.code("[1, 2, 3].map(|v| v * v)", "[v * v for v in [1, 2, 3]]"))
         .await
         .unwrap();
     assert_eq!(list, vec![1, 4, 9]);
     let map: BTreeMap<String, bool> = w
-        .remote_eval_fetch("#{yes: true, no: false}")
+        .remote_eval_fetch(kind.code("#{yes: true, no: false}", "{'yes': True, 'no': False}"))
         .await
         .unwrap();
     assert_eq!(map.get("yes"), Some(&true));
@@ -217,7 +256,9 @@ async fn structured_values_round_trip(kind: Kind) {
 
 async fn many_requests_in_flight(kind: Kind) {
     let w = kind.spawn().await;
-    w.remote_eval_wait("fn sq(n) { n * n }").await.unwrap();
+    w.remote_eval_wait(kind.code("fn sq(n) { n * n }", "def sq(n):\n    return n * n"))
+        .await
+        .unwrap();
     let handles: Vec<_> = (0..500i64)
         .map(|i| w.remote_call::<i64>("sq", (i,)))
         .collect();
@@ -230,7 +271,9 @@ async fn many_requests_in_flight(kind: Kind) {
 
 async fn workers_are_isolated_from_each_other(kind: Kind) {
     let (a, b) = (kind.spawn().await, kind.spawn().await);
-    a.remote_eval_wait("let secret = 1;").await.unwrap();
+    a.remote_eval_wait(kind.code("let secret = 1;", "secret = 1"))
+        .await
+        .unwrap();
     let err = b.remote_eval_fetch::<i64>("secret").await.unwrap_err();
     assert!(err.as_remote().is_some(), "{err:?}");
     if kind.has_process() {
@@ -274,7 +317,10 @@ async fn env_is_explicit(kind: Kind) {
         .spawn()
         .await
         .unwrap();
-    let seen: Option<String> = w.remote_eval_fetch(r#"env("GREETING")"#).await.unwrap();
+    let seen: Option<String> = w
+        .remote_eval_fetch(kind.code(r#"env("GREETING")"#, "import malt; malt.env('GREETING')"))
+        .await
+        .unwrap();
     assert_eq!(seen.as_deref(), Some("hello"));
     w.stop().await.unwrap();
 }

@@ -3,9 +3,20 @@
 use std::time::Duration;
 
 use crate::common::{Kind, finishes};
-use crate::{conformance, conformance_ssh};
+use crate::{conformance, conformance_python, conformance_ssh};
 
 conformance!(
+    put_take_and_is_ready,
+    twice_capacity_through_a_channel,
+    guest_and_manager_share_a_queue,
+    channels_work_while_the_guest_is_busy,
+    two_handles_on_one_queue,
+    handle_moves_into_another_task,
+    capacity_zero_is_invalid,
+    pending_take_fails_when_the_worker_dies,
+);
+
+conformance_python!(
     put_take_and_is_ready,
     twice_capacity_through_a_channel,
     guest_and_manager_share_a_queue,
@@ -92,7 +103,7 @@ async fn channels_work_while_the_guest_is_busy(kind: Kind) {
     let w = kind.spawn().await;
     let requests = w.worker_channel::<i64>("requests", 2).await.unwrap();
     let replies = w.worker_channel::<i64>("replies", 2).await.unwrap();
-    let server = w.remote_eval::<i64>(
+    let server = w.remote_eval::<i64>(kind.code(
         r#"
         let served = 0;
         loop {
@@ -103,7 +114,8 @@ async fn channels_work_while_the_guest_is_busy(kind: Kind) {
         }
         served
         "#,
-    );
+        "served = 0\nwhile True:\n    n = channel_take('requests')\n    if n < 0:\n        break\n    channel_put('replies', n * 10)\n    served += 1\nserved",
+    ));
     for i in 1..=50 {
         requests.put(i).await.unwrap();
         assert_eq!(finishes("reply", replies.take()).await.unwrap(), i * 10);
@@ -134,7 +146,10 @@ async fn handle_moves_into_another_task(kind: Kind) {
     let mut total = 0i64;
     for _ in 0..5 {
         total += w
-            .remote_eval_fetch::<i64>(r#"let b = channel_take("bytes"); b[0] + b[2]"#)
+            .remote_eval_fetch::<i64>(kind.code(
+                r#"let b = channel_take("bytes"); b[0] + b[2]"#,
+                "b = channel_take('bytes'); b[0] + b[2]",
+            ))
             .await
             .unwrap();
     }

@@ -19,7 +19,14 @@ pub enum Kind {
     /// The script guest in a wasm worker whose host is started over SSH
     /// (a private sshd on 127.0.0.1): the component travels by hash.
     Ssh,
+    /// The Python guest in a wasm worker: the same behaviors in Python
+    /// (see [`Kind::code`]).
+    Python,
 }
+
+/// What every Python worker of the suite runs first: malt's functions
+/// under the names the script guest gives them.
+const PYTHON_PRELUDE: &str = "from malt import *\ndef blob(n, b):\n    return bytes([b]) * n\n";
 
 /// A launcher that runs this test program as the host, over the private
 /// sshd.
@@ -37,12 +44,25 @@ impl Kind {
             Kind::NativeProgram => Worker::native_program(crate::guests::native_guest_example()),
             Kind::InProcess => Worker::script().in_process(),
             Kind::Ssh => Worker::script().launcher(ssh_launcher()),
+            Kind::Python => Worker::python_component(crate::guests::python_guest()),
+        }
+    }
+
+    /// The snippet for this kind's guest: `rhai` for the script guest,
+    /// `python` for the Python guest.
+    pub fn code<'a>(self, rhai: &'a str, python: &'a str) -> &'a str {
+        match self {
+            Kind::Python => python,
+            _ => rhai,
         }
     }
 
     /// Whether the guest runs as wasm (in a sandbox, under wasmtime).
     pub fn is_wasm(self) -> bool {
-        matches!(self, Kind::Wasm | Kind::InProcess | Kind::Ssh)
+        matches!(
+            self,
+            Kind::Wasm | Kind::InProcess | Kind::Ssh | Kind::Python
+        )
     }
 
     /// Whether the worker has a process of its own.
@@ -50,9 +70,15 @@ impl Kind {
         self != Kind::InProcess
     }
 
-    /// A started script worker of this kind.
+    /// A started script worker of this kind (Python: with the prelude).
     pub async fn spawn(self) -> Worker {
-        self.script().spawn().await.expect("spawn a worker")
+        let w = self.script().spawn().await.expect("spawn a worker");
+        if self == Kind::Python {
+            w.remote_eval_wait(PYTHON_PRELUDE)
+                .await
+                .expect("the Python prelude");
+        }
+        w
     }
 }
 
@@ -98,6 +124,7 @@ pub fn test_guest_worker(kind: Kind) -> WorkerBuilder {
         }
         Kind::InProcess => Worker::wasm(test_guest()).in_process(),
         Kind::Ssh => Worker::wasm(test_guest()).launcher(ssh_launcher()),
+        Kind::Python => panic!("the test guest is a Rust guest, not a Python one"),
     }
 }
 
@@ -107,6 +134,15 @@ pub fn test_guest_worker(kind: Kind) -> WorkerBuilder {
 macro_rules! conformance_ssh {
     ($($name:ident),* $(,)?) => {
         $crate::conformance!(@kind over_ssh Ssh $($name),*);
+    };
+}
+
+/// The behaviors written for the Python guest too (each snippet through
+/// [`Kind::code`]), on a Python worker.
+#[macro_export]
+macro_rules! conformance_python {
+    ($($name:ident),* $(,)?) => {
+        $crate::conformance!(@kind python Python $($name),*);
     };
 }
 

@@ -5,9 +5,20 @@ use std::time::Duration;
 use malt::Error;
 
 use crate::common::{Kind, finishes};
-use crate::{conformance, conformance_ssh};
+use crate::{conformance, conformance_python, conformance_ssh};
 
 conformance!(
+    interrupt_a_busy_loop_keeps_state,
+    interrupt_a_sleep,
+    interrupt_a_blocked_channel_take,
+    two_interrupts_in_a_row,
+    interrupt_an_idle_worker_is_harmless,
+    interrupt_right_after_sending,
+    queued_requests_run_after_an_interrupt,
+    call_timeout_stops_a_runaway_call,
+);
+
+conformance_python!(
     interrupt_a_busy_loop_keeps_state,
     interrupt_a_sleep,
     interrupt_a_blocked_channel_take,
@@ -38,8 +49,13 @@ async fn wait_started(w: &malt::Worker, ch: &malt::WorkerChannel<i64>) {
 async fn interrupt_a_busy_loop_keeps_state(kind: Kind) {
     let w = kind.spawn().await;
     let started = w.worker_channel::<i64>("started", 1).await.unwrap();
-    w.remote_eval_wait("let kept = 42;").await.unwrap();
-    let running = w.remote_eval::<()>(r#"channel_put("started", 1); loop { kept += 0; }"#);
+    w.remote_eval_wait(kind.code("let kept = 42;", "kept = 42"))
+        .await
+        .unwrap();
+    let running = w.remote_eval::<()>(kind.code(
+        r#"channel_put("started", 1); loop { kept += 0; }"#,
+        "channel_put('started', 1)\nwhile True:\n    kept += 0",
+    ));
     wait_started(&w, &started).await;
     w.interrupt().unwrap();
     let err = finishes("the interrupted loop", running).await.unwrap_err();
@@ -89,7 +105,10 @@ async fn two_interrupts_in_a_row(kind: Kind) {
     let w = kind.spawn().await;
     let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     for _ in 0..2 {
-        let running = w.remote_eval::<()>(r#"channel_put("started", 1); loop {}"#);
+        let running = w.remote_eval::<()>(kind.code(
+            r#"channel_put("started", 1); loop {}"#,
+            "channel_put('started', 1)\nwhile True: pass",
+        ));
         wait_started(&w, &started).await;
         w.interrupt().unwrap();
         w.interrupt().unwrap();
@@ -115,9 +134,12 @@ async fn interrupt_an_idle_worker_is_harmless(kind: Kind) {
 /// interrupt reaches it even if it arrives while the request is queued.
 async fn interrupt_right_after_sending(kind: Kind) {
     let w = kind.spawn().await;
-    w.remote_eval_wait("let kept = 42;").await.unwrap();
+    w.remote_eval_wait(kind.code("let kept = 42;", "kept = 42"))
+        .await
+        .unwrap();
     for _ in 0..5 {
-        let running = w.remote_eval::<()>("loop { kept += 0; }");
+        let running =
+            w.remote_eval::<()>(kind.code("loop { kept += 0; }", "while True:\n    kept += 0"));
         w.interrupt().unwrap();
         let err = finishes("the interrupted loop", running).await.unwrap_err();
         assert!(
@@ -133,7 +155,10 @@ async fn interrupt_right_after_sending(kind: Kind) {
 async fn queued_requests_run_after_an_interrupt(kind: Kind) {
     let w = kind.spawn().await;
     let started = w.worker_channel::<i64>("started", 1).await.unwrap();
-    let running = w.remote_eval::<()>(r#"channel_put("started", 1); loop {}"#);
+    let running = w.remote_eval::<()>(kind.code(
+        r#"channel_put("started", 1); loop {}"#,
+        "channel_put('started', 1)\nwhile True: pass",
+    ));
     let queued = w.remote_eval::<i64>("10 + 1");
     wait_started(&w, &started).await;
     w.interrupt().unwrap();
@@ -149,17 +174,18 @@ async fn call_timeout_stops_a_runaway_call(kind: Kind) {
         .spawn()
         .await
         .unwrap();
-    w.remote_eval_wait("let kept = 5;").await.unwrap();
-    let err = finishes("timeout", w.remote_eval_fetch::<()>("loop {}"))
+    w.remote_eval_wait(kind.code("let kept = 5;", "kept = 5"))
+        .await
+        .unwrap();
+    let runaway = kind.code("loop {}", "while True: pass");
+    let err = finishes("timeout", w.remote_eval_fetch::<()>(runaway))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Timeout), "{err:?}");
     // The cooperative tier stopped it: state is kept.
     assert_eq!(w.remote_eval_fetch::<i64>("kept").await.unwrap(), 5);
     // A short call is unaffected.
-    assert_eq!(
-        w.remote_eval_fetch::<i64>("sleep(0.01); 1").await.unwrap(),
-        1
-    );
+    let short = kind.code("sleep(0.01); 1", "import time; time.sleep(0.01); 1");
+    assert_eq!(w.remote_eval_fetch::<i64>(short).await.unwrap(), 1);
     w.stop().await.unwrap();
 }

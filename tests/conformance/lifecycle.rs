@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use malt::{Error, Limit, Worker};
 
 use crate::common::{Kind, finishes, test_guest_worker};
-use crate::{conformance, conformance_ssh, conformance_wasm};
+use crate::{conformance, conformance_python, conformance_ssh, conformance_wasm};
 
 conformance!(
     sigkill_mid_call_fails_pending_calls,
@@ -22,6 +22,14 @@ conformance_ssh!(
     a_guest_that_ignores_the_interrupt_is_reset,
     a_trap_resets_the_guest,
     large_values_round_trip,
+    dropping_the_handle_kills_the_worker,
+);
+
+// The rest is the test guest's (Rust) behavior; tests/python has the
+// Python guest's traps, limits and kills.
+conformance_python!(
+    sigkill_mid_call_fails_pending_calls,
+    kill_fails_pending_calls,
     dropping_the_handle_kills_the_worker,
 );
 
@@ -83,7 +91,7 @@ async fn sigkill_mid_call_fails_pending_calls(kind: Kind) {
 async fn kill_fails_pending_calls(kind: Kind) {
     let w = kind.spawn().await;
     let (pid, host) = (w.pid(), w.host_pid());
-    let call = w.remote_eval::<()>("loop {}");
+    let call = w.remote_eval::<()>(kind.code("loop {}", "while True: pass"));
     w.kill();
     assert!(!w.is_running(), "is_running is false right after kill");
     assert!(finishes("call", call).await.unwrap_err().is_terminated());
@@ -143,7 +151,7 @@ async fn a_trap_resets_the_guest(kind: Kind) {
     // A wasm panic aborts (a trap); a native one is caught.
     let expected = match kind {
         Kind::Native | Kind::NativeProgram => "guest bug",
-        Kind::Wasm | Kind::InProcess | Kind::Ssh => "unreachable",
+        Kind::Wasm | Kind::InProcess | Kind::Ssh | Kind::Python => "unreachable",
     };
     assert!(message.contains(expected), "{message}");
     assert_eq!(

@@ -3,7 +3,9 @@
 //! malt, written once and run on every kind of worker.
 //!
 //! Each behavior is an `async fn(Kind)`; the `conformance!` macro
-//! instantiates it as one `#[tokio::test]` per kind.
+//! instantiates it as one `#[tokio::test]` per kind. The behaviors of the
+//! script guest run on the Python guest too (`conformance_python!`), each
+//! snippet in Python beside its Rhai (`Kind::code`).
 
 mod common;
 #[path = "../support/guests.rs"]

@@ -3,7 +3,7 @@
 use malt::Stream;
 
 use crate::common::{Kind, finishes, test_guest_worker};
-use crate::conformance;
+use crate::{conformance, conformance_python};
 
 conformance!(
     stdout_and_stderr_reach_the_caller,
@@ -12,13 +12,22 @@ conformance!(
     forwarded_output_is_prefixed,
 );
 
+conformance_python!(
+    stdout_and_stderr_reach_the_caller,
+    printing_cannot_corrupt_the_protocol,
+    forwarded_output_is_prefixed,
+);
+
 async fn stdout_and_stderr_reach_the_caller(kind: Kind) {
     let w = kind.script().monitor_output(false).spawn().await.unwrap();
     let mut output = w.take_output().expect("output is captured");
     assert!(w.take_output().is_none(), "output can be taken once");
-    w.remote_eval_wait(r#"print("hello from the guest"); debug("to stderr");"#)
-        .await
-        .unwrap();
+    w.remote_eval_wait(kind.code(
+        r#"print("hello from the guest"); debug("to stderr");"#,
+        "import sys\nprint('hello from the guest'); print('to stderr', file=sys.stderr)",
+    ))
+    .await
+    .unwrap();
     w.stop().await.unwrap();
     let mut stdout = String::new();
     let mut stderr = String::new();
@@ -38,13 +47,16 @@ async fn printing_cannot_corrupt_the_protocol(kind: Kind) {
     let mut output = w.take_output().unwrap();
     // Text that looks like frames, binary-ish bytes, and lots of it,
     // interleaved with calls whose values must come back intact.
-    let code = r#"
+    let code = kind.code(
+        r#"
         for i in 0..200 {
             print("\x04\x00\x00\x00\x81\xa5Hello" + i);
         }
         print("done");
         12345
-    "#;
+    "#,
+        "for i in range(200):\n    print('\\x04\\x00\\x00\\x00\\x81\\xa5Hello' + str(i))\nprint('done')\n12345",
+    );
     for _ in 0..5 {
         assert_eq!(w.remote_eval_fetch::<i64>(code).await.unwrap(), 12345);
     }
@@ -114,9 +126,12 @@ async fn forwarded_output_is_prefixed(kind: Kind) {
 /// worker with forwarding on (run alone, it checks just that this works).
 async fn forwarding_child(kind: Kind) {
     let w = kind.spawn().await;
-    w.remote_eval_wait(r#"print("forwarded line"); debug("forwarded error")"#)
-        .await
-        .unwrap();
+    w.remote_eval_wait(kind.code(
+        r#"print("forwarded line"); debug("forwarded error")"#,
+        "import sys\nprint('forwarded line'); print('forwarded error', file=sys.stderr)",
+    ))
+    .await
+    .unwrap();
     w.stop().await.unwrap();
 }
 
@@ -138,6 +153,13 @@ mod nativeprogram_child {
     #[tokio::test]
     async fn forwarding_child() {
         super::forwarding_child(crate::common::Kind::NativeProgram).await
+    }
+}
+
+mod python_child {
+    #[tokio::test]
+    async fn forwarding_child() {
+        super::forwarding_child(crate::common::Kind::Python).await
     }
 }
 
