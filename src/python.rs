@@ -10,7 +10,10 @@
 //! `malt build-python`), which needs `pip install componentize-py==0.25.1`.
 //! It is written to [`component_path`], where `Worker::python()` looks, and
 //! compiled into the artifact cache at once (like any component's), so the
-//! first worker does not wait for CPython to compile.
+//! first worker does not wait for CPython to compile. The build also
+//! writes the rest of the standard library, compiled, beside the
+//! component ([`stdlib_dir`]); every Python worker gets it read-only and
+//! imports from it what the snapshot lacks.
 //!
 //! In a session, `remote_eval` runs code in one persistent namespace and
 //! returns the value of a trailing expression (as Jupyter does), `None`
@@ -18,11 +21,13 @@
 //! Values cross as MessagePack: None, bool, int, float, str, bytes, list,
 //! tuple, dict, nested. An exception is an [`Error::Remote`] carrying the
 //! traceback of the user's frames. An interrupt raises `KeyboardInterrupt`
-//! in running code (checked on loop jumps, in `time.sleep`, `malt.sleep`
-//! and `malt.channel_take`), which `try/except` can catch (but around a
-//! loop written on one line); code that lets it propagate ends with
-//! `Interrupted { state_lost: false }` and the namespace intact; code that
-//! ignores it is killed after the grace period (state lost), as any guest.
+//! in running code, as CPython's own asynchronous exception (the host
+//! writes it into the interpreter's thread state, which the interpreter
+//! checks on every loop jump and call anyway), and in `time.sleep`,
+//! `malt.sleep` and `malt.channel_take`; `try/except` catches it; code
+//! that lets it propagate ends with `Interrupted { state_lost: false }`
+//! and the namespace intact; code stuck inside C is killed after the grace
+//! period (state lost), as any guest.
 //! Guest code can `import malt` for `interrupted()`, `sleep(s)`,
 //! `channel_put/take/is_ready` and `env(name)`.
 
@@ -39,22 +44,41 @@ pub const COMPONENT_ENV: &str = "MALT_PYTHON_COMPONENT";
 pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 
 /// The Python sources of the guest, and the world it implements.
-const SOURCES: [(&str, &str); 3] = [
+const SOURCES: [(&str, &str); 4] = [
     ("guest.py", include_str!("../guest/python/guest.py")),
     ("malt.py", include_str!("../guest/python/malt.py")),
     ("_msgpack.py", include_str!("../guest/python/_msgpack.py")),
+    (
+        "stdlib_export.py",
+        include_str!("../guest/python/stdlib_export.py"),
+    ),
 ];
 const WIT: &str = include_str!("../wit/worker.wit");
 
 /// Where `Worker::python()` finds the component: `$MALT_PYTHON_COMPONENT`,
-/// else `python/malt_python-VERSION.wasm` in the artifact cache directory.
+/// else `malt-python/malt_python-VERSION.wasm` beside the artifact cache
+/// directory (not in it: workers may read the standard library kept next
+/// to the component, never the cache).
 pub fn component_path() -> PathBuf {
     match std::env::var_os(COMPONENT_ENV).filter(|p| !p.is_empty()) {
         Some(path) => PathBuf::from(path),
-        None => crate::cache_dir()
-            .join("python")
-            .join(format!("malt_python-{}.wasm", crate::VERSION)),
+        None => {
+            let cache = crate::cache_dir();
+            cache
+                .parent()
+                .map_or_else(|| cache.clone(), Path::to_path_buf)
+                .join("malt-python")
+                .join(format!("malt_python-{}.wasm", crate::VERSION))
+        }
     }
+}
+
+/// The rest of the standard library beside a component `path`
+/// (`x.wasm` → `x.stdlib`): its modules and their bytecode, written by the
+/// build. A worker mounts it read-only, when it exists, and imports from it
+/// what the component's snapshot lacks.
+pub fn stdlib_dir(component: &Path) -> PathBuf {
+    component.with_extension("stdlib")
 }
 
 /// What to do when the component is missing.
@@ -74,6 +98,9 @@ pub(crate) fn missing(path: &Path) -> String {
 /// seconds. Returns the path written.
 pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
     let out = out.map_or_else(component_path, Path::to_path_buf);
+    // componentize-py runs in a scratch directory.
+    let out = std::path::absolute(&out)
+        .map_err(|e| Error::Component(format!("cannot resolve {}: {e}", out.display())))?;
     let failed = |why: String| Error::Component(format!("cannot build the Python guest: {why}"));
     let version = Command::new("componentize-py")
         .arg("--version")
@@ -94,11 +121,16 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
     }
     let work =
         scratch_dir().map_err(|e| failed(format!("cannot make a scratch directory: {e}")))?;
+    // The guest, and the standard library's export (see stdlib_export.py),
+    // built side by side, each in a copy of the sources.
     let result = (|| {
-        std::fs::create_dir(work.join("wit"))?;
-        std::fs::write(work.join("wit/worker.wit"), WIT)?;
-        for (name, source) in SOURCES {
-            std::fs::write(work.join(name), source)?;
+        for part in ["guest", "export"] {
+            let dir = work.join(part);
+            std::fs::create_dir_all(dir.join("wit"))?;
+            std::fs::write(dir.join("wit/worker.wit"), WIT)?;
+            for (name, source) in SOURCES {
+                std::fs::write(dir.join(name), source)?;
+            }
         }
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;
@@ -106,34 +138,50 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
         std::io::Result::Ok(())
     })()
     .map_err(|e| failed(format!("cannot write the sources: {e}")));
+    let tmp_component = out.with_extension("wasm.tmp");
+    let componentize = |part: &str, app: &str, to: &Path| {
+        Command::new("componentize-py")
+            .current_dir(work.join(part))
+            .args(["-q", "-d", "wit", "-w", "worker", "componentize", "-p", "."])
+            .args([app, "-o"])
+            .arg(to)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(format!("cannot run componentize-py: {e}")))
+    };
     let built = result.and_then(|()| {
-        let tmp = out.with_extension("wasm.tmp");
-        let status = Command::new("componentize-py")
-            .current_dir(&work)
-            .args([
-                "-q",
-                "-d",
-                "wit",
-                "-w",
-                "worker",
-                "componentize",
-                "-p",
-                ".",
-                "guest",
-                "-o",
-            ])
-            .arg(&tmp)
-            .output()
-            .map_err(|e| failed(format!("cannot run componentize-py: {e}")))?;
-        if !status.status.success() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(failed(format!(
-                "componentize-py failed ({}): {}",
-                status.status,
-                String::from_utf8_lossy(&status.stderr).trim()
-            )));
+        let guest = componentize("guest", "guest", &tmp_component)?;
+        let export = componentize("export", "stdlib_export", Path::new("out.wasm"));
+        let finished = |child: std::process::Child, what: &str| -> Result<()> {
+            let output = child
+                .wait_with_output()
+                .map_err(|e| failed(format!("componentize-py ({what}): {e}")))?;
+            if output.status.success() {
+                return Ok(());
+            }
+            Err(failed(format!(
+                "componentize-py failed ({what}, {}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )))
+        };
+        let guest = finished(guest, "the guest");
+        let export = export.and_then(|child| finished(child, "the standard library"));
+        if let Err(e) = guest.and(export) {
+            let _ = std::fs::remove_file(&tmp_component);
+            return Err(e);
         }
-        std::fs::rename(&tmp, &out)
+        let stdlib = stdlib_dir(&out);
+        let tmp = stdlib.with_extension("stdlib.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        copy_dir(&work.join("export/stdlib"), &tmp)
+            .and_then(|()| {
+                let _ = std::fs::remove_dir_all(&stdlib);
+                std::fs::rename(&tmp, &stdlib)
+            })
+            .map_err(|e| failed(format!("cannot write {}: {e}", stdlib.display())))?;
+        std::fs::rename(&tmp_component, &out)
             .map_err(|e| failed(format!("cannot write {}: {e}", out.display())))
     });
     let _ = std::fs::remove_dir_all(&work);
@@ -142,6 +190,22 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
     // program then starts in milliseconds, not after compiling CPython.
     crate::cache::component_artifact(&out, false)?;
     Ok(out)
+}
+
+/// Copies a directory of plain files and directories (the scratch
+/// directory may be on another file system than the destination).
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// A fresh private directory under the temporary directory.

@@ -2,7 +2,9 @@
 # Builds the Python guest component with componentize-py (CPython in
 # wasm, the modules of this directory, a snapshot of the interpreter after
 # guest.py ran): `guest/python/build.sh [OUT]`, default
-# target/malt_python.wasm. Needs `pip install componentize-py==0.25.1`.
+# target/malt_python.wasm. Beside it, OUT without `.wasm` plus `.stdlib`:
+# the rest of the standard library, compiled, which workers mount
+# read-only. Needs `pip install componentize-py==0.25.1`.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -18,10 +20,24 @@ if [[ "$have" != "$version" ]]; then
     exit 1
 fi
 mkdir -p "$(dirname "$out")"
-# Build in a scratch copy, so that no __pycache__ lands in the tree.
+stdlib="${out%.wasm}.stdlib"
+# Build in scratch copies, so that no __pycache__ lands in the tree; the
+# guest and the standard library's export side by side.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp "$here"/*.py "$work"/
-(cd "$work" && componentize-py -q -d "$root/wit" -w worker componentize -p . guest -o "$out.tmp.$$")
+mkdir "$work/guest" "$work/export"
+cp "$here"/*.py "$work/guest/"
+cp "$here"/*.py "$work/export/"
+(cd "$work/guest" && componentize-py -q -d "$root/wit" -w worker componentize -p . guest -o "$work/guest.wasm") &
+guest=$!
+(cd "$work/export" && componentize-py -q -d "$root/wit" -w worker componentize -p . stdlib_export -o "$work/export.wasm") &
+export=$!
+wait "$guest"
+wait "$export"
+rm -rf "$stdlib.tmp.$$"
+mv "$work/export/stdlib" "$stdlib.tmp.$$"
+rm -rf "$stdlib"
+mv "$stdlib.tmp.$$" "$stdlib"
+mv "$work/guest.wasm" "$out.tmp.$$"
 mv "$out.tmp.$$" "$out"
 echo "$out"

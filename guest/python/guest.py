@@ -57,6 +57,9 @@ def _start():
     # The manager's python_path directories, searched before the rest.
     extra = [p for p in os.environ.get("MALT_PYTHON_PATH", "").split(":") if p]
     sys.path[:0] = extra
+    stdlib = os.environ.get("MALT_PYTHON_STDLIB")
+    if stdlib:
+        sys.path.append(stdlib)
     refused = _use_memory_interrupt()
     _memory_interrupt = refused is None
     if _memory_interrupt:

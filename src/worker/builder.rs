@@ -48,6 +48,10 @@ pub(crate) static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
 /// variable that lists them (read by the guest at its first request).
 const PYTHON_PATH_DIR: &str = "/malt/python-path";
 const PYTHON_PATH_ENV: &str = "MALT_PYTHON_PATH";
+/// Where a Python guest sees the rest of the standard library, and the
+/// variable that says so.
+const PYTHON_STDLIB_DIR: &str = "/malt/python-stdlib";
+const PYTHON_STDLIB_ENV: &str = "MALT_PYTHON_STDLIB";
 
 /// The embedded script guest (built by build.rs).
 pub(crate) const SCRIPT_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/malt_script.wasm"));
@@ -320,13 +324,26 @@ impl WorkerBuilder {
             message,
             stderr: String::new(),
         };
-        cache::check_grants(&self.dirs).map_err(refuse)?;
         if let GuestSource::Python(path) = &self.guest {
             if !path.is_file() {
                 return Err(refuse(crate::python::missing(path)));
             }
+            // The rest of the standard library, where the build put it; a
+            // host on another machine has no such directory.
+            let stdlib = crate::python::stdlib_dir(path);
+            let remote = matches!(self.via, crate::launcher::Via::Command(_));
+            if stdlib.is_dir() && !remote {
+                self.dirs.push(DirGrant {
+                    host: stdlib.to_string_lossy().into_owned(),
+                    guest: PYTHON_STDLIB_DIR.into(),
+                    read_only: true,
+                });
+                self.env
+                    .push((PYTHON_STDLIB_ENV.into(), PYTHON_STDLIB_DIR.into()));
+            }
             self.guest = GuestSource::Wasm(path.clone());
         }
+        cache::check_grants(&self.dirs).map_err(refuse)?;
         let wasm = matches!(
             self.guest,
             GuestSource::Script | GuestSource::Wasm(_) | GuestSource::Python(_)

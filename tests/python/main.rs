@@ -325,6 +325,30 @@ async fn the_standard_library_is_there_at_run_time() {
             2
         )
     );
+    // The rest of the standard library comes from the read-only copy the
+    // build writes beside the component.
+    let rest: (Vec<String>, String, String, bool) = w
+        .remote_eval_fetch(
+            "import difflib, fnmatch, shlex, ipaddress, argparse, tomllib, zoneinfo\n\
+             (shlex.split('a \"b c\"'), str(ipaddress.ip_address('10.0.0.1') + 1), \
+             difflib.__file__, fnmatch.fnmatch('x.py', '*.py'))",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rest,
+        (
+            vec!["a".into(), "b c".into()],
+            "10.0.0.2".into(),
+            "/malt/python-stdlib/difflib.py".into(),
+            true
+        )
+    );
+    let err = w
+        .remote_eval_fetch::<()>("open('/malt/python-stdlib/difflib.py', 'a')")
+        .await
+        .unwrap_err();
+    assert!(remote_message(&err).contains("Error"), "{err}");
     // Every worker gets its own random seed, not the build's.
     let other = session().await;
     let draw = "import random\nrandom.getrandbits(64)";
@@ -444,6 +468,10 @@ async fn the_sandbox_holds_for_python() {
             "Error",
         ),
         ("import subprocess\nsubprocess.run(['true'])", "Error"),
+        (
+            "import threading\nthreading.Thread(target=print).start()",
+            "Error",
+        ),
     ] {
         let err = w.remote_eval_fetch::<String>(code).await.unwrap_err();
         assert!(remote_message(&err).contains(says), "{code}: {err}");

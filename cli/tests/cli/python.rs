@@ -73,4 +73,12 @@ fn build_python_writes_a_working_component() {
         .assert()
         .success()
         .stdout("\"a-b\"\n");
+    // And the rest of the standard library beside it.
+    assert!(malt::python::stdlib_dir(&out).join("difflib.py").is_file());
+    malt()
+        .env(malt::python::COMPONENT_ENV, &out)
+        .args(["eval", "--python", "import shlex; shlex.join(['a', 'b c'])"])
+        .assert()
+        .success()
+        .stdout("\"a 'b c'\"\n");
 }
