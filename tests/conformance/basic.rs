@@ -7,24 +7,9 @@ use malt::Error;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Kind, finishes};
-use crate::{conformance, conformance_python, conformance_ssh};
+use crate::{conformance_both, conformance_ssh};
 
-conformance!(
-    worker_management,
-    stop_while_a_call_runs_fails_the_call,
-    calls_on_a_stopped_worker_fail,
-    call_functions,
-    evaluate_expressions_with_persistent_state,
-    async_calls_resolve_in_order,
-    remote_call_wait_and_remote_do,
-    structured_values_round_trip,
-    many_requests_in_flight,
-    workers_are_isolated_from_each_other,
-    no_inherited_environment,
-    env_is_explicit,
-);
-
-conformance_python!(
+conformance_both!(
     worker_management,
     stop_while_a_call_runs_fails_the_call,
     calls_on_a_stopped_worker_fail,

@@ -3,20 +3,9 @@
 use std::time::Duration;
 
 use crate::common::{Kind, finishes};
-use crate::{conformance, conformance_python, conformance_ssh};
+use crate::{conformance_both, conformance_ssh};
 
-conformance!(
-    put_take_and_is_ready,
-    twice_capacity_through_a_channel,
-    guest_and_manager_share_a_queue,
-    channels_work_while_the_guest_is_busy,
-    two_handles_on_one_queue,
-    handle_moves_into_another_task,
-    capacity_zero_is_invalid,
-    pending_take_fails_when_the_worker_dies,
-);
-
-conformance_python!(
+conformance_both!(
     put_take_and_is_ready,
     twice_capacity_through_a_channel,
     guest_and_manager_share_a_queue,

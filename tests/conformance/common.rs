@@ -137,6 +137,16 @@ macro_rules! conformance_ssh {
     };
 }
 
+/// `conformance!` and `conformance_python!` at once: behaviors written for
+/// both guests.
+#[macro_export]
+macro_rules! conformance_both {
+    ($($name:ident),* $(,)?) => {
+        $crate::conformance!($($name),*);
+        $crate::conformance_python!($($name),*);
+    };
+}
+
 /// The behaviors written for the Python guest too (each snippet through
 /// [`Kind::code`]), on a Python worker.
 #[macro_export]

@@ -3,19 +3,9 @@
 use malt::Error;
 
 use crate::common::Kind;
-use crate::{conformance, conformance_python, conformance_ssh};
+use crate::{conformance_both, conformance_ssh};
 
-conformance!(
-    thrown_errors_become_remote_exceptions,
-    script_errors_carry_the_guest_message,
-    async_handles_fail_with_the_remote_exception,
-    worker_is_responsive_after_an_error,
-    a_value_that_does_not_decode_is_a_decode_error,
-    values_that_cannot_be_sent_fail_cleanly,
-    a_deeply_nested_value_is_refused_not_a_crash,
-);
-
-conformance_python!(
+conformance_both!(
     thrown_errors_become_remote_exceptions,
     script_errors_carry_the_guest_message,
     async_handles_fail_with_the_remote_exception,

@@ -5,20 +5,9 @@ use std::time::Duration;
 use malt::Error;
 
 use crate::common::{Kind, finishes};
-use crate::{conformance, conformance_python, conformance_ssh};
+use crate::{conformance_both, conformance_ssh};
 
-conformance!(
-    interrupt_a_busy_loop_keeps_state,
-    interrupt_a_sleep,
-    interrupt_a_blocked_channel_take,
-    two_interrupts_in_a_row,
-    interrupt_an_idle_worker_is_harmless,
-    interrupt_right_after_sending,
-    queued_requests_run_after_an_interrupt,
-    call_timeout_stops_a_runaway_call,
-);
-
-conformance_python!(
+conformance_both!(
     interrupt_a_busy_loop_keeps_state,
     interrupt_a_sleep,
     interrupt_a_blocked_channel_take,

@@ -18,6 +18,18 @@ async fn session() -> Worker {
     python().spawn().await.expect("start a Python worker")
 }
 
+/// A cell spinning in a one-line loop inside its `try` catches the
+/// interrupt (it says on channel `started` when it is inside).
+async fn a_spinning_cell_catches_an_interrupt(w: &Worker) {
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let caught = w.remote_eval::<String>(
+        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True: pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
+    );
+    assert_eq!(started.take().await.unwrap(), 1);
+    w.interrupt().unwrap();
+    assert_eq!(caught.await.unwrap(), "caught");
+}
+
 fn remote_message(err: &Error) -> &str {
     match err {
         Error::Remote(e) => &e.message,
@@ -434,13 +446,7 @@ async fn memory_interrupts_cannot_be_aimed_outside_the_guests_memory() {
         assert!(answer.contains(refusal), "{ask}: {answer}");
     }
     // Refusals change nothing: interrupts still land in the session.
-    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
-    let caught = w.remote_eval::<String>(
-        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True: pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
-    );
-    assert_eq!(started.take().await.unwrap(), 1);
-    w.interrupt().unwrap();
-    assert_eq!(caught.await.unwrap(), "caught");
+    a_spinning_cell_catches_an_interrupt(&w).await;
     w.stop().await.unwrap();
 }
 
@@ -502,13 +508,7 @@ async fn python_runs_in_process_and_in_a_pool() {
     // The manager's own process finds this guest's memory among the
     // others' to raise interrupts in it.
     let other = python().in_process().spawn().await.unwrap();
-    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
-    let caught = w.remote_eval::<String>(
-        "import malt\ntry:\n    malt.channel_put('started', 1)\n    while True: pass\nexcept KeyboardInterrupt:\n    result = 'caught'\nresult",
-    );
-    assert_eq!(started.take().await.unwrap(), 1);
-    w.interrupt().unwrap();
-    assert_eq!(caught.await.unwrap(), "caught");
+    a_spinning_cell_catches_an_interrupt(&w).await;
     assert_eq!(other.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
     // In-process workers of one component share its engine: a kill (an
     // epoch bump) in one leaves the other's request running.
