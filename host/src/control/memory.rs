@@ -6,6 +6,9 @@
 //! catchable where it lands and free until it comes: nothing to poll.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use super::{Control, RAISE_AGAIN_EVERY, START, Timer};
 
 /// Where and how to raise an interrupt in a guest's linear memory.
 #[derive(Debug)]
@@ -145,5 +148,49 @@ impl Delivery {
         self.take_back();
         self.armed = false;
         self.delivered = false;
+    }
+}
+
+impl Control {
+    pub(super) fn raise_in_memory(t: &mut Timer) {
+        if t.delivery.raise() {
+            t.raise_again_at = Some(Instant::now() + RAISE_AGAIN_EVERY);
+        }
+    }
+
+    /// Where the guest takes interrupts in its memory (`None`: nowhere,
+    /// as before that memory is freed).
+    #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
+    pub fn use_memory_interrupt(&self, memory: Option<MemoryInterrupt>) {
+        let mut t = self.lock();
+        t.delivery.reset();
+        t.delivery.memory = memory;
+        t.raise_again_at = None;
+    }
+
+    /// The guest arms or disarms its memory interrupt (see the WIT's
+    /// `arm-memory-interrupt`).
+    #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
+    pub fn arm_memory_interrupt(&self, armed: bool) {
+        let mut t = self.lock();
+        if armed {
+            t.delivery.armed = true;
+            if t.reason.is_some() && !t.killed && t.id != START {
+                Self::raise_in_memory(&mut t);
+                self.wake_timer.notify_one();
+            }
+        } else {
+            t.delivery.take_back();
+            t.delivery.armed = false;
+            t.raise_again_at = None;
+        }
+    }
+
+    /// A host call told the guest of the interrupt (a sleep cut short, a
+    /// channel's error, `interrupted()`): it is not raised in memory too.
+    pub fn interrupt_delivered(&self) {
+        let mut t = self.lock();
+        t.delivery.delivered_otherwise();
+        t.raise_again_at = None;
     }
 }

@@ -1,4 +1,5 @@
-//! Components loaded and linked once per process for in-process workers.
+//! Loading a compiled component and linking it: once per host process,
+//! and once per artifact in the manager's process for in-process workers.
 //!
 //! A host process serves one worker, so it loads its component once
 //! anyway. In the manager's process every in-process worker would load
@@ -10,10 +11,11 @@
 
 use std::sync::Mutex;
 
-use malt_protocol::{ArtifactIdentity, GuestSpec, HostConfig};
+use malt_protocol::{ArtifactIdentity, FatalKind, GuestSpec, HostConfig};
 use wasmtime::Engine;
+use wasmtime::component::{Component, HasSelf, Linker};
 
-use super::{BindingsPre, State};
+use super::{Bindings, BindingsPre, State, engine_config, memory, waits};
 use crate::StartFailed;
 
 /// The artifacts kept: the most recently used ones. A program that cycles
@@ -66,4 +68,95 @@ pub(super) fn get_or_load(
     }
     loaded.push((key, engine.clone(), pre.clone()));
     Ok((engine, pre))
+}
+
+/// Loads the precompiled component of `config` and links it: the engine
+/// and the component ready to instantiate.
+pub(super) fn load_linked(
+    config: &HostConfig,
+) -> Result<(Engine, BindingsPre<State>), StartFailed> {
+    let GuestSpec::Artifact { path, identity } = &config.guest else {
+        return Err("not a wasm guest".into());
+    };
+    let engine = Engine::new(&engine_config(config.fuel.is_some()))
+        .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
+    let load_failed = |e: String| {
+        StartFailed::new(
+            FatalKind::ArtifactLoad,
+            format!("cannot load the compiled component {path}: {e}"),
+        )
+    };
+    let artifact = open_artifact(path, identity.as_ref()).map_err(load_failed)?;
+    // SAFETY: the artifact is a regular file of this user that nobody
+    // else may write (checked on the open file), the very file whose
+    // bytes the manager verified against its cache's MAC, unchanged
+    // since (or a file the manager's user chose); deserialize checks
+    // the header, the wasmtime version and the engine configuration.
+    // It is mapped through the descriptor just checked, not its path.
+    let component = unsafe { Component::deserialize_file(&engine, fd_path(&artifact)) }
+        .map_err(|e| load_failed(format!("{e:#}")))?;
+    drop(artifact);
+    let pre = link(&engine, &component).map_err(|e| format!("{e:#}"))?;
+    Ok((engine, pre))
+}
+
+/// Opens a compiled artifact for loading: never through a symlink, only a
+/// regular file owned by this user that no one else may write, and, given
+/// the identity under which the manager verified its bytes, only that file
+/// unchanged since. A failure makes the manager compile it again, never
+/// run it.
+#[doc(hidden)]
+pub fn open_artifact(
+    path: &str,
+    identity: Option<&malt_protocol::ArtifactIdentity>,
+) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("cannot open it (a symlink is refused): {e}"))?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "refusing it: not a regular file of this user that only it can write \
+             (owner {}, mode {:o})",
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    if identity.is_some_and(|verified| *verified != malt_protocol::ArtifactIdentity::of(&meta)) {
+        return Err("refusing it: it was replaced or written since the manager verified it".into());
+    }
+    Ok(file)
+}
+
+/// The path through which the kernel reopens exactly this open file (or
+/// directory), whatever has become of its path since.
+#[doc(hidden)]
+pub fn fd_path(file: &impl std::os::fd::AsRawFd) -> String {
+    format!("/proc/self/fd/{}", file.as_raw_fd())
+}
+
+/// Links the component against WASI (async, with interruptible waits) and
+/// the malt host interface, once: every instance starts from this.
+fn link(engine: &Engine, component: &Component) -> wasmtime::Result<BindingsPre<State>> {
+    let mut linker = Linker::<State>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    waits::add_to_linker(&mut linker)?;
+    Bindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+    linker
+        .allow_shadowing(true)
+        .instance("malt:worker/host@0.1.0")?
+        .func_wrap("use-memory-interrupt", memory::use_memory_interrupt)?;
+    linker.allow_shadowing(false);
+    let pre = linker.instantiate_pre(component).map_err(|e| {
+        e.context(
+            "the component's imports cannot be satisfied (does it target the malt:worker world?)",
+        )
+    })?;
+    BindingsPre::new(pre)
+        .map_err(|e| e.context("the component does not implement the malt:worker world"))
 }

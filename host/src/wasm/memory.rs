@@ -19,6 +19,9 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use wasmtime::component::WasmList;
+
+use super::{State, bindings};
 use crate::control::MemoryInterrupt;
 
 /// Shortest probe accepted.
@@ -35,6 +38,38 @@ pub(crate) struct Request<'a> {
     pub probe: &'a [u8],
     pub probe_at: u32,
     pub checks: &'a [(u32, u32)],
+}
+
+/// The guest asks for interrupts raised in its memory (the WIT's
+/// `use-memory-interrupt`). The probe arrives unlifted: where it lies is
+/// how the host finds the guest's memory, and only that memory.
+pub(super) fn use_memory_interrupt(
+    store: wasmtime::StoreContextMut<'_, State>,
+    (at, probe, probe_at, checks): (
+        bindings::malt::worker::host::MemoryInterrupt,
+        WasmList<u8>,
+        u32,
+        Vec<(u32, u32)>,
+    ),
+) -> wasmtime::Result<(Result<(), String>,)> {
+    let Some(maps) = store.data().maps.clone() else {
+        return Ok((Err("this host cannot read its memory map".into()),));
+    };
+    let request = Request {
+        word: at.word,
+        bits: at.bits,
+        slot: at.slot,
+        value: at.value,
+        probe: probe.as_le_slice(&store),
+        probe_at,
+        checks: &checks,
+    };
+    let found = match locate(&maps, &request) {
+        Ok(found) => found,
+        Err(why) => return Ok((Err(why),)),
+    };
+    store.data().services.use_memory_interrupt(found);
+    Ok((Ok(()),))
 }
 
 /// Where the request's words are in this process, or why not.
