@@ -119,8 +119,12 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
             version.trim()
         )));
     }
-    let work =
-        scratch_dir().map_err(|e| failed(format!("cannot make a scratch directory: {e}")))?;
+    // The scratch directory lies beside `out`: what is built there is
+    // renamed into place.
+    let parent = out.parent().unwrap_or(Path::new("/"));
+    let work = std::fs::create_dir_all(parent)
+        .and_then(|()| scratch_dir(parent))
+        .map_err(|e| failed(format!("cannot make a scratch directory: {e}")))?;
     // The guest, and the standard library's export (see stdlib_export.py),
     // built side by side, each in a copy of the sources.
     let result = (|| {
@@ -132,27 +136,22 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
                 std::fs::write(dir.join(name), source)?;
             }
         }
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
         std::io::Result::Ok(())
     })()
     .map_err(|e| failed(format!("cannot write the sources: {e}")));
-    let tmp_component = out.with_extension("wasm.tmp");
-    let componentize = |part: &str, app: &str, to: &Path| {
+    let componentize = |part: &str, app: &str| {
         Command::new("componentize-py")
             .current_dir(work.join(part))
             .args(["-q", "-d", "wit", "-w", "worker", "componentize", "-p", "."])
-            .args([app, "-o"])
-            .arg(to)
+            .args([app, "-o", "out.wasm"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| failed(format!("cannot run componentize-py: {e}")))
     };
     let built = result.and_then(|()| {
-        let guest = componentize("guest", "guest", &tmp_component)?;
-        let export = componentize("export", "stdlib_export", Path::new("out.wasm"));
+        let guest = componentize("guest", "guest")?;
+        let export = componentize("export", "stdlib_export");
         let finished = |child: std::process::Child, what: &str| -> Result<()> {
             let output = child
                 .wait_with_output()
@@ -168,20 +167,12 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
         };
         let guest = finished(guest, "the guest");
         let export = export.and_then(|child| finished(child, "the standard library"));
-        if let Err(e) = guest.and(export) {
-            let _ = std::fs::remove_file(&tmp_component);
-            return Err(e);
-        }
+        guest.and(export)?;
         let stdlib = stdlib_dir(&out);
-        let tmp = stdlib.with_extension("stdlib.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        copy_dir(&work.join("export/stdlib"), &tmp)
-            .and_then(|()| {
-                let _ = std::fs::remove_dir_all(&stdlib);
-                std::fs::rename(&tmp, &stdlib)
-            })
+        let _ = std::fs::remove_dir_all(&stdlib);
+        std::fs::rename(work.join("export/stdlib"), &stdlib)
             .map_err(|e| failed(format!("cannot write {}: {e}", stdlib.display())))?;
-        std::fs::rename(&tmp_component, &out)
+        std::fs::rename(work.join("guest/out.wasm"), &out)
             .map_err(|e| failed(format!("cannot write {}: {e}", out.display())))
     });
     let _ = std::fs::remove_dir_all(&work);
@@ -192,29 +183,13 @@ pub fn build_component(out: Option<&Path>) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Copies a directory of plain files and directories (the scratch
-/// directory may be on another file system than the destination).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
-
-/// A fresh private directory under the temporary directory.
-fn scratch_dir() -> std::io::Result<PathBuf> {
+/// A fresh private directory in `parent`.
+fn scratch_dir(parent: &Path) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
     let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let dir = std::env::temp_dir().join(format!("malt-python-{name}"));
+    let dir = parent.join(format!(".malt-python-build-{name}"));
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     Ok(dir)
 }

@@ -296,27 +296,26 @@ def _load(filename, source):
 _namespace["__malt_load__"] = _load
 
 
-class WitWorld(wit_world.WitWorld):
-    def eval(self, code: str) -> bytes:
-        _begin()
-        try:
-            ok, value = _run(_cell, code)
-        finally:
-            _finish()
-        if not ok:
-            raise Err(_traceback(value))
-        return _encode(value)
-
-    def call(self, name: str, args: bytes) -> bytes:
-        _begin()
-        try:
-            ok, value = _run(_call, name, args)
-        finally:
-            _finish()
-        if not ok:
-            raise Err(_traceback(value))
-        return _encode(value)
+def _answer(work, *args):
+    """One request: the user's part, its output flushed, its value or the
+    traceback of what went wrong."""
+    _begin()
+    try:
+        ok, value = _run(work, *args)
+    finally:
+        _finish()
+    if not ok:
+        raise Err(_traceback(value))
+    return _encode(value)
 
 
 def _call(name, args):
     return _lookup(name)(*_msgpack.unpackb(args))
+
+
+class WitWorld(wit_world.WitWorld):
+    def eval(self, code: str) -> bytes:
+        return _answer(_cell, code)
+
+    def call(self, name: str, args: bytes) -> bytes:
+        return _answer(_call, name, args)

@@ -37,13 +37,11 @@ def export(source, target):
             if not name.endswith(".py"):
                 continue
             src = os.path.join(root, name)
-            dst = os.path.join(out, name)
-            shutil.copyfile(src, dst)
+            shutil.copyfile(src, os.path.join(out, name))
             try:
                 py_compile.compile(
                     src,
                     cfile=os.path.join(out, "__pycache__", f"{name[:-3]}.{tag}.pyc"),
-                    dfile=dst,
                     doraise=True,
                     invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
                 )

@@ -30,6 +30,19 @@ async fn a_spinning_cell_catches_an_interrupt(w: &Worker) {
     assert_eq!(caught.await.unwrap(), "caught");
 }
 
+/// A cell stuck inside C, interrupted `after` it started, never reaches
+/// a loop jump: it is killed after the grace period, its state lost.
+async fn a_c_bound_cell_is_killed(w: &Worker, after: Duration) {
+    let running = w.remote_eval::<i64>("sum(range(10 ** 15))");
+    tokio::time::sleep(after).await;
+    w.interrupt().unwrap();
+    let err = running.await.unwrap_err();
+    assert!(
+        matches!(err, Error::Interrupted { state_lost: true }),
+        "{err:?}"
+    );
+}
+
 fn remote_message(err: &Error) -> &str {
     match err {
         Error::Remote(e) => &e.message,
@@ -284,14 +297,7 @@ async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
         .await
         .unwrap();
     stubborn.remote_eval_wait("kept = 1").await.unwrap();
-    let running = stubborn.remote_eval::<i64>("sum(range(10 ** 15))");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stubborn.interrupt().unwrap();
-    let err = running.await.unwrap_err();
-    assert!(
-        matches!(err, Error::Interrupted { state_lost: true }),
-        "{err:?}"
-    );
+    a_c_bound_cell_is_killed(&stubborn, Duration::from_millis(300)).await;
     let gone = stubborn.remote_eval_fetch::<i64>("kept").await.unwrap_err();
     assert!(remote_message(&gone).contains("NameError"), "{gone}");
     w.stop().await.unwrap();
@@ -521,14 +527,7 @@ async fn python_runs_in_process_and_in_a_pool() {
         .spawn()
         .await
         .unwrap();
-    let c_bound = stuck.remote_eval::<i64>("sum(range(10 ** 15))");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    stuck.interrupt().unwrap();
-    let err = c_bound.await.unwrap_err();
-    assert!(
-        matches!(err, Error::Interrupted { state_lost: true }),
-        "{err:?}"
-    );
+    a_c_bound_cell_is_killed(&stuck, Duration::from_millis(100)).await;
     assert_eq!(busy.await.unwrap(), 2 * 10_i64.pow(6) + 1);
     stuck.stop().await.unwrap();
     other.stop().await.unwrap();

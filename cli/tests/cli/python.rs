@@ -67,18 +67,16 @@ fn build_python_writes_a_working_component() {
         .assert()
         .success()
         .stdout(format!("{}\n", out.display()));
-    malt()
-        .env(malt::python::COMPONENT_ENV, &out)
-        .args(["eval", "--python", "'-'.join(['a', 'b'])"])
-        .assert()
-        .success()
-        .stdout("\"a-b\"\n");
+    let eval = |code: &str, shown: &str| {
+        malt()
+            .env(malt::python::COMPONENT_ENV, &out)
+            .args(["eval", "--python", code])
+            .assert()
+            .success()
+            .stdout(format!("{shown}\n"));
+    };
+    eval("'-'.join(['a', 'b'])", "\"a-b\"");
     // And the rest of the standard library beside it.
     assert!(malt::python::stdlib_dir(&out).join("difflib.py").is_file());
-    malt()
-        .env(malt::python::COMPONENT_ENV, &out)
-        .args(["eval", "--python", "import shlex; shlex.join(['a', 'b c'])"])
-        .assert()
-        .success()
-        .stdout("\"a 'b c'\"\n");
+    eval("import shlex; shlex.join(['a', 'b c'])", "\"a 'b c'\"");
 }

@@ -6,9 +6,13 @@
 //! catchable where it lands and free until it comes: nothing to poll.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::{Control, RAISE_AGAIN_EVERY, START, Timer};
+use super::{Control, START};
+
+/// How often a memory interrupt the guest has not taken is raised again:
+/// a store of the guest's own to the word can overwrite the host's bits.
+const RAISE_AGAIN_EVERY: Duration = Duration::from_millis(1);
 
 /// Where and how to raise an interrupt in a guest's linear memory.
 #[derive(Debug)]
@@ -93,8 +97,9 @@ pub(super) struct Delivery {
     pub memory: Option<MemoryInterrupt>,
     /// The guest runs code that can take it.
     pub armed: bool,
-    /// Raised in memory, not yet taken or taken back.
-    pub raised: bool,
+    /// Raised in memory and not yet taken or taken back: when to raise it
+    /// again.
+    pub again_at: Option<Instant>,
     /// This request's interrupt reached the guest (in memory or through a
     /// host call): never raised again.
     pub delivered: bool,
@@ -102,38 +107,36 @@ pub(super) struct Delivery {
 
 impl Delivery {
     /// Raises the interrupt if it can and has not yet.
-    pub fn raise(&mut self) -> bool {
-        match &self.memory {
-            Some(memory) if self.armed && !self.delivered => {
-                memory.raise();
-                self.raised = true;
-                true
-            }
-            _ => false,
+    pub fn raise(&mut self) {
+        if let Some(memory) = &self.memory
+            && self.armed
+            && !self.delivered
+        {
+            memory.raise();
+            self.again_at = Some(Instant::now() + RAISE_AGAIN_EVERY);
         }
     }
 
-    /// Raises a raised interrupt again; false once the guest took it.
-    pub fn raise_again(&mut self) -> bool {
-        let again = self.raised && self.memory.as_ref().is_some_and(|m| m.raise_again());
-        if self.raised && !again {
-            self.raised = false;
+    /// Raises a raised interrupt again, unless the guest took it.
+    pub fn raise_again(&mut self, now: Instant) {
+        if self.memory.as_ref().is_some_and(|m| m.raise_again()) {
+            self.again_at = Some(now + RAISE_AGAIN_EVERY);
+        } else {
+            self.again_at = None;
             self.delivered = true;
         }
-        again
     }
 
     /// Takes back a raised interrupt the guest has not taken.
     pub fn take_back(&mut self) {
-        if self.raised {
-            if let Some(memory) = &self.memory {
-                if !memory.pending() {
-                    // Taken already: never raised again in this request.
-                    self.delivered = true;
-                }
-                memory.clear();
+        if self.again_at.take().is_some()
+            && let Some(memory) = &self.memory
+        {
+            if !memory.pending() {
+                // Taken already: never raised again in this request.
+                self.delivered = true;
             }
-            self.raised = false;
+            memory.clear();
         }
     }
 
@@ -152,12 +155,6 @@ impl Delivery {
 }
 
 impl Control {
-    pub(super) fn raise_in_memory(t: &mut Timer) {
-        if t.delivery.raise() {
-            t.raise_again_at = Some(Instant::now() + RAISE_AGAIN_EVERY);
-        }
-    }
-
     /// Where the guest takes interrupts in its memory (`None`: nowhere,
     /// as before that memory is freed).
     #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
@@ -165,7 +162,6 @@ impl Control {
         let mut t = self.lock();
         t.delivery.reset();
         t.delivery.memory = memory;
-        t.raise_again_at = None;
     }
 
     /// The guest arms or disarms its memory interrupt (see the WIT's
@@ -176,21 +172,18 @@ impl Control {
         if armed {
             t.delivery.armed = true;
             if t.reason.is_some() && !t.killed && t.id != START {
-                Self::raise_in_memory(&mut t);
+                t.delivery.raise();
                 self.wake_timer.notify_one();
             }
         } else {
             t.delivery.take_back();
             t.delivery.armed = false;
-            t.raise_again_at = None;
         }
     }
 
     /// A host call told the guest of the interrupt (a sleep cut short, a
     /// channel's error, `interrupted()`): it is not raised in memory too.
     pub fn interrupt_delivered(&self) {
-        let mut t = self.lock();
-        t.delivery.delivered_otherwise();
-        t.raise_again_at = None;
+        self.lock().delivery.delivered_otherwise();
     }
 }

@@ -30,10 +30,6 @@ use memory::Delivery;
 #[cfg_attr(not(feature = "wasm"), allow(unused_imports))]
 pub(crate) use memory::MemoryInterrupt;
 
-/// How often a memory interrupt the guest has not taken is raised again:
-/// a store of the guest's own to the word can overwrite the host's bits.
-const RAISE_AGAIN_EVERY: Duration = Duration::from_millis(1);
-
 /// The id the start (or a reset) runs under: above every request id, so
 /// no interrupt aimed at requests can hit it.
 const START: u64 = u64::MAX;
@@ -88,8 +84,6 @@ struct Timer {
     flush_at: Option<Instant>,
     /// The guest's memory interrupt: kept across requests.
     delivery: Delivery,
-    /// When to raise the memory interrupt again.
-    raise_again_at: Option<Instant>,
 }
 
 pub(crate) struct Control {
@@ -185,7 +179,7 @@ impl Control {
         if t.shut_down {
             return;
         }
-        let delivery = between_requests(&mut t);
+        let delivery = std::mem::take(&mut t.delivery);
         *t = Timer {
             id: START,
             reason: Some(Reason::Timeout),
@@ -207,7 +201,7 @@ impl Control {
             return false;
         }
         let pending = t.pending_up_to;
-        let delivery = between_requests(&mut t);
+        let delivery = std::mem::take(&mut t.delivery);
         *t = Timer {
             id,
             timeout_at: self.timeout.map(|d| Instant::now() + d),
@@ -239,7 +233,9 @@ impl Control {
             killed: t.killed,
             shut_down: t.shut_down,
         };
-        let delivery = between_requests(&mut t);
+        // Disarmed, anything raised and not taken taken back.
+        let mut delivery = std::mem::take(&mut t.delivery);
+        delivery.reset();
         *t = Timer {
             shut_down: t.shut_down,
             pending_up_to: if t.id == START { t.pending_up_to } else { None },
@@ -283,7 +279,7 @@ impl Control {
         t.timeout_at = None;
         t.kill_at = Some(Instant::now() + self.grace);
         self.interrupted.store(true, Ordering::Release);
-        Self::raise_in_memory(t);
+        t.delivery.raise();
         // Wake a guest blocked in sleep, a channel operation or a WASI wait.
         channels.wake_all();
         self.wake_async();
@@ -294,7 +290,6 @@ impl Control {
     /// and blocked host calls check it), then the backend's killer.
     fn kill(&self, t: &mut Timer, channels: &Channels) {
         t.killed = true;
-        t.raise_again_at = None;
         self.killed.store(true, Ordering::Release);
         self.wake_async();
         channels.wake_all();
@@ -350,21 +345,18 @@ impl Control {
                 if t.give_up_at.is_some_and(|at| now >= at) {
                     return true;
                 }
-                if t.raise_again_at.is_some_and(|at| now >= at) {
-                    t.raise_again_at = t.delivery.raise_again().then(|| now + RAISE_AGAIN_EVERY);
+                if !t.killed && t.delivery.again_at.is_some_and(|at| now >= at) {
+                    t.delivery.raise_again(now);
                     continue;
                 }
             }
-            let next = [
-                t.timeout_at,
-                t.kill_at,
-                t.give_up_at,
-                t.flush_at,
-                t.raise_again_at,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            // A killed request's memory is about to go: nothing raised
+            // there again.
+            let again_at = t.delivery.again_at.filter(|_| !t.killed);
+            let next = [t.timeout_at, t.kill_at, t.give_up_at, t.flush_at, again_at]
+                .into_iter()
+                .flatten()
+                .min();
             t = match next {
                 Some(at) => {
                     self.wake_timer
@@ -376,14 +368,6 @@ impl Control {
             };
         }
     }
-}
-
-/// The memory interrupt as a request begins or ends: disarmed, anything
-/// raised and not taken taken back.
-fn between_requests(t: &mut Timer) -> Delivery {
-    let mut delivery = std::mem::take(&mut t.delivery);
-    delivery.reset();
-    delivery
 }
 
 #[cfg(test)]

@@ -28,53 +28,51 @@ const KEPT: usize = 8;
 #[derive(PartialEq, Eq)]
 struct Key {
     path: String,
-    identity: Option<ArtifactIdentity>,
+    identity: ArtifactIdentity,
     fuel: bool,
 }
 
+/// An engine and a component linked in it, ready to instantiate.
 type Linked = (Engine, BindingsPre<State>);
 
-static LOADED: Mutex<Vec<(Key, Engine, BindingsPre<State>)>> = Mutex::new(Vec::new());
+static LOADED: Mutex<Vec<(Key, Linked)>> = Mutex::new(Vec::new());
 
-/// The engine and linked component for `config`, loaded by `load` the
-/// first time. An artifact without a verified identity is loaded each
-/// time: nothing says that it is still the same file.
-pub(super) fn get_or_load(
-    config: &HostConfig,
-    load: impl FnOnce(&HostConfig) -> Result<Linked, StartFailed>,
-) -> Result<Linked, StartFailed> {
-    let GuestSpec::Artifact { path, identity } = &config.guest else {
-        return load(config);
+/// The engine and linked component for `config`, shared by the in-process
+/// workers of this process. An artifact without a verified identity is
+/// loaded each time: nothing says that it is still the same file.
+pub(super) fn get_or_load(config: &HostConfig) -> Result<Linked, StartFailed> {
+    let GuestSpec::Artifact {
+        path,
+        identity: Some(identity),
+    } = &config.guest
+    else {
+        return load_linked(config);
     };
-    if identity.is_none() {
-        return load(config);
-    }
     let key = Key {
         path: path.clone(),
         identity: *identity,
         fuel: config.fuel.is_some(),
     };
     let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(at) = loaded.iter().position(|(k, ..)| *k == key) {
+    if let Some(at) = loaded.iter().position(|(k, _)| *k == key) {
+        // The most recently used last.
         let entry = loaded.remove(at);
-        let linked = (entry.1.clone(), entry.2.clone());
+        let linked = entry.1.clone();
         loaded.push(entry);
         return Ok(linked);
     }
     // Loaded under the lock: two workers starting together load it once.
-    let (engine, pre) = load(config)?;
+    let linked = load_linked(config)?;
     if loaded.len() >= KEPT {
         loaded.remove(0);
     }
-    loaded.push((key, engine.clone(), pre.clone()));
-    Ok((engine, pre))
+    loaded.push((key, linked.clone()));
+    Ok(linked)
 }
 
 /// Loads the precompiled component of `config` and links it: the engine
 /// and the component ready to instantiate.
-pub(super) fn load_linked(
-    config: &HostConfig,
-) -> Result<(Engine, BindingsPre<State>), StartFailed> {
+pub(super) fn load_linked(config: &HostConfig) -> Result<Linked, StartFailed> {
     let GuestSpec::Artifact { path, identity } = &config.guest else {
         return Err("not a wasm guest".into());
     };

@@ -18,11 +18,22 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 
 use wasmtime::component::WasmList;
 
 use super::{State, bindings};
 use crate::control::MemoryInterrupt;
+
+/// `/proc/self/maps`, opened once per process before a host's sandbox
+/// closes the filesystem (`None`: this process cannot read it). Read with
+/// `pread`, so the workers of one process share it.
+static MAPS: OnceLock<Option<File>> = OnceLock::new();
+
+/// Opens `/proc/self/maps` if this process has not yet.
+pub(super) fn open_maps() {
+    MAPS.get_or_init(|| File::open("/proc/self/maps").ok());
+}
 
 /// Shortest probe accepted.
 const PROBE_MIN: usize = 16;
@@ -52,7 +63,7 @@ pub(super) fn use_memory_interrupt(
         Vec<(u32, u32)>,
     ),
 ) -> wasmtime::Result<(Result<(), String>,)> {
-    let Some(maps) = store.data().maps.clone() else {
+    let Some(maps) = MAPS.get().and_then(Option::as_ref) else {
         return Ok((Err("this host cannot read its memory map".into()),));
     };
     let request = Request {
@@ -64,7 +75,7 @@ pub(super) fn use_memory_interrupt(
         probe_at,
         checks: &checks,
     };
-    let found = match locate(&maps, &request) {
+    let found = match locate(maps, &request) {
         Ok(found) => found,
         Err(why) => return Ok((Err(why),)),
     };

@@ -5,8 +5,9 @@
 //! WASI's blocking calls are async host functions, so a guest blocked in
 //! one is a pending future, not a blocked thread. The other threads never
 //! touch the store; the timer thread may write the two words of a memory
-//! interrupt the guest asked for (`memory.rs`). A kill sets a flag, bumps the engine's epoch (which
-//! traps running wasm code within microseconds) and wakes the guest
+//! interrupt the guest asked for (`memory.rs`). A kill sets a flag, bumps
+//! the engine's epoch (which traps running wasm code within microseconds)
+//! and wakes the guest
 //! thread, which drops the call future wherever it is (inside a host
 //! call, too). Either way the store is gone with it: the guest gets a
 //! fresh store and instance (from the pre-instantiated component: ~50 µs).
@@ -65,9 +66,6 @@ pub(crate) struct State {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
-    /// `/proc/self/maps`, opened before the sandbox closes the filesystem:
-    /// how the host finds the guest's memory (`None`: it cannot).
-    maps: Option<Arc<std::fs::File>>,
 }
 
 impl WasiView for State {
@@ -129,8 +127,6 @@ pub(crate) struct WasmGuest {
     config: Arc<HostConfig>,
     grants: Grants,
     shared: Arc<Shared>,
-    /// `/proc/self/maps` (see `State::maps`).
-    maps: Option<Arc<std::fs::File>>,
     /// `None` only while being replaced or dropped.
     instance: Option<(Store<State>, Bindings)>,
     /// Runs the guest's futures on the guest thread; its blocking pool
@@ -149,9 +145,11 @@ impl WasmGuest {
         shared: Arc<Shared>,
         place: crate::Place,
     ) -> Result<Self, StartFailed> {
+        // Now: a host's sandbox closes the filesystem once it is loaded.
+        memory::open_maps();
         let (engine, pre) = match place {
             crate::Place::Process => loaded::load_linked(config)?,
-            crate::Place::InProcess => loaded::get_or_load(config, loaded::load_linked)?,
+            crate::Place::InProcess => loaded::get_or_load(config)?,
         };
         // The timer's kill: the epoch bump traps running wasm code (the
         // kill flag, set before, makes the epoch callback refuse to extend
@@ -175,8 +173,6 @@ impl WasmGuest {
             config: Arc::new(config.clone()),
             grants: Grants::open(&config.dirs).map_err(|e| format!("{e:#}"))?,
             shared,
-            // Now: a host's sandbox closes the filesystem once it is loaded.
-            maps: std::fs::File::open("/proc/self/maps").ok().map(Arc::new),
             instance: None,
             runtime: Some(runtime),
         };
@@ -187,14 +183,8 @@ impl WasmGuest {
     /// the start traps or is killed by the start timeout.
     fn instantiate(&mut self) -> Result<(), String> {
         self.drop_instance();
-        let mut store = new_store(
-            &self.engine,
-            &self.config,
-            &self.grants,
-            &self.shared,
-            self.maps.clone(),
-        )
-        .map_err(|e| format!("{e:#}"))?;
+        let mut store = new_store(&self.engine, &self.config, &self.grants, &self.shared)
+            .map_err(|e| format!("{e:#}"))?;
         let runtime = self
             .runtime
             .as_ref()
@@ -292,7 +282,6 @@ fn new_store(
     config: &HostConfig,
     grants: &Grants,
     shared: &Arc<Shared>,
-    maps: Option<Arc<std::fs::File>>,
 ) -> wasmtime::Result<Store<State>> {
     let mut wasi = sandbox(config, grants)?;
     wasi.stdout(FrameOutput {
@@ -312,7 +301,6 @@ fn new_store(
             table
         },
         limiter: Limiter::new(usize::try_from(config.memory_limit).unwrap_or(usize::MAX)),
-        maps,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
