@@ -151,6 +151,10 @@ mod error;
 pub mod __fuzz {
     pub use crate::fuzz::{frames, values};
 }
+#[doc(hidden)]
+pub mod __testing {
+    pub use malt_host::wasm::spares_taken;
+}
 mod fuzz;
 mod heartbeat;
 pub mod launcher;

@@ -59,7 +59,7 @@ pub use remote::{ComponentRequest, ComponentStore, set_component_store};
 #[cfg(feature = "wasm")]
 pub(crate) use serve::StartFailed;
 pub use serve::{Place, serve};
-pub(crate) use shared::{Out, Shared};
+pub(crate) use shared::Shared;
 
 /// Stack of the thread that runs the guest.
 const GUEST_STACK: usize = 64 << 20;
@@ -194,6 +194,13 @@ impl GuestContext {
     #[cfg(feature = "wasm")]
     pub(crate) fn arm_memory_interrupt(&self, armed: bool) {
         self.shared.control.arm_memory_interrupt(armed);
+    }
+
+    /// True once the running request (or start) is killed: wasm code must
+    /// not go on.
+    #[cfg(feature = "wasm")]
+    pub(crate) fn killed(&self) -> bool {
+        self.shared.control.killed()
     }
 
     /// Whether this call tells the guest of an interrupt: then it is not

@@ -44,16 +44,7 @@ pub fn serve(
             );
         }
     }
-    let shared = Arc::new(Shared {
-        out: Mutex::new(Out::default()),
-        queued: Default::default(),
-        output_limit: config.output_limit,
-        output_used: std::sync::atomic::AtomicU64::new(0),
-        control: Control::new(config.interrupt_grace, config.call_timeout),
-        channels: Channels::new(usize::try_from(config.memory_limit).unwrap_or(usize::MAX)),
-        max_frame: config.max_frame,
-        start_timeout: config.start_timeout,
-    });
+    let shared = Shared::new(&config);
     // Everything that locks the process down happens in `prepare`, before
     // the host's other threads exist (Landlock binds a thread and the
     // threads it starts later) and before any guest code runs.

@@ -85,6 +85,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state of a worker serving `config`, its stream not open yet.
+    pub(crate) fn new(config: &HostConfig) -> Arc<Self> {
+        Arc::new(Shared {
+            out: Mutex::new(Out::default()),
+            queued: Default::default(),
+            output_limit: config.output_limit,
+            output_used: std::sync::atomic::AtomicU64::new(0),
+            control: Control::new(config.interrupt_grace, config.call_timeout),
+            channels: Channels::new(usize::try_from(config.memory_limit).unwrap_or(usize::MAX)),
+            max_frame: config.max_frame,
+            start_timeout: config.start_timeout,
+        })
+    }
+
     /// Shared state for unit tests, writing its frames to `out`.
     #[cfg(test)]
     pub(crate) fn for_tests(out: Arc<Mutex<Vec<u8>>>) -> Arc<Self> {

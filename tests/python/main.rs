@@ -548,6 +548,66 @@ async fn python_runs_in_process_and_in_a_pool() {
     pool.stop().await;
 }
 
+/// Everything a worker printed, by stream, once it has stopped.
+async fn printed(w: &Worker, code: &str) -> String {
+    let mut out = w.take_output().unwrap();
+    w.remote_eval_wait(code).await.unwrap();
+    w.stop().await.unwrap();
+    let mut stdout = String::new();
+    while let Some(chunk) = out.recv().await {
+        if chunk.stream == malt::Stream::Stdout {
+            stdout.push_str(&String::from_utf8_lossy(&chunk.data));
+        }
+    }
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_workers_start_from_spares_that_are_their_own() {
+    let first = python().in_process().spawn().await.unwrap();
+    first.remote_eval_wait("secret = 41").await.unwrap();
+    // A spare is made in the background after a start: wait for a worker
+    // that got one (liveness, not speed).
+    let before = malt::__testing::spares_taken();
+    let mut tries = 0;
+    let w = loop {
+        let w = python()
+            .in_process()
+            .monitor_output(false)
+            .interrupt_grace(Duration::from_millis(50))
+            .spawn()
+            .await
+            .unwrap();
+        if malt::__testing::spares_taken() > before {
+            break w;
+        }
+        w.stop().await.unwrap();
+        tries += 1;
+        assert!(tries < 200, "no in-process worker started from a spare");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Its session is its own, and made for it alone.
+    let seen: bool = w.remote_eval_fetch("'secret' in globals()").await.unwrap();
+    assert!(!seen);
+    let mode: String = w
+        .remote_eval_fetch("import sys\nsys.modules['guest'].interrupts")
+        .await
+        .unwrap();
+    assert_eq!(mode, "memory");
+    // Interrupts and kills reach it, not the worker its spare was made
+    // beside.
+    a_spinning_cell_catches_an_interrupt(&w).await;
+    a_c_bound_cell_is_killed(&w, Duration::from_millis(50)).await;
+    assert_eq!(
+        first.remote_eval_fetch::<i64>("secret + 1").await.unwrap(),
+        42
+    );
+    // Its output goes to its own handle.
+    let out = printed(&w, "print('from the spare')").await;
+    assert_eq!(out, "from the spare\n");
+    first.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_missing_component_says_what_to_run() {
     let err = Worker::python_component("/nonexistent/malt_python.wasm")

@@ -79,7 +79,8 @@ pub(super) fn use_memory_interrupt(
         Ok(found) => found,
         Err(why) => return Ok((Err(why),)),
     };
-    store.data().services.use_memory_interrupt(found);
+    let mut store = store;
+    store.data_mut().services().use_memory_interrupt(found);
     Ok((Ok(()),))
 }
 

@@ -16,9 +16,11 @@ mod limits;
 mod loaded;
 mod memory;
 mod output;
+mod spares;
 mod waits;
 
 pub use loaded::{fd_path, open_artifact};
+pub use spares::spares_taken;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +33,7 @@ use super::{GuestContext, GuestError, Shared, StartFailed, Work};
 use crate::control::Stop;
 use limits::Limiter;
 use malt_protocol::{HostConfig, Stream};
-use output::FrameOutput;
+use output::{FrameOutput, OutputTo};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -63,9 +65,28 @@ pub fn engine_config(fuel: bool) -> wasmtime::Config {
 pub(crate) struct State {
     /// The host services: the one implementation every backend uses.
     services: GuestContext,
+    /// Where the guest's stdout and stderr go.
+    output_to: OutputTo,
+    /// Whether the guest has called a malt import (a spare that did, while
+    /// it started, is not handed out: see `spares.rs`).
+    used_host: bool,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
+}
+
+impl State {
+    fn services(&mut self) -> &GuestContext {
+        self.used_host = true;
+        &self.services
+    }
+
+    /// From now on this store serves the worker of `shared`: its host
+    /// calls, output, kills.
+    fn adopt(&mut self, shared: &Arc<Shared>) {
+        self.services = GuestContext::new(shared.clone());
+        *self.output_to.lock().unwrap_or_else(|e| e.into_inner()) = shared.clone();
+    }
 }
 
 impl WasiView for State {
@@ -80,23 +101,23 @@ impl WasiView for State {
 /// The WIT imports, adapted to the host services.
 impl bindings::malt::worker::host::Host for State {
     fn interrupted(&mut self) -> bool {
-        self.services.interrupted()
+        self.services().interrupted()
     }
 
     fn sleep(&mut self, ms: u64) -> bool {
-        self.services.sleep(Duration::from_millis(ms))
+        self.services().sleep(Duration::from_millis(ms))
     }
 
     fn channel_put(&mut self, name: String, value: Vec<u8>) -> Result<(), String> {
-        self.services.channel_put(&name, value)
+        self.services().channel_put(&name, value)
     }
 
     fn channel_take(&mut self, name: String) -> Result<Vec<u8>, String> {
-        self.services.channel_take(&name)
+        self.services().channel_take(&name)
     }
 
     fn channel_is_ready(&mut self, name: String) -> bool {
-        self.services.channel_is_ready(&name)
+        self.services().channel_is_ready(&name)
     }
 
     // Replaced in `link` by `use_memory_interrupt`, which sees where in
@@ -112,7 +133,7 @@ impl bindings::malt::worker::host::Host for State {
     }
 
     fn arm_memory_interrupt(&mut self, armed: bool) {
-        self.services.arm_memory_interrupt(armed);
+        self.services().arm_memory_interrupt(armed);
     }
 }
 
@@ -122,6 +143,7 @@ impl bindings::malt::worker::host::Host for State {
 pub const MAX_HOST_RESOURCES: usize = 1024;
 
 pub(crate) struct WasmGuest {
+    place: crate::Place,
     engine: Engine,
     pre: BindingsPre<State>,
     config: Arc<HostConfig>,
@@ -168,6 +190,7 @@ impl WasmGuest {
             .build()
             .map_err(|e| format!("cannot start the guest's runtime: {e}"))?;
         let guest = WasmGuest {
+            place,
             engine,
             pre,
             config: Arc::new(config.clone()),
@@ -179,10 +202,21 @@ impl WasmGuest {
         Ok(guest)
     }
 
-    /// A fresh store and instance, replacing the current ones. Fails when
-    /// the start traps or is killed by the start timeout.
-    fn instantiate(&mut self) -> Result<(), String> {
+    /// A fresh store and instance, replacing the current ones: at a
+    /// worker's first start (`first`), an in-process worker's may be a
+    /// spare made ahead (never at a reset: see `spares.rs`). Fails when the
+    /// start traps or is killed by the start timeout.
+    fn instantiate(&mut self, first: bool) -> Result<(), String> {
         self.drop_instance();
+        if first
+            && self.place == crate::Place::InProcess
+            && let Some((mut store, bindings)) = spares::take(&self.engine, &self.config)
+        {
+            store.data_mut().adopt(&self.shared);
+            self.instance = Some((store, bindings));
+            spares::make(&self.engine, &self.pre, &self.config);
+            return Ok(());
+        }
         let mut store = new_store(&self.engine, &self.config, &self.grants, &self.shared)
             .map_err(|e| format!("{e:#}"))?;
         let runtime = self
@@ -203,6 +237,10 @@ impl WasmGuest {
             }
         })?;
         self.instance = Some((store, bindings));
+        if first && self.place == crate::Place::InProcess {
+            // The next in-process worker like this one starts from a spare.
+            spares::make(&self.engine, &self.pre, &self.config);
+        }
         Ok(())
     }
 
@@ -284,16 +322,19 @@ fn new_store(
     shared: &Arc<Shared>,
 ) -> wasmtime::Result<Store<State>> {
     let mut wasi = sandbox(config, grants)?;
+    let output_to = Arc::new(std::sync::Mutex::new(shared.clone()));
     wasi.stdout(FrameOutput {
-        shared: shared.clone(),
+        to: output_to.clone(),
         stream: Stream::Stdout,
     })
     .stderr(FrameOutput {
-        shared: shared.clone(),
+        to: output_to.clone(),
         stream: Stream::Stderr,
     });
     let state = State {
         services: GuestContext::new(shared.clone()),
+        output_to,
+        used_host: false,
         wasi: wasi.build(),
         table: {
             let mut table = ResourceTable::new();
@@ -304,11 +345,11 @@ fn new_store(
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
-    let control = shared.clone();
     // The epoch only moves when the timer kills a request; the flag makes
-    // sure a late bump can never hit the request that follows.
-    store.epoch_deadline_callback(move |_| {
-        if control.control.killed() {
+    // sure a late bump can never hit the request that follows. Read
+    // through the store: a spare store changes workers once.
+    store.epoch_deadline_callback(|store| {
+        if store.data().services.killed() {
             Ok(UpdateDeadline::Interrupt)
         } else {
             Ok(UpdateDeadline::Continue(1))
@@ -324,7 +365,7 @@ fn new_store(
 
 impl super::Guest for WasmGuest {
     fn start(&mut self) -> Result<(), String> {
-        self.instantiate()
+        self.instantiate(true)
     }
 
     fn run(&mut self, work: &Work) -> Result<Vec<u8>, GuestError> {
@@ -382,7 +423,7 @@ impl super::Guest for WasmGuest {
     }
 
     fn reset(&mut self) -> Result<(), String> {
-        self.instantiate()
+        self.instantiate(false)
     }
 }
 

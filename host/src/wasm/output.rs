@@ -1,7 +1,7 @@
 //! Guest stdout and stderr, forwarded as output frames.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -10,11 +10,22 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use crate::Shared;
 use malt_protocol::Stream;
 
+/// The worker a store's output goes to. A spare store (`spares.rs`) is
+/// made before its worker exists, and handed to it later.
+pub(super) type OutputTo = Arc<Mutex<Arc<Shared>>>;
+
 /// One of the guest's output streams.
 #[derive(Clone)]
 pub(super) struct FrameOutput {
-    pub shared: Arc<Shared>,
+    pub to: OutputTo,
     pub stream: Stream,
+}
+
+impl FrameOutput {
+    fn write(&self, bytes: &[u8]) {
+        let to = self.to.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        to.output(self.stream, bytes);
+    }
 }
 
 impl IsTerminal for FrameOutput {
@@ -43,7 +54,7 @@ const OUTPUT_PERMIT: usize = 64 << 10;
 
 impl OutputStream for FrameOutput {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
-        self.shared.output(self.stream, &bytes);
+        FrameOutput::write(self, &bytes);
         Ok(())
     }
 
@@ -62,7 +73,7 @@ impl tokio::io::AsyncWrite for FrameOutput {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.shared.output(self.stream, buf);
+        FrameOutput::write(&self, buf);
         Poll::Ready(Ok(buf.len()))
     }
 
