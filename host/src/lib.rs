@@ -190,6 +190,13 @@ impl GuestContext {
         self.shared.control.use_memory_interrupt(Some(at));
     }
 
+    /// Forgets where the guest takes interrupts in its memory, and says
+    /// where that was.
+    #[cfg(feature = "wasm")]
+    pub(crate) fn take_memory_interrupt(&self) -> Option<control::MemoryInterrupt> {
+        self.shared.control.take_memory_interrupt()
+    }
+
     /// The guest runs code that takes a memory interrupt (or stops).
     #[cfg(feature = "wasm")]
     pub(crate) fn arm_memory_interrupt(&self, armed: bool) {

@@ -225,6 +225,7 @@ mod tests {
             env: Vec::new(),
             dirs: Vec::new(),
             heartbeat: None,
+            warm_up: None,
         }
     }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; the host refuses a manager that speaks another.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Version of malt that this protocol crate belongs to. A manager and a
 /// host must be the same version exactly: the host refuses another, and the
@@ -102,6 +102,12 @@ pub struct HostConfig {
     /// heard from for [`HEARTBEAT_MISSES`] intervals, so a dead link
     /// leaves no host behind.
     pub heartbeat: Option<Duration>,
+    /// A function of the guest's, called with no arguments in a spare
+    /// instance made ahead for a worker like this one before the worker
+    /// gets it, so that its first request finds the guest warm (in-process
+    /// workers start from spares). Set only for a guest that such a call
+    /// leaves as it was: the Python guest's.
+    pub warm_up: Option<String>,
 }
 
 /// Intervals without a byte from the other side after which a heartbeat

@@ -106,6 +106,7 @@ pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
         env: options.env.clone(),
         dirs: options.dirs.clone(),
         heartbeat: None,
+        warm_up: None,
     };
     let mut wasi = crate::host::wasm::Grants::open(&config.dirs)
         .and_then(|grants| crate::host::wasm::sandbox(&config, &grants))

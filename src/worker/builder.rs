@@ -52,6 +52,9 @@ const PYTHON_PATH_ENV: &str = "MALT_PYTHON_PATH";
 /// variable that says so.
 const PYTHON_STDLIB_DIR: &str = "/malt/python-stdlib";
 const PYTHON_STDLIB_ENV: &str = "MALT_PYTHON_STDLIB";
+/// What the Python guest runs in a spare made ahead for a worker: its
+/// start, and a cell that counts nowhere (guest.py's `_warm`).
+const PYTHON_WARM_UP: &str = "__malt_warm__";
 
 /// The embedded script guest (built by build.rs).
 pub(crate) const SCRIPT_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/malt_script.wasm"));
@@ -97,6 +100,8 @@ pub struct WorkerBuilder {
     /// launcher's command.
     via: crate::launcher::Via,
     heartbeat: Option<Duration>,
+    /// The guest's warm-up function (see `HostConfig::warm_up`).
+    warm_up: Option<String>,
 }
 
 impl WorkerBuilder {
@@ -119,6 +124,7 @@ impl WorkerBuilder {
             max_pending: DEFAULT_MAX_PENDING,
             via: crate::launcher::Via::Local,
             heartbeat: Some(crate::launcher::DEFAULT_HEARTBEAT),
+            warm_up: None,
         }
     }
 
@@ -341,6 +347,7 @@ impl WorkerBuilder {
                 self.env
                     .push((PYTHON_STDLIB_ENV.into(), PYTHON_STDLIB_DIR.into()));
             }
+            self.warm_up = Some(PYTHON_WARM_UP.into());
             self.guest = GuestSource::Wasm(path.clone());
         }
         cache::check_grants(&self.dirs).map_err(refuse)?;
@@ -464,6 +471,7 @@ impl WorkerBuilder {
                 env: self.env.clone(),
                 dirs: self.dirs.clone(),
                 heartbeat: self.heartbeat.filter(|_| remote),
+                warm_up: self.warm_up.clone(),
             },
             output: Arc::new(Mutex::new(output)),
             stderr_tail: Arc::new(Mutex::new(String::new())),

@@ -42,6 +42,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
             read_only: true,
         }],
         heartbeat: Some(std::time::Duration::from_secs(2)),
+        warm_up: None,
     };
     let to_host = [
         ToHost::Init(Box::new(config)),

@@ -336,6 +336,7 @@ fn another_protocol_version_is_refused() {
         env: vec![],
         dirs: vec![],
         heartbeat: None,
+        warm_up: None,
     };
     init.clear();
     init.extend(malt::protocol::encode(&malt::protocol::ToHost::Init(

@@ -586,16 +586,22 @@ async fn in_process_workers_start_from_spares_that_are_their_own() {
         assert!(tries < 200, "no in-process worker started from a spare");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // Its session is its own, and made for it alone.
-    let seen: bool = w.remote_eval_fetch("'secret' in globals()").await.unwrap();
-    assert!(!seen);
+    // Its session is its own, and made for it alone: the spare's warm-up
+    // counted no cell and defined nothing.
+    let err = w.remote_eval_fetch::<i64>("1 / 0").await.unwrap_err();
+    assert!(remote_message(&err).contains("<cell 1>"), "{err}");
+    let seen: (bool, bool) = w
+        .remote_eval_fetch("('secret' in globals(), '_warm' in globals())")
+        .await
+        .unwrap();
+    assert_eq!(seen, (false, false));
     let mode: String = w
         .remote_eval_fetch("import sys\nsys.modules['guest'].interrupts")
         .await
         .unwrap();
     assert_eq!(mode, "memory");
-    // Interrupts and kills reach it, not the worker its spare was made
-    // beside.
+    // Interrupts reach it where the spare's warm-up said (in its memory),
+    // and kills too; not the worker its spare was made beside.
     a_spinning_cell_catches_an_interrupt(&w).await;
     a_c_bound_cell_is_killed(&w, Duration::from_millis(50)).await;
     assert_eq!(

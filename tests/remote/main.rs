@@ -186,6 +186,7 @@ fn write_old_init(dir: &Path) -> PathBuf {
         env: Vec::new(),
         dirs: Vec::new(),
         heartbeat: None,
+        warm_up: None,
     };
     let path = dir.join("init.bin");
     std::fs::write(&path, protocol::encode(&ToHost::Init(Box::new(config)))).unwrap();

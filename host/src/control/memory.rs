@@ -164,6 +164,15 @@ impl Control {
         t.delivery.memory = memory;
     }
 
+    /// Forgets where the guest takes interrupts in its memory, and says
+    /// where that was (a spare's, for the worker that takes the spare).
+    #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
+    pub fn take_memory_interrupt(&self) -> Option<MemoryInterrupt> {
+        let mut t = self.lock();
+        t.delivery.reset();
+        t.delivery.memory.take()
+    }
+
     /// The guest arms or disarms its memory interrupt (see the WIT's
     /// `arm-memory-interrupt`).
     #[cfg_attr(not(feature = "wasm"), allow(dead_code))]

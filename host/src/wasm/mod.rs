@@ -67,8 +67,9 @@ pub(crate) struct State {
     services: GuestContext,
     /// Where the guest's stdout and stderr go.
     output_to: OutputTo,
-    /// Whether the guest has called a malt import (a spare that did, while
-    /// it started, is not handed out: see `spares.rs`).
+    /// Whether the guest has called a malt import with effects beyond its
+    /// own memory (a spare that did, while it started, is not handed out:
+    /// see `spares.rs`).
     used_host: bool,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -82,9 +83,13 @@ impl State {
     }
 
     /// From now on this store serves the worker of `shared`: its host
-    /// calls, output, kills.
+    /// calls, output, kills, and interrupts raised in its memory.
     fn adopt(&mut self, shared: &Arc<Shared>) {
+        let memory = self.services.take_memory_interrupt();
         self.services = GuestContext::new(shared.clone());
+        if memory.is_some() {
+            shared.control.use_memory_interrupt(memory);
+        }
         *self.output_to.lock().unwrap_or_else(|e| e.into_inner()) = shared.clone();
     }
 }
@@ -133,7 +138,9 @@ impl bindings::malt::worker::host::Host for State {
     }
 
     fn arm_memory_interrupt(&mut self, armed: bool) {
-        self.services().arm_memory_interrupt(armed);
+        // Within the guest's own memory: a spare's warm-up may (see
+        // `adopt`).
+        self.services.arm_memory_interrupt(armed);
     }
 }
 
