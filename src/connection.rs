@@ -226,16 +226,23 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
         Via::Program(program) => {
             let parent = std::process::id().to_string();
             let path = program.path();
-            let child = process::spawn_host(path, &[arg.into(), parent.into()])
-                .await
-                .map_err(|e| {
-                    StartError::new(
-                        StartFailure::Exited,
-                        format!("cannot run {}: {e}", path.display()),
-                    )
-                })?;
+            let child = match crate::spare_host::take(path, arg) {
+                Some(child) => child,
+                None => process::spawn_host(path, &[arg.into(), parent.into()])
+                    .await
+                    .map_err(|e| {
+                        StartError::new(
+                            StartFailure::Exited,
+                            format!("cannot run {}: {e}", path.display()),
+                        )
+                    })?,
+            };
             let chosen = matches!(program, HostProgram::Chosen(_)).then(|| path.display());
-            connect_child(launch, child, chosen.map(|p| p.to_string())).await
+            let connected = connect_child(launch, child, chosen.map(|p| p.to_string())).await;
+            if connected.is_ok() {
+                crate::spare_host::started(path, arg);
+            }
+            connected
         }
         Via::InProcess => connect_in_process(launch).await,
         Via::Launcher(launcher) => {

@@ -153,6 +153,7 @@ pub mod __fuzz {
 }
 #[doc(hidden)]
 pub mod __testing {
+    pub use crate::spare_host::{spare_host_pid, spare_hosts_taken};
     pub use malt_host::wasm::spares_taken;
 }
 mod fuzz;
@@ -162,6 +163,7 @@ mod output;
 pub mod pool;
 mod process;
 pub mod python;
+mod spare_host;
 pub mod tools;
 mod worker;
 

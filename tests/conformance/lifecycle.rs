@@ -247,6 +247,12 @@ async fn fuel_limits_a_request(kind: Kind) {
 #[tokio::test]
 async fn wasm_hosts_are_hardened() {
     let w = Kind::Wasm.spawn().await;
+    assert_hardened(&w).await;
+    w.stop().await.unwrap();
+}
+
+/// Locked down as a wasm host must be, and working.
+async fn assert_hardened(w: &Worker) {
     let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
     let field = |name: &str| {
         status
@@ -290,7 +296,33 @@ async fn wasm_hosts_are_hardened() {
             .unwrap(),
         42
     );
-    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_workers_start_on_a_spare_host_locked_down_like_any() {
+    // From the second start on, a host is started ahead for the next.
+    for _ in 0..2 {
+        Kind::Wasm.spawn().await.stop().await.unwrap();
+    }
+    // Other tests here start workers too, and may replace the spare with
+    // one for their runtime: try until one of ours starts on one made for
+    // this test (liveness, not speed).
+    let before = malt::__testing::spare_hosts_taken();
+    for attempt in 0.. {
+        assert!(attempt < 200, "no worker started on a spare host");
+        let spare = malt::__testing::spare_host_pid();
+        let w = Kind::Wasm.spawn().await;
+        if spare != Some(w.pid()) {
+            w.stop().await.unwrap();
+            // Time for the spare this start asked for.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        assert!(malt::__testing::spare_hosts_taken() > before);
+        assert_hardened(&w).await;
+        w.stop().await.unwrap();
+        break;
+    }
 }
 
 /// A native host that must restart (hard interrupt) but cannot (its

@@ -31,12 +31,12 @@ async fn no_worker_survives_its_manager() {
         .unwrap();
     let mut lines = tokio::io::BufReader::new(manager.stdout.take().unwrap()).lines();
     let mut pids = Vec::new();
-    while pids.len() < 4 {
+    while pids.len() < 5 {
         let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
             .expect("the child started its workers")
             .unwrap()
-            .expect("the child printed four worker pids");
+            .expect("the child printed five pids");
         if let Some(pid) = line.split("worker pid ").nth(1) {
             pids.push(pid.trim().parse::<u32>().unwrap());
         }
@@ -69,6 +69,8 @@ fn killed_manager_child() {
     // The local ssh, and the host it reaches.
     println!("worker pid {}", remote.pid());
     println!("worker pid {}", remote.host_pid());
+    // The host process started ahead for the next worker dies too.
+    println!("worker pid {}", spare_host());
     std::thread::sleep(Duration::from_secs(60));
     panic!("the parent did not kill this manager");
 }
@@ -99,7 +101,7 @@ async fn no_worker_survives_its_manager_exiting() {
         .filter_map(|l| l.split("worker pid ").nth(1))
         .map(|p| p.trim().parse().unwrap())
         .collect();
-    assert_eq!(pids.len(), 2, "child output:\n{stdout}");
+    assert_eq!(pids.len(), 3, "child output:\n{stdout}");
     for pid in pids {
         assert!(wait_gone(pid).await, "worker {pid} survived its manager");
     }
@@ -120,5 +122,21 @@ fn exiting_manager_child() {
         println!("worker pid {}", w.pid());
         std::mem::forget(w);
     }
+    println!("worker pid {}", spare_host());
     std::process::exit(0);
+}
+
+/// The spare host started after the second local worker (liveness wait).
+fn spare_host() -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pid) = malt::__testing::spare_host_pid() {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare host was started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -1,0 +1,136 @@
+//! A host process started ahead, so that the next process worker skips
+//! the start of a process.
+//!
+//! A host process costs about 2 ms before it reads its first byte (the
+//! exec of a 40 MB program, the dynamic loader, the runtime's start):
+//! half of a wasm worker's cold start. From the second process worker a
+//! program starts on, the manager starts one more host process in the
+//! background, which waits for its `Init` like any new host; the next
+//! worker of the same host program takes it and sends its own `Init`. A
+//! program that starts one worker (a CLI one-shot) never pays for a spare.
+//!
+//! Nothing in a spare belongs to a worker until then: it has not hardened
+//! itself, loaded a guest or run anything; it was started exactly as the
+//! worker's own host would be (`process::spawn_host`). It dies with the
+//! manager like any host (end of file on its stdin, and its death signal
+//! from the spawner thread), and when a newer spare replaces it. Each
+//! tokio runtime has its own (its driver reaps the child), four runtimes
+//! at most.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::process::Child;
+use tokio::runtime::Handle;
+
+/// The spare of one runtime: the runtime whose driver reaps a child is
+/// the only one that may take it.
+struct Spare {
+    runtime: tokio::runtime::Id,
+    /// The host program and its argument the child was started with.
+    program: PathBuf,
+    arg: &'static str,
+    child: Option<Child>,
+    making: bool,
+}
+
+/// Runtimes with a spare at most: a program usually has one; one that
+/// makes many (a test harness) does not keep a process for each.
+const KEPT: usize = 4;
+
+static SPARES: Mutex<Vec<Spare>> = Mutex::new(Vec::new());
+static STARTS: AtomicU64 = AtomicU64::new(0);
+static TAKEN: AtomicU64 = AtomicU64::new(0);
+
+fn lock() -> MutexGuard<'static, Vec<Spare>> {
+    SPARES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The spare host of `program` serving `arg`, if one is ready and alive.
+pub(crate) fn take(program: &Path, arg: &str) -> Option<Child> {
+    let runtime = Handle::try_current().ok()?.id();
+    let mut child = {
+        let mut spares = lock();
+        let spare = spares.iter_mut().find(|s| s.runtime == runtime)?;
+        if spare.program != program || spare.arg != arg {
+            return None;
+        }
+        spare.child.take()?
+    };
+    // One that died meanwhile is dropped (and reaped).
+    match child.try_wait() {
+        Ok(None) => {
+            TAKEN.fetch_add(1, Ordering::Relaxed);
+            Some(child)
+        }
+        _ => None,
+    }
+}
+
+/// A worker's host of `program` started: from the second start on, a
+/// spare is made for the next one of this runtime, unless one is ready or
+/// being made.
+pub(crate) fn started(program: &Path, arg: &'static str) {
+    if STARTS.fetch_add(1, Ordering::Relaxed) == 0 {
+        return;
+    }
+    let Ok(handle) = Handle::try_current() else {
+        return;
+    };
+    let runtime = handle.id();
+    {
+        let mut spares = lock();
+        match spares.iter_mut().find(|s| s.runtime == runtime) {
+            Some(s) if s.making => return,
+            Some(s) if s.child.is_some() && s.program == program && s.arg == arg => return,
+            Some(s) => s.making = true,
+            None => {
+                if spares.len() >= KEPT {
+                    // The oldest goes, and its child with it.
+                    spares.remove(0);
+                }
+                spares.push(Spare {
+                    runtime,
+                    program: program.to_path_buf(),
+                    arg,
+                    child: None,
+                    making: true,
+                });
+            }
+        }
+    }
+    let program = program.to_path_buf();
+    handle.spawn(async move {
+        let parent = std::process::id().to_string();
+        let made = crate::process::spawn_host(&program, &[arg.into(), parent.into()]).await;
+        let mut spares = lock();
+        let Some(spare) = spares.iter_mut().find(|s| s.runtime == runtime) else {
+            return;
+        };
+        spare.making = false;
+        if let Ok(child) = made {
+            // Replaces (and so kills) a spare of another program.
+            spare.program = program;
+            spare.arg = arg;
+            spare.child = Some(child);
+        }
+    });
+}
+
+/// How many workers of this process started on a spare host (for tests).
+#[doc(hidden)]
+pub fn spare_hosts_taken() -> u64 {
+    TAKEN.load(Ordering::Relaxed)
+}
+
+/// The process id of the spare host waiting now that this runtime could
+/// take (outside a runtime: any runtime's), if any (for tests).
+#[doc(hidden)]
+pub fn spare_host_pid() -> Option<u32> {
+    let runtime = Handle::try_current().ok().map(|h| h.id());
+    lock()
+        .iter()
+        .filter(|s| runtime.is_none_or(|r| r == s.runtime))
+        .find_map(|s| s.child.as_ref()?.id())
+}
