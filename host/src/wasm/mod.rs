@@ -230,19 +230,7 @@ impl WasmGuest {
             .runtime
             .as_ref()
             .expect("runtime lives as long as the guest");
-        let shared = &self.shared;
-        let pre = &self.pre;
-        let bindings = drive(runtime, async {
-            tokio::select! {
-                biased;
-                bindings = pre.instantiate_async(&mut store) => {
-                    bindings.map_err(|e| format!("{e:#}"))
-                }
-                () = shared.control.until_stopped(Stop::Killed) => {
-                    Err("killed while blocked in a host call".to_string())
-                }
-            }
-        })?;
+        let bindings = instantiate_in(runtime, &self.pre, &mut store, &self.shared)?;
         self.instance = Some((store, bindings));
         if first && self.place == crate::Place::InProcess {
             // The next in-process worker like this one starts from a spare.
@@ -432,6 +420,25 @@ impl super::Guest for WasmGuest {
     fn reset(&mut self) -> Result<(), String> {
         self.instantiate(false)
     }
+}
+
+/// Instantiates `pre` in `store`, driven on `runtime`, unless the worker
+/// of `shared` is killed first (the start timeout, a kill).
+fn instantiate_in(
+    runtime: &tokio::runtime::Runtime,
+    pre: &BindingsPre<State>,
+    store: &mut Store<State>,
+    shared: &Shared,
+) -> Result<Bindings, String> {
+    drive(runtime, async {
+        tokio::select! {
+            biased;
+            bindings = pre.instantiate_async(store) => bindings.map_err(|e| format!("{e:#}")),
+            () = shared.control.until_stopped(Stop::Killed) => {
+                Err("killed while blocked in a host call".to_string())
+            }
+        }
+    })
 }
 
 /// Runs a guest future to completion on the guest thread's runtime. Most

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use malt_protocol::{DirGrant, GuestSpec, HostConfig};
 use wasmtime::{Engine, Store};
 
-use super::{Bindings, BindingsPre, Grants, State, drive, new_store};
+use super::{Bindings, BindingsPre, Grants, State, drive, instantiate_in, new_store};
 use crate::Shared;
 use crate::control::Stop;
 use crate::requests::{StartError, under_start_timeout};
@@ -234,16 +234,7 @@ fn instantiate(
     let mut made = None;
     let started = under_start_timeout(shared, "start", || {
         let mut store = new_store(engine, config, &grants, shared).map_err(|e| format!("{e:#}"))?;
-        let killed = || shared.control.until_stopped(Stop::Killed);
-        let bindings = drive(&runtime, async {
-            tokio::select! {
-                biased;
-                bindings = pre.instantiate_async(&mut store) => {
-                    bindings.map_err(|e| format!("{e:#}"))
-                }
-                () = killed() => Err("killed while blocked in a host call".to_string()),
-            }
-        })?;
+        let bindings = instantiate_in(&runtime, pre, &mut store, shared)?;
         if let Some(name) = &config.warm_up {
             // No arguments: an empty MessagePack array.
             drive(&runtime, async {
@@ -254,7 +245,9 @@ fn instantiate(
                         Ok(Err(e)) => Err(e),
                         Err(trap) => Err(format!("{trap:#}")),
                     },
-                    () = killed() => Err("killed while blocked in a host call".to_string()),
+                    () = shared.control.until_stopped(Stop::Killed) => {
+                        Err("killed while blocked in a host call".to_string())
+                    }
                 }
             })?;
         }
