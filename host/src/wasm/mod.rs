@@ -85,11 +85,10 @@ impl State {
     /// From now on this store serves the worker of `shared`: its host
     /// calls, output, kills, and interrupts raised in its memory.
     fn adopt(&mut self, shared: &Arc<Shared>) {
-        let memory = self.services.take_memory_interrupt();
+        shared
+            .control
+            .use_memory_interrupt(self.services.take_memory_interrupt());
         self.services = GuestContext::new(shared.clone());
-        if memory.is_some() {
-            shared.control.use_memory_interrupt(memory);
-        }
         *self.output_to.lock().unwrap_or_else(|e| e.into_inner()) = shared.clone();
     }
 }
@@ -215,24 +214,28 @@ impl WasmGuest {
     /// start traps or is killed by the start timeout.
     fn instantiate(&mut self, first: bool) -> Result<(), String> {
         self.drop_instance();
-        if first
-            && self.place == crate::Place::InProcess
-            && let Some((mut store, bindings)) = spares::take(&self.engine, &self.config)
-        {
-            store.data_mut().adopt(&self.shared);
-            self.instance = Some((store, bindings));
-            spares::make(&self.engine, &self.pre, &self.config);
-            return Ok(());
-        }
-        let mut store = new_store(&self.engine, &self.config, &self.grants, &self.shared)
-            .map_err(|e| format!("{e:#}"))?;
-        let runtime = self
-            .runtime
-            .as_ref()
-            .expect("runtime lives as long as the guest");
-        let bindings = instantiate_in(runtime, &self.pre, &mut store, &self.shared)?;
+        let in_process = self.place == crate::Place::InProcess;
+        let spare = (first && in_process)
+            .then(|| spares::take(&self.engine, &self.config))
+            .flatten();
+        let (store, bindings) = match spare {
+            Some((mut store, bindings)) => {
+                store.data_mut().adopt(&self.shared);
+                (store, bindings)
+            }
+            None => {
+                let mut store = new_store(&self.engine, &self.config, &self.grants, &self.shared)
+                    .map_err(|e| format!("{e:#}"))?;
+                let runtime = self
+                    .runtime
+                    .as_ref()
+                    .expect("runtime lives as long as the guest");
+                let bindings = instantiate_in(runtime, &self.pre, &mut store, &self.shared)?;
+                (store, bindings)
+            }
+        };
         self.instance = Some((store, bindings));
-        if first && self.place == crate::Place::InProcess {
+        if first && in_process {
             // The next in-process worker like this one starts from a spare.
             spares::make(&self.engine, &self.pre, &self.config);
         }
@@ -378,26 +381,17 @@ impl super::Guest for WasmGuest {
                 .set_fuel(fuel)
                 .expect("fuel is enabled in the engine of a worker with a fuel limit");
         }
-        let control = &self.shared.control;
         let runtime = self
             .runtime
             .as_ref()
             .expect("runtime lives as long as the guest");
-        let outcome = drive(runtime, async {
-            let call = async {
-                match work {
-                    Work::Call { name, args } => bindings.call_call(&mut *store, name, args).await,
-                    Work::Eval { code } => bindings.call_eval(&mut *store, code).await,
-                }
-            };
-            // Biased: a call that finishes without waiting never polls
-            // (nor pays for) the kill future.
-            tokio::select! {
-                biased;
-                result = call => Some(result),
-                () = control.until_stopped(Stop::Killed) => None,
+        let call = async {
+            match work {
+                Work::Call { name, args } => bindings.call_call(&mut *store, name, args).await,
+                Work::Eval { code } => bindings.call_eval(&mut *store, code).await,
             }
-        });
+        };
+        let outcome = unless_killed(runtime, &self.shared.control, call);
         match outcome {
             Some(Ok(Ok(value))) => Ok(value),
             Some(Ok(Err(message))) => Err(GuestError::Error(message)),
@@ -410,7 +404,7 @@ impl super::Guest for WasmGuest {
             // Killed while waiting in the host: the future is dropped
             // mid-call, the store cannot be entered again.
             None => Err(GuestError::Trap {
-                message: "killed while blocked in a host call".into(),
+                message: KILLED_IN_HOST_CALL.into(),
                 memory_limit_hit: false,
                 out_of_fuel: false,
             }),
@@ -422,6 +416,26 @@ impl super::Guest for WasmGuest {
     }
 }
 
+/// Runs `future` on `runtime` unless `control`'s request is killed first:
+/// `None` then (the future is dropped wherever it waits). Biased: a future
+/// that finishes without waiting never polls (nor pays for) the kill.
+fn unless_killed<F: Future>(
+    runtime: &tokio::runtime::Runtime,
+    control: &crate::control::Control,
+    future: F,
+) -> Option<F::Output> {
+    drive(runtime, async {
+        tokio::select! {
+            biased;
+            output = future => Some(output),
+            () = control.until_stopped(Stop::Killed) => None,
+        }
+    })
+}
+
+/// Why a start or call ended with no result: killed.
+const KILLED_IN_HOST_CALL: &str = "killed while blocked in a host call";
+
 /// Instantiates `pre` in `store`, driven on `runtime`, unless the worker
 /// of `shared` is killed first (the start timeout, a kill).
 fn instantiate_in(
@@ -430,15 +444,9 @@ fn instantiate_in(
     store: &mut Store<State>,
     shared: &Shared,
 ) -> Result<Bindings, String> {
-    drive(runtime, async {
-        tokio::select! {
-            biased;
-            bindings = pre.instantiate_async(store) => bindings.map_err(|e| format!("{e:#}")),
-            () = shared.control.until_stopped(Stop::Killed) => {
-                Err("killed while blocked in a host call".to_string())
-            }
-        }
-    })
+    unless_killed(runtime, &shared.control, pre.instantiate_async(store))
+        .ok_or(KILLED_IN_HOST_CALL)?
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// Runs a guest future to completion on the guest thread's runtime. Most

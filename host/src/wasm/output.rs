@@ -23,7 +23,7 @@ pub(super) struct FrameOutput {
 
 impl FrameOutput {
     fn write(&self, bytes: &[u8]) {
-        let to = self.to.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let to = self.to.lock().unwrap_or_else(|e| e.into_inner());
         to.output(self.stream, bytes);
     }
 }

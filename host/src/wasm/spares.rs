@@ -33,16 +33,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use malt_protocol::{DirGrant, GuestSpec, HostConfig};
 use wasmtime::{Engine, Store};
 
-use super::{Bindings, BindingsPre, Grants, State, drive, instantiate_in, new_store};
+use super::{
+    Bindings, BindingsPre, Grants, KILLED_IN_HOST_CALL, State, instantiate_in, new_store,
+    unless_killed,
+};
 use crate::Shared;
-use crate::control::Stop;
 use crate::requests::{StartError, under_start_timeout};
 
 /// Kinds of worker with a spare at most: like the loaded artifacts.
 const KEPT: usize = 8;
 
 /// What a spare must share with the worker that takes it.
-#[derive(PartialEq)]
+#[derive(Clone, PartialEq)]
 struct Key {
     guest: GuestSpec,
     memory_limit: u64,
@@ -99,14 +101,17 @@ fn lock() -> MutexGuard<'static, Vec<Entry>> {
     SPARES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The entry of `key` in `engine`, if still kept.
+fn entry<'a>(spares: &'a mut [Entry], key: &Key, engine: &Engine) -> Option<&'a mut Entry> {
+    spares
+        .iter_mut()
+        .find(|e| e.key == *key && Engine::same(&e.engine, engine))
+}
+
 /// The spare made for a worker like `config` in `engine`, if one is ready.
 pub(super) fn take(engine: &Engine, config: &HostConfig) -> Option<Instance> {
     let key = Key::of(config)?;
-    let taken = lock()
-        .iter_mut()
-        .find(|e| e.key == key && Engine::same(&e.engine, engine))?
-        .ready
-        .take();
+    let taken = entry(&mut lock(), &key, engine)?.ready.take();
     if taken.is_some() {
         TAKEN.fetch_add(1, Ordering::Relaxed);
     }
@@ -132,7 +137,7 @@ pub(super) fn make(engine: &Engine, pre: &BindingsPre<State>, config: &Arc<HostC
                     spares.remove(0);
                 }
                 spares.push(Entry {
-                    key,
+                    key: key.clone(),
                     engine: engine.clone(),
                     ready: None,
                     making: true,
@@ -141,6 +146,7 @@ pub(super) fn make(engine: &Engine, pre: &BindingsPre<State>, config: &Arc<HostC
             }
         }
     }
+    let (key_made, engine_made) = (key.clone(), engine.clone());
     let (engine, pre, for_worker) = (engine.clone(), pre.clone(), config.clone());
     let spawned = std::thread::Builder::new()
         .name("malt-spare".into())
@@ -154,12 +160,8 @@ pub(super) fn make(engine: &Engine, pre: &BindingsPre<State>, config: &Arc<HostC
             // but a valid parameter. A failure leaves the normal policy.
             unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
             let made = make_now(&engine, &pre, &for_worker);
-            let key = Key::of(&for_worker);
             let mut spares = lock();
-            let Some(entry) = spares
-                .iter_mut()
-                .find(|e| Some(&e.key) == key.as_ref() && Engine::same(&e.engine, &engine))
-            else {
+            let Some(entry) = entry(&mut spares, &key_made, &engine) else {
                 return;
             };
             entry.making = false;
@@ -174,8 +176,7 @@ pub(super) fn make(engine: &Engine, pre: &BindingsPre<State>, config: &Arc<HostC
         });
     if spawned.is_err() {
         // No thread now: perhaps for the next worker.
-        let key = Key::of(config);
-        if let Some(e) = lock().iter_mut().find(|e| Some(&e.key) == key.as_ref()) {
+        if let Some(e) = entry(&mut lock(), &key, &engine_made) {
             e.making = false;
         }
     }
@@ -237,19 +238,13 @@ fn instantiate(
         let bindings = instantiate_in(&runtime, pre, &mut store, shared)?;
         if let Some(name) = &config.warm_up {
             // No arguments: an empty MessagePack array.
-            drive(&runtime, async {
-                tokio::select! {
-                    biased;
-                    warmed = bindings.call_call(&mut store, name, &[0x90]) => match warmed {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(e),
-                        Err(trap) => Err(format!("{trap:#}")),
-                    },
-                    () = shared.control.until_stopped(Stop::Killed) => {
-                        Err("killed while blocked in a host call".to_string())
-                    }
-                }
-            })?;
+            let warm = bindings.call_call(&mut store, name, &[0x90]);
+            match unless_killed(&runtime, &shared.control, warm) {
+                Some(Ok(Ok(_))) => {}
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(trap)) => return Err(format!("{trap:#}")),
+                None => return Err(KILLED_IN_HOST_CALL.into()),
+            }
         }
         made = Some((store, bindings));
         Ok(())
