@@ -226,7 +226,7 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
         Via::Program(program) => {
             let parent = std::process::id().to_string();
             let path = program.path();
-            let child = match crate::spare_host::take(path, arg) {
+            let child = match crate::spare_host::take(path, arg).await {
                 Some(child) => child,
                 None => process::spawn_host(path, &[arg.into(), parent.into()])
                     .await

@@ -124,12 +124,29 @@ fn spawner() -> &'static mpsc::Sender<Job> {
                     let mut cmd = tokio::process::Command::from(cmd);
                     // Dropping the child (e.g. a failed start) kills it.
                     cmd.kill_on_drop(true);
-                    let _ = reply.send(cmd.spawn());
+                    let _ = reply.send(spawn_retrying(&mut cmd));
                 }
             })
             .expect("spawn the malt-spawner thread");
         tx
     })
+}
+
+/// Spawns `cmd`, again for a while if the program is busy being written
+/// (ETXTBSY): a program just copied into place can be held open for
+/// writing by a child that another thread of this process forked and
+/// that has not exec'd yet, a window that closes by itself.
+fn spawn_retrying(cmd: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            spawned => return spawned,
+        }
+    }
 }
 
 /// Spawns a launcher's command (`ssh …`) with piped stdio. It keeps this

@@ -7,7 +7,10 @@
 //! program starts on, the manager starts one more host process in the
 //! background, which waits for its `Init` like any new host; the next
 //! worker of the same host program takes it and sends its own `Init`. A
-//! program that starts one worker (a CLI one-shot) never pays for a spare.
+//! program that starts one worker (a CLI one-shot) never pays for a spare,
+//! but its one worker's host is started the same way, first thing in
+//! `spawn`: the process starts while the manager looks up the guest's
+//! compiled artifact, and the connection takes it when it is ready.
 //!
 //! Nothing in a spare belongs to a worker until then: it has not hardened
 //! itself, loaded a guest or run anything; it was started exactly as the
@@ -19,20 +22,23 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::process::Child;
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 
 /// The spare of one runtime: the runtime whose driver reaps a child is
 /// the only one that may take it.
 struct Spare {
     runtime: tokio::runtime::Id,
-    /// The host program and its argument the child was started with.
+    /// The host program and its argument the child was started with (or
+    /// is being started with).
     program: PathBuf,
     arg: &'static str,
     child: Option<Child>,
-    making: bool,
+    /// Set while a child is being started; told when it is (or failed).
+    making: Option<Arc<Notify>>,
 }
 
 /// Runtimes with a spare at most: a program usually has one; one that
@@ -47,44 +53,75 @@ fn lock() -> MutexGuard<'static, Vec<Spare>> {
     SPARES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The spare host of `program` serving `arg`, if one is ready and alive.
-pub(crate) fn take(program: &Path, arg: &str) -> Option<Child> {
+/// The spare host of `program` serving `arg`, if one is ready and alive,
+/// or being started (then it is waited for: it is further along than a
+/// process started now would be).
+pub(crate) async fn take(program: &Path, arg: &str) -> Option<Child> {
     let runtime = Handle::try_current().ok()?.id();
-    let mut child = {
-        let mut spares = lock();
-        let spare = spares.iter_mut().find(|s| s.runtime == runtime)?;
-        if spare.program != program || spare.arg != arg {
-            return None;
+    loop {
+        let wait = {
+            let mut spares = lock();
+            let spare = spares.iter_mut().find(|s| s.runtime == runtime)?;
+            if spare.program != program || spare.arg != arg {
+                return None;
+            }
+            match (spare.child.take(), &spare.making) {
+                (Some(child), _) => Err(child),
+                // Made before the lock is released, so that the wake-up
+                // cannot be missed.
+                (None, Some(made)) => Ok(made.clone().notified_owned()),
+                (None, None) => return None,
+            }
+        };
+        match wait {
+            Ok(made) => made.await,
+            Err(mut child) => {
+                // One that died meanwhile is dropped (and reaped).
+                return match child.try_wait() {
+                    Ok(None) => {
+                        TAKEN.fetch_add(1, Ordering::Relaxed);
+                        Some(child)
+                    }
+                    _ => None,
+                };
+            }
         }
-        spare.child.take()?
-    };
-    // One that died meanwhile is dropped (and reaped).
-    match child.try_wait() {
-        Ok(None) => {
-            TAKEN.fetch_add(1, Ordering::Relaxed);
-            Some(child)
-        }
-        _ => None,
     }
 }
 
 /// A worker's host of `program` started: from the second start on, a
 /// spare is made for the next one of this runtime, unless one is ready or
-/// being made.
+/// being made. (The first start of a program made its host ahead itself,
+/// with [`prepare`].)
 pub(crate) fn started(program: &Path, arg: &'static str) {
     if STARTS.fetch_add(1, Ordering::Relaxed) == 0 {
         return;
     }
+    prepare(program, arg);
+}
+
+/// Starts a host of `program` serving `arg` in the background for the
+/// next worker of this runtime, unless one is ready or being made.
+/// `spawn` calls it before it prepares the guest, so that the host
+/// process starts while the guest's artifact is looked up.
+pub(crate) fn prepare(program: &Path, arg: &'static str) {
     let Ok(handle) = Handle::try_current() else {
         return;
     };
     let runtime = handle.id();
+    let made = Arc::new(Notify::new());
     {
         let mut spares = lock();
         match spares.iter_mut().find(|s| s.runtime == runtime) {
-            Some(s) if s.making => return,
+            Some(s) if s.making.is_some() => return,
             Some(s) if s.child.is_some() && s.program == program && s.arg == arg => return,
-            Some(s) => s.making = true,
+            Some(s) => {
+                // Replaces (and so kills) a spare of another program.
+                s.program = program.to_path_buf();
+                s.arg = arg;
+                s.child = None;
+                s.making = Some(made.clone());
+            }
             None => {
                 if spares.len() >= KEPT {
                     // The oldest goes, and its child with it.
@@ -95,7 +132,7 @@ pub(crate) fn started(program: &Path, arg: &'static str) {
                     program: program.to_path_buf(),
                     arg,
                     child: None,
-                    making: true,
+                    making: Some(made.clone()),
                 });
             }
         }
@@ -103,18 +140,17 @@ pub(crate) fn started(program: &Path, arg: &'static str) {
     let program = program.to_path_buf();
     handle.spawn(async move {
         let parent = std::process::id().to_string();
-        let made = crate::process::spawn_host(&program, &[arg.into(), parent.into()]).await;
-        let mut spares = lock();
-        let Some(spare) = spares.iter_mut().find(|s| s.runtime == runtime) else {
-            return;
-        };
-        spare.making = false;
-        if let Ok(child) = made {
-            // Replaces (and so kills) a spare of another program.
-            spare.program = program;
-            spare.arg = arg;
-            spare.child = Some(child);
+        let child = crate::process::spawn_host(&program, &[arg.into(), parent.into()]).await;
+        {
+            let mut spares = lock();
+            if let Some(spare) = spares.iter_mut().find(|s| s.runtime == runtime)
+                && spare.making.as_ref().is_some_and(|m| Arc::ptr_eq(m, &made))
+            {
+                spare.making = None;
+                spare.child = child.ok();
+            }
         }
+        made.notify_waiters();
     });
 }
 

@@ -81,9 +81,16 @@ pub(crate) fn with_spinner<T>(label: &str, work: impl FnOnce() -> T) -> T {
 pub(crate) async fn eval(json: bool, code: &str, builder: WorkerBuilder) -> anyhow::Result<()> {
     let worker = builder.spawn().await?;
     let result = worker.remote_eval_fetch::<rmpv::Value>(code).await;
-    worker.stop().await?;
+    end_one_shot(&worker);
     print_value(json, &result?);
     Ok(())
+}
+
+/// Ends a one-shot's worker. Not waited for: its process is killed, and
+/// gone with this one at the latest; waiting would add the millisecond
+/// it takes the kernel to unmap its memory.
+fn end_one_shot(worker: &malt::Worker) {
+    worker.kill();
 }
 
 /// `malt call`; `module` is a Python file (name, source) to run in the
@@ -114,7 +121,7 @@ pub(crate) async fn call(
     let result = worker
         .remote_call_fetch::<rmpv::Value>(function, args)
         .await;
-    worker.stop().await?;
+    end_one_shot(&worker);
     print_value(json, &result?);
     Ok(())
 }

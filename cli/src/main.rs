@@ -216,8 +216,29 @@ EXAMPLES:
     },
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Whether the command line asks for a worker in a host process of this
+/// program: a guess from the words alone (a wrong guess costs one process
+/// that waits in vain, or nothing gained).
+fn starts_a_host() -> bool {
+    // What follows `--` is a value, not a flag.
+    let words: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .take_while(|a| a != "--")
+        .collect();
+    let command = words.iter().find(|a| !a.starts_with('-'));
+    let elsewhere = words
+        .iter()
+        .any(|a| a == "--native" || a.starts_with("--ssh") || a == "--help" || a == "-h");
+    !elsewhere && command.is_some_and(|c| ["eval", "call", "map", "repl"].contains(&c.as_str()))
+}
+
+fn run(cli: Cli, early: Option<tokio::runtime::Runtime>) -> anyhow::Result<ExitCode> {
     let json = cli.json;
+    let runtime = || match early {
+        Some(rt) => Ok(rt),
+        None => runtime(),
+    };
     match cli.command {
         Command::Eval {
             code,
@@ -340,9 +361,19 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // The worker's host process starts before the arguments are parsed:
+    // it takes longer to start than this program takes to get to its
+    // `spawn`, and so runs meanwhile.
+    let early = match starts_a_host() {
+        true => runtime().ok().inspect(|rt| {
+            let _in = rt.enter();
+            Worker::script().start_host_ahead();
+        }),
+        false => None,
+    };
     let cli = Cli::parse();
     let json = cli.json;
-    match run(cli) {
+    match run(cli, early) {
         Ok(code) => code,
         Err(e) => {
             if json {

@@ -23,6 +23,10 @@ pub fn serve(
     place: Place,
     native: Option<NativeFactory>,
 ) -> i32 {
+    #[cfg(feature = "wasm")]
+    if place == Place::Process {
+        wasm::start_ahead();
+    }
     let (input, heard) = crate::remote::Heard::new(input);
     let mut input = BufReader::with_capacity(64 << 10, input);
     let mut output = output;
@@ -47,7 +51,8 @@ pub fn serve(
     let shared = Shared::new(&config);
     // Everything that locks the process down happens in `prepare`, before
     // the host's other threads exist (Landlock binds a thread and the
-    // threads it starts later) and before any guest code runs.
+    // threads it starts later; the thread making the engine ahead is
+    // joined first) and before any guest code runs.
     let (kind, guest, hardening) = match prepare(&config, &shared, place, native) {
         Ok(prepared) => prepared,
         Err(e) => return fatal(&mut output, e.kind, &e.message, exit::START_FAILED),
@@ -228,7 +233,13 @@ fn prepare_wasm(
         harden::apply().map_err(harden_failed)?;
         harden::limit_data(config.memory_limit, config.max_frame as u64).map_err(harden_failed)?;
     }
-    let guest = wasm::WasmGuest::load(config, shared.clone(), place)?;
+    // The engine made ahead, on a thread that the filter above covers too
+    // and that has ended before Landlock (below) and any guest code.
+    let ahead = match place {
+        Place::Process => wasm::take_ahead(config.fuel.is_some()),
+        Place::InProcess => None,
+    };
+    let guest = wasm::WasmGuest::load(config, shared.clone(), place, ahead)?;
     // Loaded: from now on the process needs no file but those beneath the
     // guest's grants.
     let hardening = match place {

@@ -125,6 +125,13 @@ impl WorkerBuilder {
         WorkerBuilder(self.0.heartbeat(interval))
     }
 
+    /// See [`crate::WorkerBuilder::start_host_ahead`]: the host starts on
+    /// malt's background runtime, which [`spawn`](Self::spawn) uses too.
+    pub fn start_host_ahead(&self) {
+        let _in = runtime().enter();
+        self.0.start_host_ahead();
+    }
+
     /// Starts the worker and waits until it is ready.
     pub fn spawn(self) -> Result<Worker> {
         block_on(self.0.spawn()).map(|inner| Worker { inner })

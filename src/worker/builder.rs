@@ -297,6 +297,32 @@ impl WorkerBuilder {
         self
     }
 
+    /// Starts the host process of this builder's next worker now, in the
+    /// background, so that [`spawn`](Self::spawn) finds it running: for a
+    /// program with work of its own to do before it spawns its first
+    /// worker (a command line tool parsing its arguments, say), whose
+    /// host then starts meanwhile. `spawn` does this itself first thing.
+    ///
+    /// Call it from within the tokio runtime that will spawn the worker
+    /// (the runtime reaps the process). It does nothing for a worker that
+    /// has no host process of its own (in-process, native, or behind a
+    /// launcher), or when a host started ahead is already waiting. A host
+    /// nobody takes costs a waiting process until the program exits; it
+    /// has not locked itself down, loaded or run anything, and dies with
+    /// the program like every worker.
+    pub fn start_host_ahead(&self) {
+        let wasm = matches!(
+            self.guest,
+            GuestSource::Script | GuestSource::Wasm(_) | GuestSource::Python(_)
+        );
+        if wasm
+            && matches!(self.via, crate::launcher::Via::Local)
+            && let Ok(program) = process::host_program(self.host_program.as_deref())
+        {
+            crate::spare_host::prepare(program.path(), malt_host::HOST_ARG);
+        }
+    }
+
     /// Caps one protocol frame (and so one value) in either direction
     /// (default 256 MiB).
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
@@ -364,6 +390,9 @@ impl WorkerBuilder {
                     .into(),
             ));
         }
+        // The host process starts while the artifact is looked up (or
+        // compiled): `connect` takes it from there.
+        self.start_host_ahead();
         // A host behind a launcher has its own cache: it gets the
         // component by hash (and its bytes only if it lacks them).
         let artifact = match (wasm, remote) {

@@ -364,6 +364,13 @@ impl Worker {
     pub fn kill(&self) {
         self.inner.running.store(false, Ordering::Release);
         self.inner.signal(Signal::Kill);
+        // A line the guest printed without its end is not held back for
+        // an end that will not come (a program that kills its worker and
+        // exits would lose it). Not waited for: if the reader is writing
+        // output now, it writes the rest when the stream ends.
+        if let Ok(mut output) = self.inner.launch.output.try_lock() {
+            output.finish();
+        }
     }
 
     /// Waits until the worker process has exited.

@@ -325,6 +325,42 @@ async fn later_workers_start_on_a_spare_host_locked_down_like_any() {
     }
 }
 
+/// A host started ahead of its worker (`start_host_ahead`, what the CLI
+/// does before it parses its arguments) is the one the next worker of the
+/// runtime gets, and it works like any; a builder without a host process
+/// of its own starts none.
+#[tokio::test]
+async fn a_host_started_ahead_serves_the_next_worker() {
+    Kind::InProcess.script().start_host_ahead();
+    Kind::Native.script().start_host_ahead();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(malt::__testing::spare_host_pid(), None);
+    // Other tests here may take this runtime's slot meanwhile (four
+    // runtimes keep one each): try until one of ours is served.
+    for attempt in 0.. {
+        assert!(attempt < 50, "no worker started on the host started ahead");
+        let builder = Kind::Wasm.script();
+        builder.start_host_ahead();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ahead = loop {
+            match malt::__testing::spare_host_pid() {
+                Some(pid) => break Some(pid),
+                None if Instant::now() > deadline => break None,
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        let w = builder.spawn().await.unwrap();
+        if ahead != Some(w.pid()) {
+            w.stop().await.unwrap();
+            continue;
+        }
+        assert_eq!(w.remote_eval_fetch::<i64>("40 + 2").await.unwrap(), 42);
+        assert_hardened(&w).await;
+        w.stop().await.unwrap();
+        break;
+    }
+}
+
 /// A native host that must restart (hard interrupt) but cannot (its
 /// program is gone): the worker terminates cleanly, and waiting for it
 /// ends. (Regression: the manager polled the host's exit twice and its

@@ -44,6 +44,17 @@ fn eval_and_call_run_python() {
         .stderr(predicate::str::contains("ValueError: negative score"));
 }
 
+/// What the guest printed without a line end is written out: a one-shot
+/// kills its worker instead of waiting for its stream to end.
+#[test]
+fn a_line_printed_without_its_end_is_not_lost() {
+    with_python()
+        .args(["eval", "--python", "print('no end', end='')\n1"])
+        .assert()
+        .success()
+        .stdout("no end\n1\n");
+}
+
 #[test]
 fn without_the_component_python_says_what_to_run() {
     malt()

@@ -10,6 +10,7 @@
 //! flag is set.
 
 use std::sync::Mutex;
+use std::thread::JoinHandle;
 
 use malt_protocol::{ArtifactIdentity, FatalKind, GuestSpec, HostConfig};
 use wasmtime::Engine;
@@ -46,7 +47,7 @@ pub(super) fn get_or_load(config: &HostConfig) -> Result<Linked, StartFailed> {
         identity: Some(identity),
     } = &config.guest
     else {
-        return load_linked(config);
+        return load_linked(config, None);
     };
     let key = Key {
         path: path.clone(),
@@ -62,7 +63,7 @@ pub(super) fn get_or_load(config: &HostConfig) -> Result<Linked, StartFailed> {
         return Ok(linked);
     }
     // Loaded under the lock: two workers starting together load it once.
-    let linked = load_linked(config)?;
+    let linked = load_linked(config, None)?;
     if loaded.len() >= KEPT {
         loaded.remove(0);
     }
@@ -70,14 +71,56 @@ pub(super) fn get_or_load(config: &HostConfig) -> Result<Linked, StartFailed> {
     Ok(linked)
 }
 
+/// An engine (without fuel, as most workers have) and a linker in it,
+/// made by a host process while it waits for its `Init`.
+pub(crate) type Ahead = Option<(Engine, Linker<State>)>;
+
+static AHEAD: Mutex<Option<JoinHandle<Ahead>>> = Mutex::new(None);
+
+/// Starts making the engine and linker a host process will most likely
+/// need, on a thread of their own, before the host has read its `Init`:
+/// a host started ahead of its worker (a spare) then has them ready, and
+/// a fresh one makes them while the manager writes the `Init`. They are
+/// about half a millisecond of a start, and depend on nothing the `Init`
+/// says but whether the guest meters fuel.
+pub(crate) fn start_ahead() {
+    let made = std::thread::Builder::new()
+        .name("malt-ahead".into())
+        .spawn(|| {
+            let engine = Engine::new(&engine_config(false)).ok()?;
+            let linker = linker(&engine).ok()?;
+            Some((engine, linker))
+        });
+    if let Ok(made) = made {
+        *AHEAD.lock().unwrap_or_else(|e| e.into_inner()) = Some(made);
+    }
+}
+
+/// Waits for what [`start_ahead`] made, if it ran: the engine and linker
+/// if they fit `fuel`. The thread has ended when this returns, as locking
+/// the process down needs (Landlock binds only the threads that exist
+/// from then on).
+pub(crate) fn take_ahead(fuel: bool) -> Ahead {
+    let made = AHEAD.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    made.join().ok().flatten().filter(|_| !fuel)
+}
+
 /// Loads the precompiled component of `config` and links it: the engine
-/// and the component ready to instantiate.
-pub(super) fn load_linked(config: &HostConfig) -> Result<Linked, StartFailed> {
+/// and the component ready to instantiate. `ahead` is an engine and
+/// linker made before (for the same fuel setting).
+pub(super) fn load_linked(config: &HostConfig, ahead: Ahead) -> Result<Linked, StartFailed> {
     let GuestSpec::Artifact { path, identity } = &config.guest else {
         return Err("not a wasm guest".into());
     };
-    let engine = Engine::new(&engine_config(config.fuel.is_some()))
-        .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
+    let (engine, linker) = match ahead {
+        Some(made) => made,
+        None => {
+            let engine = Engine::new(&engine_config(config.fuel.is_some()))
+                .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
+            let linker = linker(&engine).map_err(|e| format!("{e:#}"))?;
+            (engine, linker)
+        }
+    };
     let load_failed = |e: String| {
         StartFailed::new(
             FatalKind::ArtifactLoad,
@@ -94,7 +137,7 @@ pub(super) fn load_linked(config: &HostConfig) -> Result<Linked, StartFailed> {
     let component = unsafe { Component::deserialize_file(&engine, fd_path(&artifact)) }
         .map_err(|e| load_failed(format!("{e:#}")))?;
     drop(artifact);
-    let pre = link(&engine, &component).map_err(|e| format!("{e:#}"))?;
+    let pre = link(&linker, &component).map_err(|e| format!("{e:#}"))?;
     Ok((engine, pre))
 }
 
@@ -138,9 +181,8 @@ pub fn fd_path(file: &impl std::os::fd::AsRawFd) -> String {
     format!("/proc/self/fd/{}", file.as_raw_fd())
 }
 
-/// Links the component against WASI (async, with interruptible waits) and
-/// the malt host interface, once: every instance starts from this.
-fn link(engine: &Engine, component: &Component) -> wasmtime::Result<BindingsPre<State>> {
+/// WASI (async, with interruptible waits) and the malt host interface.
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<State>> {
     let mut linker = Linker::<State>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     waits::add_to_linker(&mut linker)?;
@@ -150,6 +192,11 @@ fn link(engine: &Engine, component: &Component) -> wasmtime::Result<BindingsPre<
         .instance("malt:worker/host@0.1.0")?
         .func_wrap("use-memory-interrupt", memory::use_memory_interrupt)?;
     linker.allow_shadowing(false);
+    Ok(linker)
+}
+
+/// Links the component, once: every instance starts from this.
+fn link(linker: &Linker<State>, component: &Component) -> wasmtime::Result<BindingsPre<State>> {
     let pre = linker.instantiate_pre(component).map_err(|e| {
         e.context(
             "the component's imports cannot be satisfied (does it target the malt:worker world?)",

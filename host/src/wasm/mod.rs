@@ -14,6 +14,7 @@
 
 mod limits;
 mod loaded;
+pub(crate) use loaded::{start_ahead, take_ahead};
 mod memory;
 mod output;
 mod spares;
@@ -172,11 +173,12 @@ impl WasmGuest {
         config: &HostConfig,
         shared: Arc<Shared>,
         place: crate::Place,
+        ahead: loaded::Ahead,
     ) -> Result<Self, StartFailed> {
         // Now: a host's sandbox closes the filesystem once it is loaded.
         memory::open_maps();
         let (engine, pre) = match place {
-            crate::Place::Process => loaded::load_linked(config)?,
+            crate::Place::Process => loaded::load_linked(config, ahead)?,
             crate::Place::InProcess => loaded::get_or_load(config)?,
         };
         // The timer's kill: the epoch bump traps running wasm code (the
