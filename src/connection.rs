@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStderr};
+use tokio::process::ChildStderr;
+
+use crate::host_child::HostChild;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::launcher::Launch as LaunchHost;
@@ -226,10 +228,23 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
         Via::Program(program) => {
             let parent = std::process::id().to_string();
             let path = program.path();
-            let child = match crate::spare_host::take(path, arg).await {
+            // This program's own host: the one forked at its start, else
+            // one started ahead, else a new one.
+            let forked = match (program, arg) {
+                (HostProgram::ThisProgram(_), malt_host::HOST_ARG) => crate::forked_host::take(),
+                _ => None,
+            };
+            let spare = match forked {
+                Some(child) => Some(child),
+                None => crate::spare_host::take(path, arg)
+                    .await
+                    .map(HostChild::from),
+            };
+            let child = match spare {
                 Some(child) => child,
                 None => process::spawn_host(path, &[arg.into(), parent.into()])
                     .await
+                    .map(HostChild::from)
                     .map_err(|e| {
                         StartError::new(
                             StartFailure::Exited,
@@ -251,8 +266,12 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
             let child = process::spawn_launcher(command).await.map_err(|e| {
                 StartError::new(StartFailure::Exited, format!("cannot run {shown}: {e}"))
             })?;
-            let mut conn =
-                connect_child(launch, child, Some(format!("the host behind `{shown}`"))).await?;
+            let mut conn = connect_child(
+                launch,
+                child.into(),
+                Some(format!("the host behind `{shown}`")),
+            )
+            .await?;
             if let Some(interval) = launch.config.heartbeat {
                 conn.reader = crate::heartbeat::watch(
                     conn.reader,
@@ -289,7 +308,7 @@ fn shell_words(command: &std::process::Command) -> String {
 /// host the user chose (so that a failure can ask whether it is one).
 async fn connect_child(
     launch: &Launch,
-    mut child: Child,
+    mut child: HostChild,
     chosen: Option<String>,
 ) -> Result<Connection, StartError> {
     let pid = child.id().unwrap_or(0);
@@ -337,7 +356,7 @@ async fn connect_child(
 /// what it said on stderr.
 async fn start_failed(
     launch: &Launch,
-    mut child: Child,
+    mut child: HostChild,
     stderr_task: tokio::task::JoinHandle<()>,
     mut error: StartError,
     chosen: Option<String>,
@@ -534,7 +553,7 @@ async fn write_frame(out: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std:
 /// Owns a host process (or a launcher's, which leads its own process
 /// `group`): delivers signals, and reports its exit.
 async fn supervise_process(
-    mut child: Child,
+    mut child: HostChild,
     mut signals: mpsc::UnboundedReceiver<Signal>,
     exited: oneshot::Sender<ExitStatus>,
     group: bool,

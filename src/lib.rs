@@ -156,8 +156,10 @@ pub mod __testing {
     pub use crate::spare_host::{spare_host_pid, spare_hosts_taken};
     pub use malt_host::wasm::spares_taken;
 }
+mod forked_host;
 mod fuzz;
 mod heartbeat;
+mod host_child;
 pub mod launcher;
 mod output;
 pub mod pool;
@@ -181,6 +183,7 @@ pub use compiler::{COMPILE_MEMORY_ENV, COMPILE_TIMEOUT_ENV};
 pub const VERSION: &str = malt_protocol::MALT_VERSION;
 pub use channel::WorkerChannel;
 pub use error::{Error, Limit, RemoteException, Result};
+pub use forked_host::fork_host_ahead;
 pub use launcher::Launcher;
 pub use output::{OutputChunk, Stream, WorkerOutput};
 pub use pool::{Pool, PoolBuilder, PoolCall, PoolStats, RestartPolicy};

@@ -361,10 +361,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // The worker's host process starts before the arguments are parsed:
-    // it takes longer to start than this program takes to get to its
-    // `spawn`, and so runs meanwhile.
-    let early = match starts_a_host() {
+    // The worker's host process starts before the arguments are parsed,
+    // and so runs meanwhile: forked from this process while it has one
+    // thread (no exec), else started ahead.
+    let early = match starts_a_host() && !malt::fork_host_ahead() {
         true => runtime().ok().inspect(|rt| {
             let _in = rt.enter();
             Worker::script().start_host_ahead();

@@ -41,6 +41,51 @@ pub fn run_process(native: Option<NativeFactory>) -> i32 {
     ignore_signals();
     die_with_parent();
     detach();
+    serve_on_stdio(native)
+}
+
+/// Runs a host in a child that the manager forked from itself (its
+/// first worker's host, before the manager had a second thread) and whose
+/// standard streams it set up, and returns its exit code. As
+/// [`run_process`], but the manager is `parent` (the arguments are the
+/// manager's own), and the environment the manager started with is wiped
+/// from this process's memory: a spawned host gets an empty one.
+#[doc(hidden)]
+pub fn run_forked_process(parent: libc::pid_t) -> i32 {
+    forget_environment();
+    ignore_signals();
+    // SAFETY: prctl and getppid have no memory-safety preconditions.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            return exit::START_FAILED;
+        }
+    }
+    detach();
+    serve_on_stdio(None)
+}
+
+/// Zeroes the environment strings (where `/proc/<pid>/environ` reads
+/// them too) and empties the environment.
+fn forget_environment() {
+    unsafe extern "C" {
+        static mut environ: *mut *mut libc::c_char;
+    }
+    // SAFETY: this process has one thread (a child just forked), so
+    // nothing reads or changes the environment meanwhile; each entry is a
+    // NUL-terminated string of this process, overwritten within its length.
+    unsafe {
+        let mut entry = environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let s = *entry;
+            std::ptr::write_bytes(s, 0, libc::strlen(s));
+            entry = entry.add(1);
+        }
+        libc::clearenv();
+    }
+}
+
+fn serve_on_stdio(native: Option<NativeFactory>) -> i32 {
     // The protocol gets its own descriptor; fd 1 and 2 become pipes whose
     // contents are forwarded as output frames, so nothing a guest (or a
     // library) prints can corrupt the protocol.

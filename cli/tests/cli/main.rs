@@ -5,6 +5,7 @@ mod guests;
 #[path = "../../../tests/support/sshd.rs"]
 mod sshd;
 
+mod one_shot;
 mod python;
 mod remote;
 mod repl;

@@ -1,0 +1,143 @@
+//! A program's first worker's host, forked from the program itself at the
+//! start of `main` ([`fork_host_ahead`]): it skips the exec of the
+//! program, the dynamic loader and the start of its runtime (about 2 ms
+//! of a command line one-shot), and is ready by the time the program has
+//! parsed its arguments.
+//!
+//! A fork is only safe while the process has one thread (the child gets
+//! only the forking one, and any lock another held stays locked), so this
+//! is refused otherwise. The child is then a host like a spawned one: it
+//! wipes the environment it inherited (memory included), sets its death
+//! signal, closes every descriptor but its three pipes, leaves the
+//! terminal and the process group, and locks itself down after its
+//! `Init` exactly as a spawned host does (the same code from there on).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+
+use crate::host_child::HostChild;
+
+/// A forked host waiting for its worker.
+struct Forked {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+static FORKED: Mutex<Option<Forked>> = Mutex::new(None);
+
+fn lock() -> std::sync::MutexGuard<'static, Option<Forked>> {
+    FORKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forks this process into the host of its next wasm worker that runs
+/// in a host process of this program (the default), for a program that
+/// starts a worker first thing: call it at the very start of `main`,
+/// before anything has started a thread (a tokio runtime included).
+/// Returns whether it forked: not if the process already has a second
+/// thread, if this program cannot be its own host (`MALT_HOST_PROGRAM`
+/// names another, or malt's start-up hook did not run), or if the kernel
+/// lacks pidfds (Linux < 5.3).
+///
+/// The host waits for its worker's configuration; a worker started with
+/// [`WorkerBuilder::host_program`](crate::WorkerBuilder::host_program),
+/// in-process, native or behind a launcher does not use it. Unused, it
+/// dies with the program. The `malt` CLI calls this for its one-shots.
+pub fn fork_host_ahead() -> bool {
+    if !crate::process::can_serve_itself()
+        || std::env::var_os(crate::process::HOST_PROGRAM_ENV).is_some_and(|p| !p.is_empty())
+        || lock().is_some()
+        || !single_threaded()
+    {
+        return false;
+    }
+    let (Ok((in_r, in_w)), Ok((out_r, out_w)), Ok((err_r, err_w))) =
+        (malt_host::pipe(), malt_host::pipe(), malt_host::pipe())
+    else {
+        return false;
+    };
+    // SAFETY: getpid and fork have no preconditions; this process has one
+    // thread (checked above, and only this thread could start another),
+    // so the child's memory is consistent and no lock in it is held.
+    let parent = unsafe { libc::getpid() };
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // The child: its pipes become its standard streams (dup2 clears
+        // close-on-exec on the copies; the originals are closed with every
+        // other inherited descriptor).
+        // SAFETY: dup2 on descriptors this process owns.
+        unsafe {
+            libc::dup2(in_r.as_raw_fd(), 0);
+            libc::dup2(out_w.as_raw_fd(), 1);
+            libc::dup2(err_w.as_raw_fd(), 2);
+        }
+        malt_host::set_component_store(crate::cache::remote_store);
+        std::process::exit(malt_host::run_forked_process(parent));
+    }
+    if pid < 0 {
+        return false;
+    }
+    drop((in_r, out_w, err_w));
+    // SAFETY: pidfd_open on our own child; the result, if a descriptor,
+    // is owned by the OwnedFd alone.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        // SAFETY: kill and waitpid on our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return false;
+    }
+    // SAFETY: as above.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    *lock() = Some(Forked {
+        pid,
+        pidfd,
+        stdin: in_w,
+        stdout: out_r,
+        stderr: err_r,
+    });
+    true
+}
+
+/// Whether a forked host waits for its worker.
+pub(crate) fn waiting() -> bool {
+    lock().is_some()
+}
+
+/// The forked host, if one waits and is alive; within a tokio runtime.
+pub(crate) fn take() -> Option<HostChild> {
+    let f = lock().take()?;
+    let mut child = HostChild::forked(f.pid, f.pidfd, f.stdin, f.stdout, f.stderr).ok()?;
+    match child.try_wait() {
+        Ok(None) => Some(child),
+        _ => None,
+    }
+}
+
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|l| l.strip_prefix("Threads:").is_some_and(|n| n.trim() == "1"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Forking a process with a second thread is refused: the child could
+    /// inherit a lock that thread holds.
+    #[test]
+    fn a_process_with_another_thread_is_not_forked() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || stopped.recv());
+        assert!(!super::single_threaded());
+        assert!(!super::fork_host_ahead());
+        assert!(!super::waiting());
+        drop(stop);
+        let _ = other.join();
+    }
+}
