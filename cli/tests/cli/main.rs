@@ -23,6 +23,22 @@ fn malt() -> Command {
     cmd
 }
 
+/// Gives the program `cmd` runs `file` on descriptor 9, without
+/// close-on-exec: something it inherits and must not pass on.
+fn inherit_on_fd_9(cmd: &mut std::process::Command, file: &std::fs::File) {
+    use std::os::unix::process::CommandExt;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: dup2 is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[test]
 fn help_documents_examples_and_exit_codes() {
     malt()

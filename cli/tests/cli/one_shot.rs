@@ -1,7 +1,6 @@
 //! One-shots (`malt eval`, `malt call`): their worker's host is forked
 //! from the CLI at its start, and locked down like any host.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -40,17 +39,7 @@ fn a_one_shots_host_is_forked_and_locked_down_like_any() {
         .env("MALT_TEST_SECRET", "hunter2-for-the-test")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    // SAFETY: dup2 is async-signal-safe; it gives the CLI the file on
-    // descriptor 9, without close-on-exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 9) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    super::inherit_on_fd_9(&mut cmd, &file);
     let mut cli = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let host = loop {

@@ -130,7 +130,6 @@ fn run_a_wasi_preview1_module() {
 /// inherited (here a file on descriptor 9) left open for the program.
 #[test]
 fn run_locks_its_process_and_keeps_nothing_it_inherited() {
-    use std::os::unix::process::CommandExt;
     let secret = tempfile::NamedTempFile::new().unwrap();
     let secret_path = secret.path().to_path_buf();
     let file = std::fs::File::open(&secret_path).unwrap();
@@ -139,17 +138,7 @@ fn run_locks_its_process_and_keeps_nothing_it_inherited() {
         .arg(test_command())
         .args(["--timeout", "20s", "--", "spin"])
         .stdout(std::process::Stdio::null());
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    // SAFETY: dup2 is async-signal-safe; it gives the child the file on
-    // descriptor 9, without close-on-exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 9) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    super::inherit_on_fd_9(&mut cmd, &file);
     let mut child = cmd.spawn().unwrap();
     let status_path = format!("/proc/{}/status", child.id());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
