@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the script guest (guest/script) as a wasm component and writes it
-# to guest/malt_script.wasm, the file malt-rt embeds. With --check, builds
-# it and fails unless it is byte for byte the checked-in file (CI runs this).
+# Builds the script guest (guest/script) as a wasm component, pre-initializes
+# it (guest/preinit) and writes it to guest/malt_script.wasm, the file
+# malt-rt embeds. With --check, builds it and fails unless it is byte for
+# byte the checked-in file (CI runs this).
 #
 # The build is reproducible: a pinned toolchain (guest/toolchain), the
 # workspace's Cargo.lock, paths remapped so that where the sources live does
@@ -28,7 +29,15 @@ env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u CARGO_BUILD_RUST
     cargo "+$toolchain" build --quiet --locked \
     --manifest-path guest/script/Cargo.toml \
     --target "$target" --profile guest --target-dir "$target_dir"
-built="$target_dir/$target/guest/malt_script.wasm"
+raw="$target_dir/$target/guest/malt_script.wasm"
+
+# Pre-initialized: the component's memory starts where its first eval has
+# made its script engine (guest/preinit, Wizer), which every worker would
+# otherwise make at its first eval. Deterministic, like the build above.
+cargo build --quiet --locked --manifest-path "$root/Cargo.toml" -p malt-preinit
+preinit="${CARGO_TARGET_DIR:-$root/target}/debug/malt-preinit"
+built="$target_dir/malt_script.preinit.wasm"
+"$preinit" "$raw" "$built"
 
 if [[ "${1:-}" == "--check" ]]; then
     if cmp -s "$built" guest/malt_script.wasm; then
