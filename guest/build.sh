@@ -34,7 +34,9 @@ raw="$target_dir/$target/guest/malt_script.wasm"
 # Pre-initialized: the component's memory starts where its first eval has
 # made its script engine (guest/preinit, Wizer), which every worker would
 # otherwise make at its first eval. Deterministic, like the build above.
-cargo build --quiet --locked --manifest-path "$root/Cargo.toml" -p malt-preinit
+# Built with the whole workspace's features (what `cargo test --workspace`
+# already built), not as a package alone, which would build wasmtime again.
+cargo build --quiet --locked --manifest-path "$root/Cargo.toml" --workspace --bins
 preinit="${CARGO_TARGET_DIR:-$root/target}/debug/malt-preinit"
 built="$target_dir/malt_script.preinit.wasm"
 "$preinit" "$raw" "$built"
