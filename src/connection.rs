@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::ChildStderr;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::host_child::HostChild;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::launcher::Launch as LaunchHost;
 use crate::output::OutputSink;
@@ -228,19 +228,7 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
         Via::Program(program) => {
             let parent = std::process::id().to_string();
             let path = program.path();
-            // This program's own host: the one forked at its start, else
-            // one started ahead, else a new one.
-            let forked = match (program, arg) {
-                (HostProgram::ThisProgram(_), malt_host::HOST_ARG) => crate::forked_host::take(),
-                _ => None,
-            };
-            let spare = match forked {
-                Some(child) => Some(child),
-                None => crate::spare_host::take(path, arg)
-                    .await
-                    .map(HostChild::from),
-            };
-            let child = match spare {
+            let child = match crate::spare_host::take(path, arg).await {
                 Some(child) => child,
                 None => process::spawn_host(path, &[arg.into(), parent.into()])
                     .await

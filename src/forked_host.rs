@@ -19,6 +19,8 @@ use crate::host_child::HostChild;
 
 /// A forked host waiting for its worker.
 struct Forked {
+    /// The host program it stands for (this program) and its argument.
+    program: std::path::PathBuf,
     pid: libc::pid_t,
     pidfd: OwnedFd,
     stdin: OwnedFd,
@@ -46,11 +48,13 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Forked>> {
 /// in-process, native or behind a launcher does not use it. Unused, it
 /// dies with the program. The `malt` CLI calls this for its one-shots.
 pub fn fork_host_ahead() -> bool {
-    if !crate::process::can_serve_itself()
-        || std::env::var_os(crate::process::HOST_PROGRAM_ENV).is_some_and(|p| !p.is_empty())
-        || lock().is_some()
-        || !single_threaded()
-    {
+    // This program is the host of a default worker unless the user chose
+    // another (`$MALT_HOST_PROGRAM`) or the start-up hook did not run.
+    let Ok(crate::process::HostProgram::ThisProgram(program)) = crate::process::host_program(None)
+    else {
+        return false;
+    };
+    if lock().is_some() || !single_threaded() {
         return false;
     }
     let (Ok((in_r, in_w)), Ok((out_r, out_w)), Ok((err_r, err_w))) =
@@ -94,6 +98,7 @@ pub fn fork_host_ahead() -> bool {
     // SAFETY: as above.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
     *lock() = Some(Forked {
+        program,
         pid,
         pidfd,
         stdin: in_w,
@@ -103,13 +108,19 @@ pub fn fork_host_ahead() -> bool {
     true
 }
 
-/// Whether a forked host waits for its worker.
-pub(crate) fn waiting() -> bool {
-    lock().is_some()
+/// Whether a forked host waits for a worker of `program` serving `arg`.
+pub(crate) fn waiting(program: &std::path::Path, arg: &str) -> bool {
+    lock()
+        .as_ref()
+        .is_some_and(|f| f.program == program && arg == malt_host::HOST_ARG)
 }
 
-/// The forked host, if one waits and is alive; within a tokio runtime.
-pub(crate) fn take() -> Option<HostChild> {
+/// The forked host for `program` serving `arg`, if one waits and is
+/// alive; within a tokio runtime.
+pub(crate) fn take(program: &std::path::Path, arg: &str) -> Option<HostChild> {
+    if !waiting(program, arg) {
+        return None;
+    }
     let f = lock().take()?;
     let mut child = HostChild::forked(f.pid, f.pidfd, f.stdin, f.stdout, f.stderr).ok()?;
     match child.try_wait() {
@@ -136,7 +147,7 @@ mod tests {
         let other = std::thread::spawn(move || stopped.recv());
         assert!(!super::single_threaded());
         assert!(!super::fork_host_ahead());
-        assert!(!super::waiting());
+        assert!(super::lock().is_none(), "no forked host waits");
         drop(stop);
         let _ = other.join();
     }

@@ -57,12 +57,6 @@ fn serve_if_host() {
     }
 }
 
-/// Whether this program can serve as its own worker host (malt's start-up
-/// hook ran).
-pub(crate) fn can_serve_itself() -> bool {
-    HOOK_RAN.load(Ordering::Relaxed)
-}
-
 /// Where a host program came from: the user chose it, or it is this
 /// executable.
 #[derive(Debug, Clone, PartialEq, Eq)]

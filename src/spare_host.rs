@@ -28,6 +28,8 @@ use tokio::process::Child;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
+use crate::host_child::HostChild;
+
 /// The spare of one runtime: the runtime whose driver reaps a child is
 /// the only one that may take it.
 struct Spare {
@@ -53,10 +55,14 @@ fn lock() -> MutexGuard<'static, Vec<Spare>> {
     SPARES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The spare host of `program` serving `arg`, if one is ready and alive,
-/// or being started (then it is waited for: it is further along than a
-/// process started now would be).
-pub(crate) async fn take(program: &Path, arg: &str) -> Option<Child> {
+/// The host of `program` serving `arg` started ahead: the one forked at
+/// the program's start ([`crate::fork_host_ahead`]), else this runtime's
+/// spare if it is ready and alive, or being started (then it is waited
+/// for: it is further along than a process started now would be).
+pub(crate) async fn take(program: &Path, arg: &str) -> Option<HostChild> {
+    if let Some(forked) = crate::forked_host::take(program, arg) {
+        return Some(forked);
+    }
     let runtime = Handle::try_current().ok()?.id();
     loop {
         let wait = {
@@ -80,7 +86,7 @@ pub(crate) async fn take(program: &Path, arg: &str) -> Option<Child> {
                 return match child.try_wait() {
                     Ok(None) => {
                         TAKEN.fetch_add(1, Ordering::Relaxed);
-                        Some(child)
+                        Some(child.into())
                     }
                     _ => None,
                 };
@@ -101,13 +107,16 @@ pub(crate) fn started(program: &Path, arg: &'static str) {
 }
 
 /// Starts a host of `program` serving `arg` in the background for the
-/// next worker of this runtime, unless one is ready or being made.
-/// `spawn` calls it before it prepares the guest, so that the host
-/// process starts while the guest's artifact is looked up.
+/// next worker of this runtime, unless one is ready or being made (or
+/// forked). `spawn` calls it before it prepares the guest, so that the
+/// host process starts while the guest's artifact is looked up.
 pub(crate) fn prepare(program: &Path, arg: &'static str) {
     let Ok(handle) = Handle::try_current() else {
         return;
     };
+    if crate::forked_host::waiting(program, arg) {
+        return;
+    }
     let runtime = handle.id();
     let made = Arc::new(Notify::new());
     {

@@ -319,12 +319,7 @@ impl WorkerBuilder {
             && matches!(self.via, crate::launcher::Via::Local)
             && let Ok(program) = process::host_program(self.host_program.as_deref())
         {
-            // One forked at the program's start serves this program.
-            let forked = matches!(program, process::HostProgram::ThisProgram(_))
-                && crate::forked_host::waiting();
-            if !forked {
-                crate::spare_host::prepare(program.path(), malt_host::HOST_ARG);
-            }
+            crate::spare_host::prepare(program.path(), malt_host::HOST_ARG);
         }
     }
 
