@@ -228,7 +228,18 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
         Via::Program(program) => {
             let parent = std::process::id().to_string();
             let path = program.path();
-            let child = match crate::spare_host::take(path, arg).await {
+            // The zygote is this program started once: another host
+            // program (of another version, maybe) is always exec'd.
+            let this_program = matches!(program, HostProgram::ThisProgram(_));
+            let forked = match this_program {
+                true => crate::zygote::fork(path, arg).await,
+                false => None,
+            };
+            let taken = match forked {
+                Some(child) => Some(child),
+                None => crate::spare_host::take(path, arg).await,
+            };
+            let child = match taken {
                 Some(child) => child,
                 None => process::spawn_host(path, &[arg.into(), parent.into()])
                     .await
@@ -243,7 +254,7 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
             let chosen = matches!(program, HostProgram::Chosen(_)).then(|| path.display());
             let connected = connect_child(launch, child, chosen.map(|p| p.to_string())).await;
             if connected.is_ok() {
-                crate::spare_host::started(path, arg);
+                crate::spare_host::started(path, arg, this_program);
             }
             connected
         }
@@ -550,16 +561,8 @@ async fn supervise_process(
     // Inside the loop the child is not reaped yet, so its pid (and the
     // group it leads) is ours; after it, only a group is signalled, whose
     // id stays reserved while it has members.
-    let target = child.id().map(|pid| match group {
-        true => -(pid as libc::pid_t),
-        false => pid as libc::pid_t,
-    });
-    let send = |signal: libc::c_int| {
-        if let Some(target) = target {
-            // SAFETY: kill(2) on our own unreaped child (or its group).
-            unsafe { libc::kill(target, signal) };
-        }
-    };
+    let signaller = child.signaller(group);
+    let send = |signal: libc::c_int| signaller.send(signal);
     let status = loop {
         tokio::select! {
             status = child.wait() => break status.unwrap_or_else(|_| status_from_code(255)),

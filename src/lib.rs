@@ -154,6 +154,7 @@ pub mod __fuzz {
 #[doc(hidden)]
 pub mod __testing {
     pub use crate::spare_host::{spare_host_pid, spare_hosts_taken};
+    pub use crate::zygote::zygote_pid;
     pub use malt_host::wasm::spares_taken;
 }
 mod forked_host;
@@ -168,6 +169,7 @@ pub mod python;
 mod spare_host;
 pub mod tools;
 mod worker;
+mod zygote;
 
 /// The worker side: serving a guest over the protocol (re-exported from
 /// `malt-host`), for programs that serve a native guest of their own.

@@ -47,6 +47,11 @@ fn serve_if_host() {
         malt_host::set_component_store(crate::cache::remote_store);
         std::process::exit(malt_host::run_process(None));
     }
+    if malt_host::first_arg_is(malt_host::zygote::ZYGOTE_ARG) {
+        // Its children serve as hosts started with HOST_ARG do.
+        malt_host::set_component_store(crate::cache::remote_store);
+        std::process::exit(malt_host::zygote::run_zygote());
+    }
     if malt_host::first_arg_is(crate::compiler::COMPILE_ARG) {
         let args: Vec<String> = malt_host::process_args()
             .into_iter()
@@ -174,6 +179,13 @@ pub(crate) async fn spawn_launcher(mut cmd: Command) -> std::io::Result<tokio::p
             Ok(())
         });
     }
+    spawn_on_spawner(cmd).await
+}
+
+/// Spawns `cmd` as it is set up, from the spawner thread (so that a death
+/// signal the child asks for is tied to a thread that lives as long as
+/// this process).
+pub(crate) async fn spawn_command(cmd: Command) -> std::io::Result<tokio::process::Child> {
     spawn_on_spawner(cmd).await
 }
 

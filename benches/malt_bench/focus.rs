@@ -1,14 +1,23 @@
 //! One figure alone, repeated, for a profiler (`perf record -a -g --
 //! target/release/deps/malt_bench-* --throughput`): `--throughput` (calls
 //! pipelined on one worker), `--payload` (50 MB to a worker and back) or
-//! `--interrupts` (every kind, few rounds) or `--cli` (the CLI one-shots
-//! against the wasmtime CLI).
+//! `--interrupts` (every kind, few rounds), `--cli` (the CLI one-shots
+//! against the wasmtime CLI) or `--scale` (1 000 workers started at once,
+//! three rounds).
 
 use super::*;
 
 pub(crate) fn wanted() -> bool {
-    std::env::args()
-        .any(|a| ["--throughput", "--payload", "--interrupts", "--cli"].contains(&a.as_str()))
+    std::env::args().any(|a| {
+        [
+            "--throughput",
+            "--payload",
+            "--interrupts",
+            "--cli",
+            "--scale",
+        ]
+        .contains(&a.as_str())
+    })
 }
 
 pub(crate) async fn measure(table: &mut Table, guest: &std::path::Path) -> Result<(), Error> {
@@ -17,6 +26,12 @@ pub(crate) async fn measure(table: &mut Table, guest: &std::path::Path) -> Resul
     }
     if std::env::args().any(|a| a == "--cli") {
         peers::cli_one_shots(table, false);
+        return Ok(());
+    }
+    if std::env::args().any(|a| a == "--scale") {
+        for _ in 0..3 {
+            concurrent_starts(table, 1000).await?;
+        }
         return Ok(());
     }
     if std::env::args().any(|a| a == "--throughput") {

@@ -39,6 +39,9 @@ mod shared;
 #[cfg(feature = "wasm")]
 #[doc(hidden)]
 pub mod wasm;
+#[cfg(feature = "wasm")]
+#[doc(hidden)]
+pub mod zygote;
 
 use std::io::{BufReader, Write};
 use std::sync::mpsc::Receiver;

@@ -38,10 +38,16 @@ pub(crate) mod exit {
 /// entry point behind [`HOST_ARG`] and [`main_if_host_with`].
 #[doc(hidden)]
 pub fn run_process(native: Option<NativeFactory>) -> i32 {
+    start_as_host();
+    serve_on_stdio(native)
+}
+
+/// What every host process started by exec does first: its signals, its
+/// death signal, and detaching from what it inherited.
+pub(crate) fn start_as_host() {
     ignore_signals();
     die_with_parent();
     detach();
-    serve_on_stdio(native)
 }
 
 /// Runs a host in a child that the manager forked from itself (its
@@ -54,6 +60,13 @@ pub fn run_process(native: Option<NativeFactory>) -> i32 {
 pub fn run_forked_process(parent: libc::pid_t) -> i32 {
     forget_environment();
     ignore_signals();
+    serve_forked(parent)
+}
+
+/// Serves as a host in a child forked by `parent` (the manager, or a
+/// zygote), with its standard streams set up: dies with `parent`, keeps
+/// nothing else it inherited, and serves as an exec'd host does.
+pub(crate) fn serve_forked(parent: libc::pid_t) -> i32 {
     // SAFETY: prctl and getppid have no memory-safety preconditions.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

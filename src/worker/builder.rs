@@ -319,7 +319,12 @@ impl WorkerBuilder {
             && matches!(self.via, crate::launcher::Via::Local)
             && let Ok(program) = process::host_program(self.host_program.as_deref())
         {
-            crate::spare_host::prepare(program.path(), malt_host::HOST_ARG);
+            // The zygote forks this program's hosts once it runs.
+            let forked = matches!(program, process::HostProgram::ThisProgram(_))
+                && crate::zygote::serves(program.path(), malt_host::HOST_ARG);
+            if !forked {
+                crate::spare_host::prepare(program.path(), malt_host::HOST_ARG);
+            }
         }
     }
 

@@ -298,31 +298,69 @@ async fn assert_hardened(w: &Worker) {
     );
 }
 
+/// The parent of process `pid`, from `/proc/<pid>/stat`.
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's closing parenthesis: state, then the parent.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The zygote, once a program's second worker has started it (liveness
+/// wait).
+pub(crate) fn wait_for_zygote() -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pid) = malt::__testing::zygote_pid() {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no zygote was started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn later_workers_start_on_a_spare_host_locked_down_like_any() {
-    // From the second start on, a host is started ahead for the next.
+async fn later_workers_are_forked_by_the_zygote_locked_down_like_any() {
+    // From the second start on, the zygote forks the hosts.
     for _ in 0..2 {
         Kind::Wasm.spawn().await.stop().await.unwrap();
     }
-    // Other tests here start workers too, and may replace the spare with
-    // one for their runtime: try until one of ours starts on one made for
-    // this test (liveness, not speed).
-    let before = malt::__testing::spare_hosts_taken();
-    for attempt in 0.. {
-        assert!(attempt < 200, "no worker started on a spare host");
-        let spare = malt::__testing::spare_host_pid();
-        let w = Kind::Wasm.spawn().await;
-        if spare != Some(w.pid()) {
-            w.stop().await.unwrap();
-            // Time for the spare this start asked for.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        assert!(malt::__testing::spare_hosts_taken() > before);
-        assert_hardened(&w).await;
-        w.stop().await.unwrap();
-        break;
-    }
+    let zygote = wait_for_zygote();
+    let w = Kind::Wasm.spawn().await;
+    assert_eq!(parent_of(w.pid()), Some(zygote), "forked by the zygote");
+    // The zygote is one thread (a fork copies only the forking one) and
+    // has nothing of the manager's: no environment, no descriptor but its
+    // control socket and /dev/null.
+    let status = std::fs::read_to_string(format!("/proc/{zygote}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Threads:\t1"), "{status}");
+    let environ = std::fs::read(format!("/proc/{zygote}/environ")).unwrap();
+    assert!(environ.is_empty(), "{}", String::from_utf8_lossy(&environ));
+    let fds = std::fs::read_dir(format!("/proc/{zygote}/fd"))
+        .unwrap()
+        .count();
+    assert_eq!(fds, 3, "stdin (the socket), stdout and stderr");
+    assert_hardened(&w).await;
+    // Its exit status comes from the zygote: a kill is reported as one.
+    let pid = w.pid();
+    w.kill();
+    let status = w.wait().await.expect("an exit status");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(matches!(
+        w.remote_eval_fetch::<i64>("1").await,
+        Err(malt::Error::TerminatedWorker)
+    ));
+    assert!(!w.is_running());
+    assert!(wait_gone(pid).await);
+    // The zygote is still there for the next worker.
+    let next = Kind::Wasm.spawn().await;
+    assert_eq!(parent_of(next.pid()), Some(zygote));
+    assert_eq!(next.remote_eval_fetch::<i64>("6 * 7").await.unwrap(), 42);
+    next.stop().await.unwrap();
 }
 
 /// A host started ahead of its worker (`start_host_ahead`, what the CLI

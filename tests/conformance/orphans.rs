@@ -31,12 +31,12 @@ async fn no_worker_survives_its_manager() {
         .unwrap();
     let mut lines = tokio::io::BufReader::new(manager.stdout.take().unwrap()).lines();
     let mut pids = Vec::new();
-    while pids.len() < 5 {
+    while pids.len() < 7 {
         let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
             .expect("the child started its workers")
             .unwrap()
-            .expect("the child printed five pids");
+            .expect("the child printed seven pids");
         if let Some(pid) = line.split("worker pid ").nth(1) {
             pids.push(pid.trim().parse::<u32>().unwrap());
         }
@@ -69,7 +69,11 @@ fn killed_manager_child() {
     // The local ssh, and the host it reaches.
     println!("worker pid {}", remote.pid());
     println!("worker pid {}", remote.host_pid());
-    // The host process started ahead for the next worker dies too.
+    // The zygote, and the hosts it forked.
+    let (zygote, forked) = zygote_and_its_worker();
+    println!("worker pid {zygote}");
+    println!("worker pid {forked}");
+    // A host process started ahead and not taken dies too.
     println!("worker pid {}", spare_host());
     std::thread::sleep(Duration::from_secs(60));
     panic!("the parent did not kill this manager");
@@ -101,7 +105,7 @@ async fn no_worker_survives_its_manager_exiting() {
         .filter_map(|l| l.split("worker pid ").nth(1))
         .map(|p| p.trim().parse().unwrap())
         .collect();
-    assert_eq!(pids.len(), 3, "child output:\n{stdout}");
+    assert_eq!(pids.len(), 5, "child output:\n{stdout}");
     for pid in pids {
         assert!(wait_gone(pid).await, "worker {pid} survived its manager");
     }
@@ -122,12 +126,31 @@ fn exiting_manager_child() {
         println!("worker pid {}", w.pid());
         std::mem::forget(w);
     }
+    let (zygote, forked) = zygote_and_its_worker();
+    println!("worker pid {zygote}");
+    println!("worker pid {forked}");
     println!("worker pid {}", spare_host());
     std::process::exit(0);
 }
 
-/// The spare host started after the second local worker (liveness wait).
+/// The zygote and a running worker it forked (left running).
+fn zygote_and_its_worker() -> (u32, u32) {
+    let zygote = crate::lifecycle::wait_for_zygote();
+    let w = malt::blocking::Worker::script().spawn().unwrap();
+    w.remote_eval_wait("1").unwrap();
+    assert_eq!(crate::lifecycle::parent_of(w.pid()), Some(zygote));
+    let pid = w.pid();
+    std::mem::forget(w);
+    (zygote, pid)
+}
+
+/// A host started ahead for another host program (this one, named: the
+/// zygote serves only the default) and not taken (liveness wait).
 fn spare_host() -> u32 {
+    let program = std::env::current_exe().unwrap();
+    malt::blocking::Worker::script()
+        .host_program(program)
+        .start_host_ahead();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(pid) = malt::__testing::spare_host_pid() {

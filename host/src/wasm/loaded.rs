@@ -75,25 +75,48 @@ pub(super) fn get_or_load(config: &HostConfig) -> Result<Linked, StartFailed> {
 /// made by a host process while it waits for its `Init`.
 pub(crate) type Ahead = Option<(Engine, Linker<State>)>;
 
-static AHEAD: Mutex<Option<JoinHandle<Ahead>>> = Mutex::new(None);
+/// What [`start_ahead`] or [`make_ahead_here`] started or made.
+enum Making {
+    Thread(JoinHandle<Ahead>),
+    Made(Box<Ahead>),
+}
+
+static AHEAD: Mutex<Option<Making>> = Mutex::new(None);
+
+fn ahead() -> std::sync::MutexGuard<'static, Option<Making>> {
+    AHEAD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn make_ahead() -> Ahead {
+    let engine = Engine::new(&engine_config(false)).ok()?;
+    let linker = linker(&engine).ok()?;
+    Some((engine, linker))
+}
 
 /// Starts making the engine and linker a host process will most likely
 /// need, on a thread of their own, before the host has read its `Init`:
 /// a host started ahead of its worker (a spare) then has them ready, and
 /// a fresh one makes them while the manager writes the `Init`. They are
 /// about half a millisecond of a start, and depend on nothing the `Init`
-/// says but whether the guest meters fuel.
+/// says but whether the guest meters fuel. A host forked from a zygote has
+/// them already.
 pub(crate) fn start_ahead() {
+    let mut ahead = ahead();
+    if ahead.is_some() {
+        return;
+    }
     let made = std::thread::Builder::new()
         .name("malt-ahead".into())
-        .spawn(|| {
-            let engine = Engine::new(&engine_config(false)).ok()?;
-            let linker = linker(&engine).ok()?;
-            Some((engine, linker))
-        });
+        .spawn(make_ahead);
     if let Ok(made) = made {
-        *AHEAD.lock().unwrap_or_else(|e| e.into_inner()) = Some(made);
+        *ahead = Some(Making::Thread(made));
     }
+}
+
+/// Makes the engine and linker on this thread, for the hosts a zygote
+/// forks (which must not start a thread).
+pub(crate) fn make_ahead_here() {
+    *ahead() = Some(Making::Made(Box::new(make_ahead())));
 }
 
 /// Waits for what [`start_ahead`] made, if it ran: the engine and linker
@@ -101,8 +124,11 @@ pub(crate) fn start_ahead() {
 /// the process down needs (Landlock binds only the threads that exist
 /// from then on).
 pub(crate) fn take_ahead(fuel: bool) -> Ahead {
-    let made = AHEAD.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-    made.join().ok().flatten().filter(|_| !fuel)
+    let made = match ahead().take()? {
+        Making::Thread(thread) => thread.join().ok().flatten(),
+        Making::Made(made) => *made,
+    };
+    made.filter(|_| !fuel)
 }
 
 /// Loads the precompiled component of `config` and links it: the engine

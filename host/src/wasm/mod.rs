@@ -14,7 +14,7 @@
 
 mod limits;
 mod loaded;
-pub(crate) use loaded::{start_ahead, take_ahead};
+pub(crate) use loaded::{make_ahead_here, start_ahead, take_ahead};
 mod memory;
 mod output;
 mod spares;

@@ -1,0 +1,244 @@
+//! The zygote: a host process that forks the hosts of a program's later
+//! workers instead of the manager exec'ing each.
+//!
+//! A host exec'd from scratch spends about 2 ms of CPU before it reads a
+//! byte: the kernel maps a 40 MB program, the dynamic loader applies 50 000
+//! relocations (each page they touch is copied), the C and Rust runtimes
+//! start, and the host makes its wasmtime engine and linker. The zygote
+//! pays this once. It is started like any host (empty environment, its
+//! death signal tied to the manager, every inherited descriptor closed, a
+//! process group of its own), makes the engine and linker on its one
+//! thread, and then does nothing but wait on its control socket (its
+//! stdin) for a request: three descriptors, the stdin, stdout and stderr
+//! of a new host. It forks; the child takes them as its standard streams,
+//! ties its death signal to the zygote (which dies with the manager) and
+//! serves as a host exactly as an exec'd one does from that point on: it
+//! locks itself down after its `Init` with the same code.
+//!
+//! The zygote has one thread at every fork (it never starts another), so
+//! no lock in the child is held by a thread it lacks. It reaps its
+//! children and reports each exit status to the manager, which is not
+//! their parent. It runs no guest code and takes nothing but descriptors
+//! from the manager; what a forked host shares with its siblings is the
+//! zygote's address layout (one ASLR draw for all of them).
+//!
+//! Messages are datagrams on a `SOCK_SEQPACKET` socket, four `i32`s:
+//! the manager sends `[FORK, 0, 0, 0]` with three descriptors; the zygote
+//! answers `[FORKED, pid, 0, 0]` with the child's pidfd, or
+//! `[FAILED, 0, errno, 0]`, in the order of the requests; and sends
+//! `[EXITED, pid, wait status, 0]` when a child it forked has exited.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+/// First argument that makes a program linking `malt-rt` a zygote
+/// (served before `main`, like [`crate::HOST_ARG`]); the second is the
+/// manager's pid.
+pub const ZYGOTE_ARG: &str = "__malt-zygote";
+
+/// Manager to zygote: fork a host on the three descriptors sent along.
+pub const FORK: i32 = 1;
+/// Zygote to manager: forked `pid`; its pidfd is sent along.
+pub const FORKED: i32 = 2;
+/// Zygote to manager: the fork failed with the `errno` in the third word.
+pub const FAILED: i32 = 3;
+/// Zygote to manager: child `pid` exited with the wait status in the third
+/// word.
+pub const EXITED: i32 = 4;
+
+/// One message: four words and the descriptors sent with it.
+pub type Message = ([i32; 4], Vec<OwnedFd>);
+
+/// A connected pair of `SOCK_SEQPACKET` sockets that close on exec.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// Sends `words` and `fds` on a `SOCK_SEQPACKET` socket.
+pub fn send(socket: BorrowedFd<'_>, words: [i32; 4], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut bytes = [0u8; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many descriptors for one message"));
+    }
+    loop {
+        match rustix::net::sendmsg(
+            socket,
+            &[io::IoSlice::new(&bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            sent => return sent.map(drop).map_err(io::Error::from),
+        }
+    }
+}
+
+/// Receives one message; `None` at the end of the stream. The descriptors
+/// received close on exec.
+pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Message>> {
+    let mut bytes = [0u8; 16];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = loop {
+        match rustix::net::recvmsg(
+            socket,
+            &mut [io::IoSliceMut::new(&mut bytes)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            got => break got?,
+        }
+    };
+    let fds: Vec<OwnedFd> = control
+        .drain()
+        .filter_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if got.bytes == 0 {
+        return Ok(None);
+    }
+    if got.bytes != bytes.len() {
+        return Err(io::Error::other(format!(
+            "a zygote message of {} bytes, not 16",
+            got.bytes
+        )));
+    }
+    let mut words = [0; 4];
+    for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+        *word = i32::from_ne_bytes(chunk.try_into().expect("four bytes"));
+    }
+    Ok(Some((words, fds)))
+}
+
+/// Runs a zygote on its control socket (stdin) and returns its exit code
+/// when the manager has closed it.
+#[doc(hidden)]
+pub fn run_zygote() -> i32 {
+    crate::process::start_as_host();
+    #[cfg(feature = "wasm")]
+    crate::wasm::make_ahead_here();
+    // SAFETY: fd 0 is the control socket, open for this process's life.
+    let control = unsafe { BorrowedFd::borrow_raw(0) };
+    // SIGCHLD stays blocked but while waiting in ppoll, so an exit is
+    // never missed between reaping and waiting; it needs a handler (an
+    // ignored signal would not end the wait).
+    extern "C" fn nothing(_: libc::c_int) {}
+    // SAFETY: sigset and sigaction calls on local, initialised values.
+    let waiting_mask = unsafe {
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        let mut before: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, &mut before);
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGCHLD, &action, std::ptr::null_mut());
+        libc::sigdelset(&mut before, libc::SIGCHLD);
+        before
+    };
+    loop {
+        if reap(control).is_err() {
+            return crate::exit::LINK_LOST;
+        }
+        let mut poll = libc::pollfd {
+            fd: control.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd and a valid signal mask.
+        let ready = unsafe { libc::ppoll(&mut poll, 1, std::ptr::null(), &waiting_mask) };
+        if ready <= 0 {
+            continue;
+        }
+        match recv(control) {
+            Ok(Some(([FORK, ..], fds))) if fds.len() == 3 => {
+                if fork_host(control, &fds, &waiting_mask).is_err() {
+                    return crate::exit::LINK_LOST;
+                }
+            }
+            Ok(Some(_)) => return crate::exit::PROTOCOL,
+            Ok(None) | Err(_) => return crate::exit::OK,
+        }
+    }
+}
+
+/// Reports every child that has exited.
+fn reap(control: BorrowedFd<'_>) -> io::Result<()> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return Ok(());
+        }
+        send(control, [EXITED, pid, status, 0], &[])?;
+    }
+}
+
+/// Forks a host on `fds` (its stdin, stdout and stderr) and answers the
+/// manager.
+fn fork_host(
+    control: BorrowedFd<'_>,
+    fds: &[OwnedFd],
+    unblocked: &libc::sigset_t,
+) -> io::Result<()> {
+    // SAFETY: getpid and fork have no preconditions; this process has one
+    // thread, so the child's memory is consistent and no lock is held.
+    let zygote = unsafe { libc::getpid() };
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: the child restores the signal state a host starts with
+        // and moves its three descriptors to 0, 1 and 2 (dup2 clears
+        // close-on-exec on the copies; the originals, the control socket
+        // included, are closed with every other inherited descriptor).
+        unsafe {
+            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+            libc::sigprocmask(libc::SIG_SETMASK, unblocked, std::ptr::null_mut());
+            for (to, fd) in fds.iter().enumerate() {
+                libc::dup2(fd.as_raw_fd(), to as i32);
+            }
+        }
+        std::process::exit(crate::process::serve_forked(zygote));
+    }
+    if pid < 0 {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        return send(control, [FAILED, 0, errno, 0], &[]);
+    }
+    // The child is not reaped before this loop's next turn, so its pid is
+    // still its own here.
+    // SAFETY: pidfd_open on our own child; the descriptor, if one, is
+    // owned by the OwnedFd alone.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        // SAFETY: kill on our own unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        return send(control, [FAILED, 0, errno, 0], &[]);
+    }
+    // SAFETY: as above.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    send(control, [FORKED, pid, 0, 0], &[pidfd.as_fd()])
+}
