@@ -232,7 +232,7 @@ pub(crate) async fn connect(launch: &Launch) -> Result<Connection, StartError> {
             // program (of another version, maybe) is always exec'd.
             let this_program = matches!(program, HostProgram::ThisProgram(_));
             let forked = match this_program {
-                true => crate::zygote::fork(path, arg).await,
+                true => crate::zygote::fork(path, arg, &launch.config).await,
                 false => None,
             };
             let taken = match forked {

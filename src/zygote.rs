@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use malt_host::zygote::{EXITED, FAILED, FORK, FORKED};
+use malt_protocol::{GuestSpec, HostConfig};
 use tokio::sync::{Notify, oneshot};
 
 use crate::host_child::HostChild;
@@ -132,7 +133,7 @@ pub(crate) fn serves(program: &Path, arg: &str) -> bool {
 /// A host of `program` serving `arg` forked by the zygote, if it runs for
 /// them; within a tokio runtime. From the second host asked for on, the
 /// zygote is started if it is not, and waited for if it is starting.
-pub(crate) async fn fork(program: &Path, arg: &str) -> Option<HostChild> {
+pub(crate) async fn fork(program: &Path, arg: &str, config: &HostConfig) -> Option<HostChild> {
     if arg != malt_host::HOST_ARG {
         return None;
     }
@@ -159,7 +160,17 @@ pub(crate) async fn fork(program: &Path, arg: &str) -> Option<HostChild> {
         made.await;
         waited = true;
     };
-    match zygote.fork().await {
+    // The artifact the host will load, for the zygote to load first (and
+    // once for all the hosts it forks): verified, and for an engine
+    // without fuel, as the zygote's.
+    let tail = match &config.guest {
+        GuestSpec::Artifact {
+            path,
+            identity: Some(identity),
+        } if config.fuel.is_none() => malt_host::zygote::fork_tail(path, identity),
+        _ => Vec::new(),
+    };
+    match zygote.fork(&tail).await {
         Ok(child) => Some(child),
         Err(e) => {
             tracing::debug!("the zygote did not fork a host: {e}");
@@ -169,7 +180,7 @@ pub(crate) async fn fork(program: &Path, arg: &str) -> Option<HostChild> {
 }
 
 impl Zygote {
-    async fn fork(&self) -> io::Result<HostChild> {
+    async fn fork(&self, tail: &[u8]) -> io::Result<HostChild> {
         let (in_r, in_w) = malt_host::pipe()?;
         let (out_r, out_w) = malt_host::pipe()?;
         let (err_r, err_w) = malt_host::pipe()?;
@@ -184,6 +195,7 @@ impl Zygote {
             malt_host::zygote::send(
                 self.control.as_fd(),
                 [FORK, 0, 0, 0],
+                tail,
                 &[in_r.as_fd(), out_w.as_fd(), err_w.as_fd()],
             )?;
             waiting.push_back(tx);
@@ -200,7 +212,7 @@ impl Zygote {
         let mut exits: HashMap<libc::pid_t, oneshot::Sender<ExitStatus>> = HashMap::new();
         loop {
             let message = malt_host::zygote::recv(self.control.as_fd());
-            let ([kind, pid, value, _], mut fds) = match message {
+            let ([kind, pid, value, _], _, mut fds) = match message {
                 Ok(Some(m)) => m,
                 _ => break,
             };

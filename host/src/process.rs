@@ -60,13 +60,14 @@ pub(crate) fn start_as_host() {
 pub fn run_forked_process(parent: libc::pid_t) -> i32 {
     forget_environment();
     ignore_signals();
-    serve_forked(parent)
+    serve_forked(parent, false)
 }
 
 /// Serves as a host in a child forked by `parent` (the manager, or a
 /// zygote), with its standard streams set up: dies with `parent`, keeps
-/// nothing else it inherited, and serves as an exec'd host does.
-pub(crate) fn serve_forked(parent: libc::pid_t) -> i32 {
+/// nothing else it inherited (a zygote's child has closed what it must
+/// not keep: `closed`), and serves as an exec'd host does.
+pub(crate) fn serve_forked(parent: libc::pid_t, closed: bool) -> i32 {
     // SAFETY: prctl and getppid have no memory-safety preconditions.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -74,7 +75,10 @@ pub(crate) fn serve_forked(parent: libc::pid_t) -> i32 {
             return exit::START_FAILED;
         }
     }
-    detach();
+    if !closed {
+        close_inherited_files();
+    }
+    leave_terminal_and_group();
     serve_on_stdio(None)
 }
 
@@ -199,9 +203,13 @@ fn die_with_parent() {
 fn detach() {
     // This runs first thing in the host, before anything has opened a
     // descriptor above 2 that it means to keep.
+    close_inherited_files();
+    leave_terminal_and_group();
+}
+
+fn leave_terminal_and_group() {
     // SAFETY: open, ioctl, close and setpgid have no memory-safety
     // preconditions, and the path is a valid C string.
-    close_inherited_files();
     unsafe {
         let tty = libc::open(
             c"/dev/tty".as_ptr(),

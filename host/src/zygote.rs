@@ -52,8 +52,19 @@ pub const FAILED: i32 = 3;
 /// word.
 pub const EXITED: i32 = 4;
 
-/// One message: four words and the descriptors sent with it.
-pub type Message = ([i32; 4], Vec<OwnedFd>);
+/// One message: four words, what follows them, and the descriptors sent
+/// with it.
+pub type Message = ([i32; 4], Vec<u8>, Vec<OwnedFd>);
+
+/// The most a message carries after its words (a path and an identity).
+const MAX_TAIL: usize = 8 << 10;
+
+/// What a `FORK` carries after its words: the artifact the host will most
+/// likely be asked to load (path and verified identity), which the zygote
+/// loads before it forks.
+pub fn fork_tail(path: &str, identity: &malt_protocol::ArtifactIdentity) -> Vec<u8> {
+    rmp_serde::to_vec(&(path, identity)).unwrap_or_default()
+}
 
 /// A connected pair of `SOCK_SEQPACKET` sockets that close on exec.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -67,11 +78,20 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Sends `words` and `fds` on a `SOCK_SEQPACKET` socket.
-pub fn send(socket: BorrowedFd<'_>, words: [i32; 4], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mut bytes = [0u8; 16];
-    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
+pub fn send(
+    socket: BorrowedFd<'_>,
+    words: [i32; 4],
+    tail: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    if tail.len() > MAX_TAIL {
+        return Err(io::Error::other("a zygote message too long"));
     }
+    let mut bytes = Vec::with_capacity(16 + tail.len());
+    for word in words {
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    bytes.extend_from_slice(tail);
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -93,7 +113,7 @@ pub fn send(socket: BorrowedFd<'_>, words: [i32; 4], fds: &[BorrowedFd<'_>]) -> 
 /// Receives one message; `None` at the end of the stream. The descriptors
 /// received close on exec.
 pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Message>> {
-    let mut bytes = [0u8; 16];
+    let mut bytes = vec![0u8; 16 + MAX_TAIL];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let got = loop {
@@ -118,9 +138,9 @@ pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Message>> {
     if got.bytes == 0 {
         return Ok(None);
     }
-    if got.bytes != bytes.len() {
+    if got.bytes < 16 || got.flags.contains(rustix::net::ReturnFlags::TRUNC) {
         return Err(io::Error::other(format!(
-            "a zygote message of {} bytes, not 16",
+            "a zygote message of {} bytes",
             got.bytes
         )));
     }
@@ -128,7 +148,9 @@ pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Message>> {
     for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(4)) {
         *word = i32::from_ne_bytes(chunk.try_into().expect("four bytes"));
     }
-    Ok(Some((words, fds)))
+    bytes.truncate(got.bytes);
+    bytes.drain(..16);
+    Ok(Some((words, bytes, fds)))
 }
 
 /// Runs a zygote on its control socket (stdin) and returns its exit code
@@ -159,6 +181,9 @@ pub fn run_zygote() -> i32 {
         libc::sigdelset(&mut before, libc::SIGCHLD);
         before
     };
+    // Descriptors above 2 its children keep: those the artifact loaded
+    // for them holds (wasmtime maps memory images from it).
+    let mut kept: Vec<i32> = Vec::new();
     loop {
         if reap(control).is_err() {
             return crate::exit::LINK_LOST;
@@ -174,8 +199,16 @@ pub fn run_zygote() -> i32 {
             continue;
         }
         match recv(control) {
-            Ok(Some(([FORK, ..], fds))) if fds.len() == 3 => {
-                if fork_host(control, &fds, &waiting_mask).is_err() {
+            Ok(Some(([FORK, ..], tail, fds))) if fds.len() == 3 => {
+                #[cfg(feature = "wasm")]
+                if let Ok((path, identity)) = rmp_serde::from_slice(&tail)
+                    && crate::wasm::preload(path, identity)
+                {
+                    let received: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                    kept = open_descriptors();
+                    kept.retain(|fd| *fd > 2 && !received.contains(fd));
+                }
+                if fork_host(control, &fds, &kept, &waiting_mask).is_err() {
                     return crate::exit::LINK_LOST;
                 }
             }
@@ -183,6 +216,20 @@ pub fn run_zygote() -> i32 {
             Ok(None) | Err(_) => return crate::exit::OK,
         }
     }
+}
+
+/// This process's open descriptors, in order.
+fn open_descriptors() -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // The directory's own descriptor was open while it was read.
+    fds.retain(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+    fds.sort_unstable();
+    fds
 }
 
 /// Reports every child that has exited.
@@ -194,7 +241,7 @@ fn reap(control: BorrowedFd<'_>) -> io::Result<()> {
         if pid <= 0 {
             return Ok(());
         }
-        send(control, [EXITED, pid, status, 0], &[])?;
+        send(control, [EXITED, pid, status, 0], &[], &[])?;
     }
 }
 
@@ -203,6 +250,7 @@ fn reap(control: BorrowedFd<'_>) -> io::Result<()> {
 fn fork_host(
     control: BorrowedFd<'_>,
     fds: &[OwnedFd],
+    kept: &[i32],
     unblocked: &libc::sigset_t,
 ) -> io::Result<()> {
     // SAFETY: getpid and fork have no preconditions; this process has one
@@ -212,20 +260,30 @@ fn fork_host(
     if pid == 0 {
         // SAFETY: the child restores the signal state a host starts with
         // and moves its three descriptors to 0, 1 and 2 (dup2 clears
-        // close-on-exec on the copies; the originals, the control socket
-        // included, are closed with every other inherited descriptor).
+        // close-on-exec on the copies); the originals and every other
+        // descriptor above 2 but those `kept` are closed (the control
+        // socket was fd 0). Nothing here owns a closed one: the received
+        // ones are forgotten.
         unsafe {
             libc::signal(libc::SIGCHLD, libc::SIG_DFL);
             libc::sigprocmask(libc::SIG_SETMASK, unblocked, std::ptr::null_mut());
             for (to, fd) in fds.iter().enumerate() {
                 libc::dup2(fd.as_raw_fd(), to as i32);
             }
+            let mut from = 3u32;
+            for &keep in kept {
+                if keep as u32 > from {
+                    libc::syscall(libc::SYS_close_range, from, keep as u32 - 1, 0u32);
+                }
+                from = keep as u32 + 1;
+            }
+            libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
         }
-        std::process::exit(crate::process::serve_forked(zygote));
+        std::process::exit(crate::process::serve_forked(zygote, true));
     }
     if pid < 0 {
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return send(control, [FAILED, 0, errno, 0], &[]);
+        return send(control, [FAILED, 0, errno, 0], &[], &[]);
     }
     // The child is not reaped before this loop's next turn, so its pid is
     // still its own here.
@@ -236,9 +294,9 @@ fn fork_host(
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
         // SAFETY: kill on our own unreaped child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        return send(control, [FAILED, 0, errno, 0], &[]);
+        return send(control, [FAILED, 0, errno, 0], &[], &[]);
     }
     // SAFETY: as above.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    send(control, [FORKED, pid, 0, 0], &[pidfd.as_fd()])
+    send(control, [FORKED, pid, 0, 0], &[], &[pidfd.as_fd()])
 }

@@ -339,10 +339,30 @@ async fn later_workers_are_forked_by_the_zygote_locked_down_like_any() {
     assert!(status.lines().any(|l| l == "Threads:\t1"), "{status}");
     let environ = std::fs::read(format!("/proc/{zygote}/environ")).unwrap();
     assert!(environ.is_empty(), "{}", String::from_utf8_lossy(&environ));
-    let fds = std::fs::read_dir(format!("/proc/{zygote}/fd"))
-        .unwrap()
-        .count();
-    assert_eq!(fds, 3, "stdin (the socket), stdout and stderr");
+    let links = |pid: u32| -> Vec<(u32, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let fd = e.file_name().to_str()?.parse().ok()?;
+                Some((fd, std::fs::read_link(e.path()).ok()?.display().to_string()))
+            })
+            .collect()
+    };
+    for (fd, target) in links(zygote) {
+        // Its control socket, /dev/null, and the artifact it loaded for
+        // its children.
+        let expected = match fd {
+            0 => target.starts_with("socket:"),
+            1 | 2 => target == "/dev/null",
+            _ => target.ends_with(".cwasm"),
+        };
+        assert!(expected, "zygote fd {fd}: {target}");
+    }
+    // Its child keeps none of the zygote's sockets.
+    for (fd, target) in links(w.pid()) {
+        assert!(!target.starts_with("socket:"), "host fd {fd}: {target}");
+    }
     assert_hardened(&w).await;
     // Its exit status comes from the zygote: a kill is reported as one.
     let pid = w.pid();
@@ -377,7 +397,10 @@ async fn a_host_started_ahead_serves_the_next_worker() {
     // runtimes keep one each): try until one of ours is served.
     for attempt in 0.. {
         assert!(attempt < 50, "no worker started on the host started ahead");
-        let builder = Kind::Wasm.script();
+        // Named: the zygote forks the hosts of this program unnamed.
+        let builder = Kind::Wasm
+            .script()
+            .host_program(std::env::current_exe().unwrap());
         builder.start_host_ahead();
         let deadline = Instant::now() + Duration::from_secs(10);
         let ahead = loop {

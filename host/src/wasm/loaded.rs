@@ -131,6 +131,61 @@ pub(crate) fn take_ahead(fuel: bool) -> Ahead {
     made.filter(|_| !fuel)
 }
 
+/// The artifact a zygote loaded before its last fork, for the host it
+/// forked (which takes it if its `Init` names the same verified file):
+/// the child skips deserializing it, and shares its pages.
+static PRELOADED: Mutex<Option<(Key, Linked)>> = Mutex::new(None);
+
+/// Loads the artifact at `path`, verified by the manager as `identity`,
+/// in a zygote, with the engine and linker made ahead, unless it is loaded
+/// already: the hosts it forks next find it with [`take_preloaded`]. A
+/// failure is left for the host to meet and report. Returns whether it
+/// loaded one now.
+pub(crate) fn preload(path: String, identity: ArtifactIdentity) -> bool {
+    let key = Key {
+        path,
+        identity,
+        fuel: false,
+    };
+    let mut preloaded = PRELOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if preloaded.as_ref().is_some_and(|(k, _)| *k == key) {
+        return false;
+    }
+    *preloaded = None;
+    let made = match &*ahead() {
+        Some(Making::Made(made)) => made.as_ref().clone(),
+        _ => None,
+    };
+    if made.is_none() {
+        return true;
+    }
+    if let Ok(linked) = load_linked_file(&key.path, Some(&key.identity), false, made) {
+        *preloaded = Some((key, linked));
+    }
+    true
+}
+
+/// What the zygote preloaded, if it is what `config` asks for.
+pub(crate) fn take_preloaded(config: &HostConfig) -> Option<Linked> {
+    let GuestSpec::Artifact {
+        path,
+        identity: Some(identity),
+    } = &config.guest
+    else {
+        return None;
+    };
+    let key = Key {
+        path: path.clone(),
+        identity: *identity,
+        fuel: config.fuel.is_some(),
+    };
+    let mut preloaded = PRELOADED.lock().unwrap_or_else(|e| e.into_inner());
+    match preloaded.take() {
+        Some((k, linked)) if k == key => Some(linked),
+        _ => None,
+    }
+}
+
 /// Loads the precompiled component of `config` and links it: the engine
 /// and the component ready to instantiate. `ahead` is an engine and
 /// linker made before (for the same fuel setting).
@@ -138,10 +193,19 @@ pub(super) fn load_linked(config: &HostConfig, ahead: Ahead) -> Result<Linked, S
     let GuestSpec::Artifact { path, identity } = &config.guest else {
         return Err("not a wasm guest".into());
     };
+    load_linked_file(path, identity.as_ref(), config.fuel.is_some(), ahead)
+}
+
+fn load_linked_file(
+    path: &str,
+    identity: Option<&ArtifactIdentity>,
+    fuel: bool,
+    ahead: Ahead,
+) -> Result<Linked, StartFailed> {
     let (engine, linker) = match ahead {
         Some(made) => made,
         None => {
-            let engine = Engine::new(&engine_config(config.fuel.is_some()))
+            let engine = Engine::new(&engine_config(fuel))
                 .map_err(|e| format!("cannot create the wasm engine: {e:#}"))?;
             let linker = linker(&engine).map_err(|e| format!("{e:#}"))?;
             (engine, linker)
@@ -153,7 +217,7 @@ pub(super) fn load_linked(config: &HostConfig, ahead: Ahead) -> Result<Linked, S
             format!("cannot load the compiled component {path}: {e}"),
         )
     };
-    let artifact = open_artifact(path, identity.as_ref()).map_err(load_failed)?;
+    let artifact = open_artifact(path, identity).map_err(load_failed)?;
     // SAFETY: the artifact is a regular file of this user that nobody
     // else may write (checked on the open file), the very file whose
     // bytes the manager verified against its cache's MAC, unchanged

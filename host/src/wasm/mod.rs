@@ -14,7 +14,7 @@
 
 mod limits;
 mod loaded;
-pub(crate) use loaded::{make_ahead_here, start_ahead, take_ahead};
+pub(crate) use loaded::{make_ahead_here, preload, start_ahead, take_ahead};
 mod memory;
 mod output;
 mod spares;
@@ -178,7 +178,10 @@ impl WasmGuest {
         // Now: a host's sandbox closes the filesystem once it is loaded.
         memory::open_maps();
         let (engine, pre) = match place {
-            crate::Place::Process => loaded::load_linked(config, ahead)?,
+            crate::Place::Process => match loaded::take_preloaded(config) {
+                Some(linked) => linked,
+                None => loaded::load_linked(config, ahead)?,
+            },
             crate::Place::InProcess => loaded::get_or_load(config)?,
         };
         // The timer's kill: the epoch bump traps running wasm code (the
