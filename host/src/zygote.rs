@@ -200,6 +200,12 @@ pub fn run_zygote() -> i32 {
         }
         match recv(control) {
             Ok(Some(([FORK, ..], tail, fds))) if fds.len() == 3 => {
+                // The artifact it holds was changed under it: the manager
+                // starts an exec'd host, and a new zygote later.
+                #[cfg(feature = "wasm")]
+                if !crate::wasm::preloaded_intact() {
+                    return crate::exit::RESTART;
+                }
                 #[cfg(feature = "wasm")]
                 if let Ok((path, identity)) = rmp_serde::from_slice(&tail)
                     && crate::wasm::preload(path, identity)

@@ -165,6 +165,18 @@ pub(crate) fn preload(path: String, identity: ArtifactIdentity) -> bool {
     true
 }
 
+/// Whether the file the zygote preloaded is still the one it loaded (or
+/// none is). One changed in place (truncated, overwritten) may fault on
+/// any page of its mapping, in the zygote or in a host forked from it: a
+/// zygote finding it changed must go, not fork or even unload it.
+pub(crate) fn preloaded_intact() -> bool {
+    let preloaded = PRELOADED.lock().unwrap_or_else(|e| e.into_inner());
+    preloaded.as_ref().is_none_or(|(key, _)| {
+        std::fs::symlink_metadata(&key.path)
+            .is_ok_and(|meta| ArtifactIdentity::of(&meta) == key.identity)
+    })
+}
+
 /// What the zygote preloaded, if it is what `config` asks for.
 pub(crate) fn take_preloaded(config: &HostConfig) -> Option<Linked> {
     let GuestSpec::Artifact {

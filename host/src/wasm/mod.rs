@@ -14,7 +14,7 @@
 
 mod limits;
 mod loaded;
-pub(crate) use loaded::{make_ahead_here, preload, start_ahead, take_ahead};
+pub(crate) use loaded::{make_ahead_here, preload, preloaded_intact, start_ahead, take_ahead};
 mod memory;
 mod output;
 mod spares;
