@@ -61,7 +61,17 @@ pub struct Session {
     scope: Scope<'static>,
     /// Every function defined so far, merged into one function-only AST.
     functions: AST,
+    /// Snippets compiled before, by their text, the most recently used
+    /// last: a notebook re-runs its cells, a judge or a service sends the
+    /// same code again, and parsing is most of a small eval.
+    compiled: Vec<(Option<String>, AST)>,
 }
+
+/// Compiled snippets kept.
+const COMPILED_KEPT: usize = 64;
+/// Longest snippet kept compiled (a long one is rarely sent twice, and its
+/// parse is small beside its run).
+const COMPILED_MAX_LEN: usize = 4 << 10;
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
@@ -197,19 +207,51 @@ impl Session {
             engine,
             scope: Scope::new(),
             functions: AST::empty(),
+            compiled: Vec::new(),
         }
+    }
+
+    /// `code` compiled, from the snippets compiled before if it is one.
+    /// Compiled without the session's scope: with it, the optimizer would
+    /// fold the constants the scope holds now into a tree kept for later,
+    /// when they may have been shadowed.
+    fn compiled<'a>(
+        engine: &Engine,
+        compiled: &'a mut Vec<(Option<String>, AST)>,
+        code: &str,
+    ) -> Result<&'a AST, String> {
+        match compiled
+            .iter()
+            .position(|(text, _)| text.as_deref() == Some(code))
+        {
+            Some(at) => {
+                let hit = compiled.remove(at);
+                compiled.push(hit);
+            }
+            None => {
+                let ast = engine
+                    .compile(code)
+                    .map_err(|e| format!("syntax error: {e}"))?;
+                // A long one gets no name, and goes at the next miss.
+                compiled.retain(|(text, _)| text.is_some());
+                if compiled.len() >= COMPILED_KEPT {
+                    compiled.remove(0);
+                }
+                let text = (code.len() <= COMPILED_MAX_LEN).then(|| code.to_string());
+                compiled.push((text, ast));
+            }
+        }
+        Ok(&compiled.last().expect("just pushed").1)
     }
 
     /// Evaluates `code` in the session and returns its value as MessagePack.
     pub fn eval(&mut self, code: &str) -> Result<Vec<u8>, String> {
-        let ast = self
-            .engine
-            .compile_with_scope(&self.scope, code)
-            .map_err(|e| format!("syntax error: {e}"))?;
+        let ast = Self::compiled(&self.engine, &mut self.compiled, code)?;
         // Functions become part of the session before the code runs, so
         // a script may call a function it defines further down.
-        self.functions.combine(ast.clone_functions_only());
-        let program = self.functions.merge(&ast);
+        let defined = ast.clone_functions_only();
+        let program = self.functions.merge(ast);
+        self.functions.combine(defined);
         let value: Dynamic = self
             .engine
             .eval_ast_with_scope(&mut self.scope, &program)
@@ -374,6 +416,39 @@ mod tests {
         assert_eq!(value::<i64>(s.eval("add(x, 2)")), 42);
         let args = rmp_serde::to_vec(&(1, 2)).unwrap();
         assert_eq!(value::<i64>(s.call("add", &args)), 3);
+    }
+
+    /// A snippet sent again runs from its compiled tree, against the
+    /// session as it is now: variables, constants and functions changed
+    /// since are seen, and the optimizer folded none of them into it.
+    #[test]
+    fn a_snippet_sent_again_sees_the_session_as_it_is_now() {
+        let mut s = Session::new(Rc::new(TestHost::default()));
+        s.eval("let x = 1; const k = 10; fn f() { 100 }").unwrap();
+        let snippet = "x + k + f()";
+        assert_eq!(value::<i64>(s.eval(snippet)), 111);
+        s.eval("x = 2; const k = 20; fn f() { 200 }").unwrap();
+        assert_eq!(value::<i64>(s.eval(snippet)), 222);
+        assert_eq!(s.compiled.len(), 3, "kept once each");
+    }
+
+    /// What is kept is bounded: the oldest go, a long snippet is not kept
+    /// (and is not what an empty one finds), a syntax error is not kept.
+    #[test]
+    fn compiled_snippets_are_bounded() {
+        let mut s = Session::new(Rc::new(TestHost::default()));
+        for i in 0..COMPILED_KEPT + 10 {
+            assert_eq!(value::<i64>(s.eval(&format!("{i} + 0"))), i as i64);
+        }
+        assert_eq!(s.compiled.len(), COMPILED_KEPT);
+        assert_eq!(value::<i64>(s.eval("0 + 0")), 0, "an evicted one compiles again");
+        let long = format!("{}7", " ".repeat(COMPILED_MAX_LEN));
+        assert_eq!(value::<i64>(s.eval(&long)), 7);
+        assert_eq!(value::<()>(s.eval("")), ());
+        assert!(s.compiled.iter().all(|(text, _)| text.is_some()));
+        assert!(s.eval("1 +").is_err());
+        assert!(s.eval("1 +").unwrap_err().starts_with("syntax error"));
+        assert!(s.compiled.iter().all(|(text, _)| text.as_deref() != Some("1 +")));
     }
 
     #[test]
