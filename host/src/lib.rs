@@ -28,6 +28,7 @@
 
 mod channels;
 mod control;
+mod handoff;
 #[cfg(feature = "wasm")]
 mod harden;
 mod native;

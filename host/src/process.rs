@@ -113,8 +113,15 @@ fn serve_on_stdio(native: Option<NativeFactory>) -> i32 {
             return exit::START_FAILED;
         }
     };
-    let input = std::io::stdin().lock();
-    serve(input, protocol_out, Place::Process, native)
+    // An idle guest thread reads the next request itself (no hand-off
+    // between threads on a call's way in) when the stream can be shared.
+    match crate::handoff::Turn::new() {
+        Some(turn) => {
+            let input = Box::new(crate::handoff::Stdin::new(turn.clone()));
+            crate::serve::serve_stream(input, protocol_out, Place::Process, native, Some(turn))
+        }
+        None => serve(std::io::stdin(), protocol_out, Place::Process, native),
+    }
 }
 
 /// Duplicates fd 1 for the protocol and points fd 1 at /dev/null until

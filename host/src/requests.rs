@@ -16,19 +16,25 @@ pub(crate) fn guest_loop(
     work: Receiver<(u64, Job, ReplyMode)>,
     shared: &Shared,
     place: Place,
+    mut idle: Option<crate::serve::Idle>,
 ) {
     loop {
-        let next = work.try_recv().or_else(|_| {
+        let next = work.try_recv().map(|r| (r, true)).or_else(|_| {
             // Nothing more is queued: what was held goes out now.
             shared.flush_held();
-            work.recv()
+            match &mut idle {
+                Some(read) => Ok(read(&work)),
+                None => work.recv().map(|r| (r, true)),
+            }
         });
-        let Ok((id, job, mode)) = next else {
+        let Ok(((id, job, mode), queued)) = next else {
             return;
         };
-        shared
-            .queued
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if queued {
+            shared
+                .queued
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
         let go_on = match job {
             Job::One(work) => run_one(&mut *guest, shared, place, id, work, mode),
             Job::Batch { name, args } => run_batch(&mut *guest, shared, place, id, name, args),

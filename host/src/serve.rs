@@ -18,17 +18,35 @@ pub enum Place {
 /// manager says stop; returns the exit code.
 #[doc(hidden)]
 pub fn serve(
-    input: impl std::io::Read,
+    input: impl std::io::Read + Send + 'static,
     output: impl Write + Send + 'static,
     place: Place,
     native: Option<NativeFactory>,
+) -> i32 {
+    serve_stream(Box::new(input), output, place, native, None)
+}
+
+/// The manager's stream, buffered.
+type Stream = BufReader<crate::remote::Heard<Box<dyn std::io::Read + Send>>>;
+
+/// A request read and not queued: run it now.
+type Request = (u64, Job, ReplyMode);
+
+/// Serves one worker; with a `turn`, the guest thread reads the stream
+/// itself while it is idle (see [`crate::handoff`]).
+pub(crate) fn serve_stream(
+    input: Box<dyn std::io::Read + Send>,
+    output: impl Write + Send + 'static,
+    place: Place,
+    native: Option<NativeFactory>,
+    turn: Option<Arc<crate::handoff::Turn>>,
 ) -> i32 {
     #[cfg(feature = "wasm")]
     if place == Place::Process {
         wasm::start_ahead();
     }
     let (input, heard) = crate::remote::Heard::new(input);
-    let mut input = BufReader::with_capacity(64 << 10, input);
+    let mut input: Stream = BufReader::with_capacity(64 << 10, input);
     let mut output = output;
     let mut config = match read_init(&mut input) {
         Ok(c) => c,
@@ -61,6 +79,20 @@ pub fn serve(
     let timer = spawn_timer(&shared, place);
     let (work_tx, work_rx) = std::sync::mpsc::channel();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
+    // With a turn the stream is shared; `input` is then an empty stand-in.
+    let (shared_input, mut input) = match turn {
+        Some(turn) => {
+            let empty: Box<dyn std::io::Read + Send> = Box::new(std::io::empty());
+            let stand_in = BufReader::new(crate::remote::Heard::new(empty).0);
+            let shared = crate::handoff::SharedInput::new(input, turn);
+            (Some(Arc::new(shared)), stand_in)
+        }
+        None => (None, input),
+    };
+    let idle = shared_input.clone().map(|input| {
+        let s = shared.clone();
+        Box::new(move |work: &Receiver<Request>| read_while_idle(&input, &s, work)) as Idle
+    });
     let s = shared.clone();
     let guest_thread = std::thread::Builder::new()
         .name("malt-guest".into())
@@ -73,7 +105,7 @@ pub fn serve(
             let ok = started.is_ok();
             let _ = started_tx.send(started);
             if ok {
-                super::requests::guest_loop(guest, work_rx, &s, place);
+                super::requests::guest_loop(guest, work_rx, &s, place, idle);
             }
         })
         .expect("spawn guest thread");
@@ -109,7 +141,10 @@ pub fn serve(
     if let Some(interval) = config.heartbeat.filter(|_| place == Place::Process) {
         heard.spawn(interval);
     }
-    let code = read_loop(&mut input, &shared, &work_tx);
+    let code = match &shared_input {
+        Some(input) => read_loop_sharing(input, &shared, &work_tx),
+        None => read_loop(&mut input, &shared, &work_tx),
+    };
     if place == Place::Process {
         // Stop or end of stream: the process exits with the other threads
         // wherever they are; the guest may be in the middle of a request.
@@ -307,92 +342,157 @@ fn queue(
     }
 }
 
+/// What reading the next frame came to.
+enum Next {
+    /// A call, eval or batch to run.
+    Request(Request),
+    /// A message served at once (an interrupt, a channel operation, a ping).
+    Served,
+    /// The reader thread was asked for the stream, between frames.
+    Yield,
+    /// The host ends with this code (stop, end of stream, a bad frame).
+    Exit(i32),
+}
+
+/// Reads the next frame and serves it, unless it is a request to run.
+fn next(input: &mut Stream, shared: &Shared) -> Next {
+    // Calls, the frequent request and the one that can be large, are
+    // read in place.
+    let body = match protocol::read_frame(input, shared.max_frame).map(protocol::decode_call) {
+        Ok(Ok((id, name, args, reply))) => {
+            return Next::Request((id, Job::One(Work::Call { name, args }), reply));
+        }
+        Ok(Err(body)) => Ok(body),
+        Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return Next::Yield,
+        Err(e) => Err(e),
+    };
+    let message = match body.and_then(|body| protocol::decode::<ToHost>(&body)) {
+        Ok(m) => m,
+        // The manager is gone: a worker dies with its manager.
+        Err(FrameError::Eof) => return Next::Exit(exit::OK),
+        Err(e) => {
+            let message = format!("bad frame from the manager: {e}");
+            eprintln!("malt host: {message}");
+            shared.send(&FromHost::Fatal {
+                kind: FatalKind::Protocol,
+                message,
+            });
+            return Next::Exit(exit::PROTOCOL);
+        }
+    };
+    match message {
+        ToHost::Call {
+            id,
+            name,
+            args,
+            reply,
+        } => {
+            let args = args.into();
+            Next::Request((id, Job::One(Work::Call { name, args }), reply))
+        }
+        ToHost::Eval { id, code, reply } => {
+            Next::Request((id, Job::One(Work::Eval { code }), reply))
+        }
+        ToHost::CallBatch { id, name, args } => {
+            let args = args
+                .into_iter()
+                .map(serde_bytes::ByteBuf::into_vec)
+                .collect();
+            Next::Request((id, Job::Batch { name, args }, ReplyMode::Value))
+        }
+        ToHost::Interrupt { up_to } => {
+            shared.control.interrupt(up_to, &shared.channels);
+            Next::Served
+        }
+        ToHost::ChannelOpen { id, name, capacity } => {
+            let result = shared.channels.open(&name, capacity as usize);
+            shared.reply(id, result.map(|()| None).map_err(Failure::Invalid));
+            Next::Served
+        }
+        ToHost::ChannelPut { id, name, value } => {
+            shared.channels.manager_put(shared, id, &name, value);
+            Next::Served
+        }
+        ToHost::ChannelTake { id, name } => {
+            shared.channels.manager_take(shared, id, &name);
+            Next::Served
+        }
+        ToHost::ChannelIsReady { id, name } => {
+            let ready = shared.channels.is_ready(&name);
+            shared.reply(id, Ok(Some(rmp_serde::to_vec(&ready).unwrap_or_default())));
+            Next::Served
+        }
+        ToHost::Stop => Next::Exit(exit::OK),
+        ToHost::Ping => {
+            shared.send(&FromHost::Pong);
+            Next::Served
+        }
+        ToHost::Component(_) => {
+            eprintln!("malt host: a component outside the handshake");
+            Next::Exit(exit::PROTOCOL)
+        }
+        ToHost::Init(_) => {
+            eprintln!("malt host: a second Init frame");
+            Next::Exit(exit::PROTOCOL)
+        }
+    }
+}
+
 /// Reads and dispatches requests until the stream ends or a Stop arrives.
-fn read_loop(
-    input: &mut impl std::io::Read,
-    shared: &Shared,
-    work: &std::sync::mpsc::Sender<(u64, Job, ReplyMode)>,
-) -> i32 {
+fn read_loop(input: &mut Stream, shared: &Shared, work: &std::sync::mpsc::Sender<Request>) -> i32 {
     loop {
-        // Calls, the frequent request and the one that can be large, are
-        // read in place.
-        let body = match protocol::read_frame(input, shared.max_frame).map(protocol::decode_call) {
-            Ok(Ok((id, name, args, reply))) => {
-                queue(
-                    shared,
-                    work,
-                    (id, Job::One(Work::Call { name, args }), reply),
-                );
-                continue;
+        match next(input, shared) {
+            Next::Request(request) => queue(shared, work, request),
+            Next::Served | Next::Yield => {}
+            Next::Exit(code) => return code,
+        }
+    }
+}
+
+/// As [`read_loop`], on a stream the idle guest thread may ask for.
+fn read_loop_sharing(
+    input: &crate::handoff::SharedInput<Stream>,
+    shared: &Shared,
+    work: &std::sync::mpsc::Sender<Request>,
+) -> i32 {
+    let mut stream = input.reader_takes();
+    loop {
+        input.turn().at_frame_boundary(stream.buffer().is_empty());
+        match next(&mut stream, shared) {
+            Next::Request(request) => queue(shared, work, request),
+            Next::Served => {}
+            Next::Yield => stream = input.reader_yields(stream),
+            Next::Exit(code) => return code,
+        }
+    }
+}
+
+/// How the idle guest thread waits for its next request: reading the
+/// stream itself. `true` with a request taken from the queue.
+pub(crate) type Idle = Box<dyn FnMut(&Receiver<Request>) -> (Request, bool) + Send>;
+
+/// The guest thread, idle, takes the stream and reads until a request
+/// to run: one the reader thread queued meanwhile, or one it reads. It
+/// gives the stream back before it returns. The host's end (stop, end of
+/// stream) ends the process from here.
+fn read_while_idle(
+    input: &crate::handoff::SharedInput<Stream>,
+    shared: &Shared,
+    work: &Receiver<Request>,
+) -> (Request, bool) {
+    let mut stream = input.guest_takes();
+    loop {
+        if let Ok(request) = work.try_recv() {
+            input.guest_gives_back(stream);
+            return (request, true);
+        }
+        match next(&mut stream, shared) {
+            Next::Request(request) => {
+                input.guest_gives_back(stream);
+                return (request, false);
             }
-            Ok(Err(body)) => Ok(body),
-            Err(e) => Err(e),
-        };
-        let message = match body.and_then(|body| protocol::decode::<ToHost>(&body)) {
-            Ok(m) => m,
-            // The manager is gone: a worker dies with its manager.
-            Err(FrameError::Eof) => return exit::OK,
-            Err(e) => {
-                let message = format!("bad frame from the manager: {e}");
-                eprintln!("malt host: {message}");
-                shared.send(&FromHost::Fatal {
-                    kind: FatalKind::Protocol,
-                    message,
-                });
-                return exit::PROTOCOL;
-            }
-        };
-        match message {
-            ToHost::Call {
-                id,
-                name,
-                args,
-                reply,
-            } => {
-                let args = args.into();
-                queue(
-                    shared,
-                    work,
-                    (id, Job::One(Work::Call { name, args }), reply),
-                );
-            }
-            ToHost::Eval { id, code, reply } => {
-                queue(shared, work, (id, Job::One(Work::Eval { code }), reply));
-            }
-            ToHost::CallBatch { id, name, args } => {
-                let args = args
-                    .into_iter()
-                    .map(serde_bytes::ByteBuf::into_vec)
-                    .collect();
-                queue(
-                    shared,
-                    work,
-                    (id, Job::Batch { name, args }, ReplyMode::Value),
-                );
-            }
-            ToHost::Interrupt { up_to } => shared.control.interrupt(up_to, &shared.channels),
-            ToHost::ChannelOpen { id, name, capacity } => {
-                let result = shared.channels.open(&name, capacity as usize);
-                shared.reply(id, result.map(|()| None).map_err(Failure::Invalid));
-            }
-            ToHost::ChannelPut { id, name, value } => {
-                shared.channels.manager_put(shared, id, &name, value)
-            }
-            ToHost::ChannelTake { id, name } => shared.channels.manager_take(shared, id, &name),
-            ToHost::ChannelIsReady { id, name } => {
-                let ready = shared.channels.is_ready(&name);
-                shared.reply(id, Ok(Some(rmp_serde::to_vec(&ready).unwrap_or_default())));
-            }
-            ToHost::Stop => return exit::OK,
-            ToHost::Ping => shared.send(&FromHost::Pong),
-            ToHost::Component(_) => {
-                eprintln!("malt host: a component outside the handshake");
-                return exit::PROTOCOL;
-            }
-            ToHost::Init(_) => {
-                eprintln!("malt host: a second Init frame");
-                return exit::PROTOCOL;
-            }
+            Next::Served | Next::Yield => {}
+            Next::Exit(code) => std::process::exit(code),
         }
     }
 }

@@ -441,14 +441,22 @@ mod tests {
             assert_eq!(value::<i64>(s.eval(&format!("{i} + 0"))), i as i64);
         }
         assert_eq!(s.compiled.len(), COMPILED_KEPT);
-        assert_eq!(value::<i64>(s.eval("0 + 0")), 0, "an evicted one compiles again");
+        assert_eq!(
+            value::<i64>(s.eval("0 + 0")),
+            0,
+            "an evicted one compiles again"
+        );
         let long = format!("{}7", " ".repeat(COMPILED_MAX_LEN));
         assert_eq!(value::<i64>(s.eval(&long)), 7);
         assert_eq!(value::<()>(s.eval("")), ());
         assert!(s.compiled.iter().all(|(text, _)| text.is_some()));
         assert!(s.eval("1 +").is_err());
         assert!(s.eval("1 +").unwrap_err().starts_with("syntax error"));
-        assert!(s.compiled.iter().all(|(text, _)| text.as_deref() != Some("1 +")));
+        assert!(
+            s.compiled
+                .iter()
+                .all(|(text, _)| text.as_deref() != Some("1 +"))
+        );
     }
 
     #[test]
