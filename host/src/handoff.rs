@@ -28,6 +28,8 @@ pub(crate) struct Turn {
     may_yield: AtomicBool,
     /// The guest thread holds it (its reads need no poll).
     guest_holds: AtomicBool,
+    /// The reader thread waits in its poll for bytes.
+    reader_waits: AtomicBool,
     /// Written to wake the reader thread out of its poll.
     wake: OwnedFd,
     /// The reader thread waits here for the stream back.
@@ -48,6 +50,7 @@ impl Turn {
             wanted: AtomicBool::new(false),
             may_yield: AtomicBool::new(false),
             guest_holds: AtomicBool::new(false),
+            reader_waits: AtomicBool::new(false),
             // SAFETY: as above.
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
             given_back: Mutex::new(()),
@@ -96,8 +99,11 @@ impl Read for Stdin {
                         revents: 0,
                     },
                 ];
+                turn.reader_waits.store(true, Ordering::Release);
                 // SAFETY: two valid pollfds.
-                if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+                let polled = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                turn.reader_waits.store(false, Ordering::Release);
+                if polled < 0 {
                     let e = io::Error::last_os_error();
                     if e.kind() == io::ErrorKind::Interrupted {
                         continue;
@@ -174,6 +180,23 @@ impl<R> SharedInput<R> {
         }
         drop(waiting);
         self.lock()
+    }
+
+    /// Whether the stream is worth taking for the idle guest thread: the
+    /// reader thread waits for bytes that have not come. Otherwise (calls
+    /// streaming in) it is about to queue the next request, and taking the
+    /// stream would only add switches between the threads.
+    pub fn worth_taking(&self, fd: std::os::fd::RawFd) -> bool {
+        if !self.turn.reader_waits.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no wait.
+        unsafe { libc::poll(&mut poll, 1, 0) == 0 }
     }
 
     /// The guest thread asks for the stream and waits until the reader

@@ -22,8 +22,8 @@ pub(crate) fn guest_loop(
         let next = work.try_recv().map(|r| (r, true)).or_else(|_| {
             // Nothing more is queued: what was held goes out now.
             shared.flush_held();
-            match &mut idle {
-                Some(read) => Ok(read(&work)),
+            match idle.as_mut().and_then(|read| read(&work)) {
+                Some(next) => Ok(next),
                 None => work.recv().map(|r| (r, true)),
             }
         });

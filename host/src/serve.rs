@@ -468,8 +468,9 @@ fn read_loop_sharing(
 }
 
 /// How the idle guest thread waits for its next request: reading the
-/// stream itself. `true` with a request taken from the queue.
-pub(crate) type Idle = Box<dyn FnMut(&Receiver<Request>) -> (Request, bool) + Send>;
+/// stream itself (`None` when it is not worth it: then from the queue).
+/// `true` with a request taken from the queue.
+pub(crate) type Idle = Box<dyn FnMut(&Receiver<Request>) -> Option<(Request, bool)> + Send>;
 
 /// The guest thread, idle, takes the stream and reads until a request
 /// to run: one the reader thread queued meanwhile, or one it reads. It
@@ -479,17 +480,20 @@ fn read_while_idle(
     input: &crate::handoff::SharedInput<Stream>,
     shared: &Shared,
     work: &Receiver<Request>,
-) -> (Request, bool) {
+) -> Option<(Request, bool)> {
+    if !input.worth_taking(0) {
+        return None;
+    }
     let mut stream = input.guest_takes();
     loop {
         if let Ok(request) = work.try_recv() {
             input.guest_gives_back(stream);
-            return (request, true);
+            return Some((request, true));
         }
         match next(&mut stream, shared) {
             Next::Request(request) => {
                 input.guest_gives_back(stream);
-                return (request, false);
+                return Some((request, false));
             }
             Next::Served | Next::Yield => {}
             Next::Exit(code) => std::process::exit(code),
