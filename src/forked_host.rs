@@ -12,7 +12,7 @@
 //! terminal and the process group, and locks itself down after its
 //! `Init` exactly as a spawned host does (the same code from there on).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 
 use crate::host_child::HostChild;
@@ -62,41 +62,21 @@ pub fn fork_host_ahead() -> bool {
     else {
         return false;
     };
-    // SAFETY: getpid and fork have no preconditions; this process has one
-    // thread (checked above, and only this thread could start another),
-    // so the child's memory is consistent and no lock in it is held.
+    // SAFETY: getpid has no preconditions; this process has one thread
+    // (checked above, and only this thread could start another). The
+    // child's pipes become its standard streams (the originals are closed
+    // with every other inherited descriptor).
     let parent = unsafe { libc::getpid() };
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // The child: its pipes become its standard streams (dup2 clears
-        // close-on-exec on the copies; the originals are closed with every
-        // other inherited descriptor).
-        // SAFETY: dup2 on descriptors this process owns.
-        unsafe {
-            libc::dup2(in_r.as_raw_fd(), 0);
-            libc::dup2(out_w.as_raw_fd(), 1);
-            libc::dup2(err_w.as_raw_fd(), 2);
-        }
-        malt_host::set_component_store(crate::cache::remote_store);
-        std::process::exit(malt_host::run_forked_process(parent));
-    }
-    if pid < 0 {
-        return false;
-    }
+    let forked = unsafe {
+        malt_host::fork_host([in_r.as_fd(), out_w.as_fd(), err_w.as_fd()], || {
+            malt_host::set_component_store(crate::cache::remote_store);
+            malt_host::run_forked_process(parent)
+        })
+    };
     drop((in_r, out_w, err_w));
-    // SAFETY: pidfd_open on our own child; the result, if a descriptor,
-    // is owned by the OwnedFd alone.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        // SAFETY: kill and waitpid on our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
-        }
+    let Ok((pid, pidfd)) = forked else {
         return false;
-    }
-    // SAFETY: as above.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    };
     *lock() = Some(Forked {
         program,
         pid,

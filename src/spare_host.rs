@@ -95,17 +95,15 @@ pub(crate) async fn take(program: &Path, arg: &str) -> Option<HostChild> {
     }
 }
 
-/// A worker's host of `program` started: from the second start on, the
-/// next host is prepared: the zygote is started if `this_program` serves
-/// (it then forks every later host), else a spare is made for the next
-/// one of this runtime, unless one is ready or being made. (The first
-/// start of a program made its host ahead itself, with [`prepare`].)
+/// A worker's host of `program` started: from the second start on, a
+/// spare is made for the next one of this runtime, unless one is ready or
+/// being made, or the zygote forks the hosts of `this_program`. (The
+/// first start of a program made its host ahead itself, with
+/// [`prepare`].)
 pub(crate) fn started(program: &Path, arg: &'static str, this_program: bool) {
-    if STARTS.fetch_add(1, Ordering::Relaxed) == 0 {
-        return;
-    }
-    if this_program && arg == malt_host::HOST_ARG {
-        crate::zygote::start(program);
+    if STARTS.fetch_add(1, Ordering::Relaxed) == 0
+        || (this_program && crate::zygote::serves(program, arg))
+    {
         return;
     }
     prepare(program, arg);

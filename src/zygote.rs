@@ -65,15 +65,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the zygote of `program` (this program) in the background,
-/// unless one is running or starting. Within a tokio runtime.
-pub(crate) fn start(program: &Path) {
-    let mut state = lock(&ZYGOTE);
-    if matches!(*state, State::None) {
-        start_locked(&mut state, program);
-    }
-}
-
+/// Starts the zygote of `program` (this program) in the background; the
+/// state says when it is ready. Within a tokio runtime.
 fn start_locked(state: &mut State, program: &Path) {
     let made = Arc::new(Notify::new());
     *state = State::Starting(made.clone());

@@ -59,7 +59,8 @@ pub(crate) use process::exit;
 #[cfg(feature = "wasm")]
 pub use process::harden_process;
 pub use process::{
-    close_inherited_files, first_arg_is, pipe, process_args, run_forked_process, run_process,
+    close_inherited_files, first_arg_is, fork_host, pipe, process_args, run_forked_process,
+    run_process,
 };
 pub use remote::{ComponentRequest, ComponentStore, set_component_store};
 #[cfg(feature = "wasm")]

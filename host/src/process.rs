@@ -174,6 +174,51 @@ pub fn close_inherited_files() {
     }
 }
 
+/// Forks this process into a host: the child moves `stdio` to its
+/// descriptors 0, 1 and 2 (the copies do not close on exec), runs `child`
+/// and exits with the code it returns; the parent gets the child's pid
+/// and a pidfd for it. Without a pidfd (Linux < 5.3) the child is killed
+/// and reaped, and the error returned.
+///
+/// # Safety
+///
+/// This process must have one thread: the child gets only the calling
+/// one, and a lock another thread held would stay locked in it.
+#[doc(hidden)]
+pub unsafe fn fork_host(
+    stdio: [std::os::fd::BorrowedFd<'_>; 3],
+    child: impl FnOnce() -> i32,
+) -> std::io::Result<(libc::pid_t, std::os::fd::OwnedFd)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: the caller vouches for one thread, so the child's memory is
+    // consistent and no lock in it is held; dup2 on descriptors this
+    // process owns.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        for (to, fd) in stdio.iter().enumerate() {
+            unsafe { libc::dup2(fd.as_raw_fd(), to as i32) };
+        }
+        std::process::exit(child());
+    }
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open on our own child, not reaped yet; the result, if
+    // a descriptor, is owned by the OwnedFd alone.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: kill and waitpid on our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(e);
+    }
+    // SAFETY: as above.
+    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd as i32) }))
+}
+
 /// A pipe whose two ends close on exec: (read end, write end).
 #[doc(hidden)]
 pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {

@@ -29,7 +29,14 @@ pub fn serve(
 /// The manager's stream, buffered.
 type Stream = BufReader<crate::remote::Heard<Box<dyn std::io::Read + Send>>>;
 
-/// A request read and not queued: run it now.
+/// The stream the reader thread reads: its own, or shared with the idle
+/// guest thread.
+enum Input {
+    Own(Stream),
+    Shared(Arc<crate::handoff::SharedInput<Stream>>),
+}
+
+/// A call, eval or batch, with its id and how to answer it.
 type Request = (u64, Job, ReplyMode);
 
 /// Serves one worker; with a `turn`, the guest thread reads the stream
@@ -79,20 +86,19 @@ pub(crate) fn serve_stream(
     let timer = spawn_timer(&shared, place);
     let (work_tx, work_rx) = std::sync::mpsc::channel();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
-    // With a turn the stream is shared; `input` is then an empty stand-in.
-    let (shared_input, mut input) = match turn {
-        Some(turn) => {
-            let empty: Box<dyn std::io::Read + Send> = Box::new(std::io::empty());
-            let stand_in = BufReader::new(crate::remote::Heard::new(empty).0);
-            let shared = crate::handoff::SharedInput::new(input, turn);
-            (Some(Arc::new(shared)), stand_in)
-        }
-        None => (None, input),
+    let mut input = match turn {
+        Some(turn) => Input::Shared(Arc::new(crate::handoff::SharedInput::new(input, turn))),
+        None => Input::Own(input),
     };
-    let idle = shared_input.clone().map(|input| {
-        let s = shared.clone();
-        Box::new(move |work: &Receiver<Request>| read_while_idle(&input, &s, work)) as Idle
-    });
+    let idle = match &input {
+        Input::Shared(input) => {
+            let (input, s) = (input.clone(), shared.clone());
+            Some(
+                Box::new(move |work: &Receiver<Request>| read_while_idle(&input, &s, work)) as Idle,
+            )
+        }
+        Input::Own(_) => None,
+    };
     let s = shared.clone();
     let guest_thread = std::thread::Builder::new()
         .name("malt-guest".into())
@@ -141,9 +147,9 @@ pub(crate) fn serve_stream(
     if let Some(interval) = config.heartbeat.filter(|_| place == Place::Process) {
         heard.spawn(interval);
     }
-    let code = match &shared_input {
-        Some(input) => read_loop_sharing(input, &shared, &work_tx),
-        None => read_loop(&mut input, &shared, &work_tx),
+    let code = match &mut input {
+        Input::Shared(input) => read_loop_sharing(input, &shared, &work_tx),
+        Input::Own(input) => read_loop(input, &shared, &work_tx),
     };
     if place == Place::Process {
         // Stop or end of stream: the process exits with the other threads

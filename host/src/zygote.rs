@@ -30,7 +30,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -259,23 +259,18 @@ fn fork_host(
     kept: &[i32],
     unblocked: &libc::sigset_t,
 ) -> io::Result<()> {
-    // SAFETY: getpid and fork have no preconditions; this process has one
-    // thread, so the child's memory is consistent and no lock is held.
+    // SAFETY: getpid has no preconditions; this process has one thread.
     let zygote = unsafe { libc::getpid() };
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: the child restores the signal state a host starts with
-        // and moves its three descriptors to 0, 1 and 2 (dup2 clears
-        // close-on-exec on the copies); the originals and every other
-        // descriptor above 2 but those `kept` are closed (the control
-        // socket was fd 0). Nothing here owns a closed one: the received
-        // ones are forgotten.
+    let stdio = [fds[0].as_fd(), fds[1].as_fd(), fds[2].as_fd()];
+    let child = || {
+        // SAFETY: the child restores the signal state a host starts
+        // with; the received descriptors (copied to 0, 1 and 2) and
+        // every other one above 2 but those `kept` are closed (the
+        // control socket was fd 0). Nothing here owns a closed one:
+        // the received ones are forgotten.
         unsafe {
             libc::signal(libc::SIGCHLD, libc::SIG_DFL);
             libc::sigprocmask(libc::SIG_SETMASK, unblocked, std::ptr::null_mut());
-            for (to, fd) in fds.iter().enumerate() {
-                libc::dup2(fd.as_raw_fd(), to as i32);
-            }
             let mut from = 3u32;
             for &keep in kept {
                 if keep as u32 > from {
@@ -285,24 +280,16 @@ fn fork_host(
             }
             libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
         }
-        std::process::exit(crate::process::serve_forked(zygote, true));
-    }
-    if pid < 0 {
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return send(control, [FAILED, 0, errno, 0], &[], &[]);
-    }
-    // The child is not reaped before this loop's next turn, so its pid is
-    // still its own here.
-    // SAFETY: pidfd_open on our own child; the descriptor, if one, is
-    // owned by the OwnedFd alone.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        // SAFETY: kill on our own unreaped child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        return send(control, [FAILED, 0, errno, 0], &[], &[]);
-    }
-    // SAFETY: as above.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        crate::process::serve_forked(zygote, true)
+    };
+    // SAFETY: this process has one thread.
+    let forked = unsafe { crate::process::fork_host(stdio, child) };
+    let (pid, pidfd) = match forked {
+        Ok(forked) => forked,
+        Err(e) => {
+            let errno = e.raw_os_error().unwrap_or(0);
+            return send(control, [FAILED, 0, errno, 0], &[], &[]);
+        }
+    };
     send(control, [FORKED, pid, 0, 0], &[], &[pidfd.as_fd()])
 }
