@@ -44,15 +44,22 @@ pub enum Error {
 
     /// The request was interrupted. `state_lost` tells whether the guest's
     /// session had to be reset because it did not stop by itself within
-    /// the interrupt grace period.
-    #[error("interrupted{}", if *state_lost { " (the guest did not stop in time: its state was reset)" } else { "" })]
+    /// the interrupt grace period; `rolled_back` that it was killed but
+    /// its session is as it was before the request
+    /// ([`WorkerBuilder::rollback`](crate::WorkerBuilder::rollback)).
+    #[error("interrupted{}", interrupted_detail(*state_lost, *rolled_back))]
     Interrupted {
         /// Whether the guest's state was lost.
         state_lost: bool,
+        /// Whether the guest was killed and rolled back to its state before
+        /// the request (nothing the request did remains).
+        rolled_back: bool,
     },
 
     /// The request ran past the worker's call timeout and was stopped (its
-    /// state is reset if it did not stop by itself).
+    /// state is reset if it did not stop by itself, or rolled back to
+    /// before the request with
+    /// [`WorkerBuilder::rollback`](crate::WorkerBuilder::rollback)).
     #[error("the call timed out")]
     Timeout,
 
@@ -131,6 +138,14 @@ pub enum Error {
     PoolExhausted(String),
 }
 
+fn interrupted_detail(state_lost: bool, rolled_back: bool) -> &'static str {
+    match (state_lost, rolled_back) {
+        (_, true) => " (the guest did not stop in time: it was rolled back to before the request)",
+        (true, false) => " (the guest did not stop in time: its state was reset)",
+        (false, false) => "",
+    }
+}
+
 fn stderr_tail(stderr: &str) -> String {
     let tail = stderr.trim();
     if tail.is_empty() {
@@ -160,8 +175,12 @@ impl Error {
         match self {
             Error::Remote(e) => Error::Remote(e.clone()),
             Error::TerminatedWorker => Error::TerminatedWorker,
-            Error::Interrupted { state_lost } => Error::Interrupted {
+            Error::Interrupted {
+                state_lost,
+                rolled_back,
+            } => Error::Interrupted {
                 state_lost: *state_lost,
+                rolled_back: *rolled_back,
             },
             Error::Timeout => Error::Timeout,
             Error::Trap { worker, message } => Error::Trap {

@@ -47,7 +47,7 @@ async fn interrupts_of(
         let err = running.await.unwrap_err();
         to_error.push(start.elapsed());
         assert!(
-            matches!(err, Error::Interrupted { state_lost: s } if s == state_lost),
+            matches!(err, Error::Interrupted { state_lost: s, .. } if s == state_lost),
             "{err:?}"
         );
         follow_up.await?;

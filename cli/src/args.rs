@@ -24,6 +24,11 @@ pub(crate) struct Sandbox {
     /// Environment variable for the guest, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub(crate) env: Vec<(String, String)>,
+    /// Roll the guest back to where it was before a call that had to be
+    /// killed (an ignored interrupt, a timeout) instead of restarting it
+    /// empty; costs a fork between calls.
+    #[arg(long)]
+    pub(crate) rollback: bool,
     /// Allow network access (not supported: malt workers have no network).
     #[arg(long)]
     pub(crate) allow_net: bool,
@@ -157,6 +162,7 @@ impl Sandbox {
                 ("--fuel", self.fuel.is_some()),
                 ("--dir", !self.dirs.is_empty()),
                 ("--python-path", !self.python_path.is_empty()),
+                ("--rollback", self.rollback),
             ] {
                 if given {
                     return Err(usage(format!(
@@ -173,6 +179,9 @@ impl Sandbox {
         }
         if let Some(f) = self.fuel {
             builder = builder.fuel(f);
+        }
+        if self.rollback {
+            builder = builder.rollback(true);
         }
         for (k, v) in &self.env {
             builder = builder.env(k, v);

@@ -151,10 +151,23 @@ async fn evaluate(worker: &malt::Worker, code: &str) {
     match result {
         Ok(rmpv::Value::Nil) => {}
         Ok(value) => println!("{}", crate::values::to_json(&value)),
-        Err(Error::Interrupted { state_lost: false }) => {
+        Err(Error::Interrupted {
+            rolled_back: true, ..
+        }) => println!(
+            "{}",
+            paint(
+                "33",
+                "interrupted: the guest did not stop in time and was rolled back to before this input"
+            )
+        ),
+        Err(Error::Interrupted {
+            state_lost: false, ..
+        }) => {
             println!("{}", paint("33", "interrupted (the session is intact)"));
         }
-        Err(Error::Interrupted { state_lost: true }) => println!(
+        Err(Error::Interrupted {
+            state_lost: true, ..
+        }) => println!(
             "{}",
             paint(
                 "33",

@@ -76,6 +76,16 @@ pub(crate) struct Channels {
 
 type Map<'a> = MutexGuard<'a, HashMap<String, Chan>>;
 
+/// One channel as [`Channels::export`] gives it: name, capacity, values,
+/// waiting manager takes (request ids), waiting manager puts.
+pub(crate) type ChannelState = (
+    String,
+    u64,
+    Vec<serde_bytes::ByteBuf>,
+    Vec<u64>,
+    Vec<(u64, serde_bytes::ByteBuf)>,
+);
+
 fn entry<'m>(map: &'m mut Map<'_>, name: &str, capacity: usize) -> Result<&'m mut Chan, String> {
     if !map.contains_key(name) {
         if map.len() >= MAX_CHANNELS {
@@ -121,6 +131,56 @@ impl Channels {
 
     fn lock(&self) -> Map<'_> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The whole state, for a host that hands the stream over to its
+    /// snapshot (`rollback`): each channel's name, capacity, values, and
+    /// the manager's takes and puts still waiting.
+    pub fn export(&self) -> Vec<ChannelState> {
+        use serde_bytes::ByteBuf;
+        self.lock()
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.clone(),
+                    c.capacity as u64,
+                    c.queue.iter().cloned().map(ByteBuf::from).collect(),
+                    c.takers.iter().copied().collect(),
+                    c.putters
+                        .iter()
+                        .map(|(id, v)| (*id, ByteBuf::from(v.clone())))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Replaces every channel with `state` (from [`Channels::export`]).
+    pub fn import(&self, state: Vec<ChannelState>) {
+        let mut map = self.lock();
+        map.clear();
+        let mut bytes = 0;
+        for (name, capacity, queue, takers, putters) in state {
+            let chan = Chan {
+                queue: queue.into_iter().map(|v| v.into_vec()).collect(),
+                capacity: capacity as usize,
+                takers: takers.into(),
+                putters: putters
+                    .into_iter()
+                    .map(|(id, v)| (id, v.into_vec()))
+                    .collect(),
+            };
+            bytes += chan.queue.iter().map(Vec::len).sum::<usize>();
+            bytes += chan.putters.iter().map(|(_, v)| v.len()).sum::<usize>();
+            map.insert(name, chan);
+        }
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Holds the channels' lock (taken before a fork, so that no other
+    /// thread holds it in the copy), or `None` if another thread has it.
+    pub fn try_hold(&self) -> Option<impl Sized + '_> {
+        self.map.try_lock().ok()
     }
 
     /// Wakes every blocked guest call so it can see an interrupt.

@@ -234,17 +234,37 @@ fn bpf_err(e: seccompiler::BackendError) -> String {
 /// per-syscall cache, and a search costs a few steps where a chain over
 /// a hundred calls costs a hundred (at every call the cache cannot answer,
 /// and for each syscall number when the filter is loaded).
-pub(crate) fn filters() -> Result<[BpfProgram; 2], String> {
+pub(crate) fn filters(policy: Policy) -> Result<[BpfProgram; 2], String> {
     // SAFETY: getpid has no preconditions.
-    filters_for(unsafe { libc::getpid() } as u64)
+    filters_for(unsafe { libc::getpid() } as u64, policy)
 }
 
+/// What a host may do besides serving its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// Nothing: no process of its own, no waiting for one.
+    Host,
+    /// A host that rolls its guest back (`HostConfig::rollback`): it forks
+    /// copies of itself (plain `fork`, nothing else `clone` can do), waits
+    /// for them, and sets the death signal of the copies.
+    Rollback,
+}
+
+/// The flags glibc's `fork` passes to `clone`.
+const FORK_FLAGS: u64 =
+    (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+
 /// [`filters`] for a process whose id is `me`: it may signal only itself.
-fn filters_for(me: u64) -> Result<[BpfProgram; 2], String> {
+fn filters_for(me: u64, policy: Policy) -> Result<[BpfProgram; 2], String> {
     let allow = libc::SECCOMP_RET_ALLOW;
+    let waits: &[i64] = match policy {
+        Policy::Host => &[],
+        Policy::Rollback => &[libc::SYS_wait4, libc::SYS_waitid],
+    };
     let mut by_number: Vec<(i64, u32)> = ALLOWED
         .iter()
         .chain(CONDITIONAL)
+        .chain(waits)
         .map(|&nr| (nr, allow))
         .collect();
     by_number.push((
@@ -254,7 +274,7 @@ fn filters_for(me: u64) -> Result<[BpfProgram; 2], String> {
     by_number.sort_unstable();
     by_number.dedup();
     let conditions =
-        BpfProgram::try_from(argument_filter(me)?).map_err(|e| format!("seccomp: {e}"))?;
+        BpfProgram::try_from(argument_filter(me, policy)?).map_err(|e| format!("seccomp: {e}"))?;
     Ok([number_filter(&by_number)?, conditions])
 }
 
@@ -371,14 +391,17 @@ fn rule_sized(
 /// fails): threads but no processes, signals to itself only, its own
 /// rlimits, unix socket pairs only, the `prctl` options that name threads
 /// and lock the process, and `ioctl` but for terminal injection.
-fn argument_filter(me: u64) -> Result<SeccompFilter, String> {
+fn argument_filter(me: u64, policy: Policy) -> Result<SeccompFilter, String> {
     use SeccompCmpOp::{Eq, MaskedEq, Ne};
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    // clone(flags, ...) without CLONE_THREAD makes a process.
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![(0, MaskedEq(libc::CLONE_THREAD as u64), 0)])?],
-    );
+    // clone(flags, ...) without CLONE_THREAD makes a process; a host that
+    // rolls back may make one exactly as fork does (no namespaces, no
+    // shared memory or files).
+    let mut process = vec![(0, MaskedEq(libc::CLONE_THREAD as u64), 0)];
+    if policy == Policy::Rollback {
+        process.push((0, Ne, FORK_FLAGS));
+    }
+    rules.insert(libc::SYS_clone, vec![rule(process)?]);
     // Signals to this process only (glibc's abort raises its own).
     for nr in [
         libc::SYS_kill,
@@ -411,6 +434,10 @@ fn argument_filter(me: u64) -> Result<SeccompFilter, String> {
                 libc::PR_SET_VMA,
             ]
             .into_iter()
+            .chain(match policy {
+                Policy::Host => None,
+                Policy::Rollback => Some(libc::PR_SET_PDEATHSIG),
+            })
             .map(|option| (0, Ne, option as u64))
             .collect(),
         )?],
@@ -471,14 +498,14 @@ fn lower_limit(resource: libc::__rlimit_resource_t, max: u64) -> Result<(), Stri
 }
 
 /// Applies the whole policy to this process (every thread).
-pub(crate) fn apply() -> Result<(), String> {
+pub(crate) fn apply(policy: Policy) -> Result<(), String> {
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
     }
     lower_limit(libc::RLIMIT_CORE, 0)?;
     lower_limit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES)?;
-    for filter in filters()? {
+    for filter in filters(policy)? {
         seccompiler::apply_filter_all_threads(&filter).map_err(|e| format!("seccomp: {e}"))?;
     }
     Ok(())
@@ -549,7 +576,7 @@ mod tests {
     /// here, before the fork, for a process id that is no process: so the
     /// probe may signal nobody, not even itself).
     fn in_child(probe: fn() -> i32, hardened: bool) -> i32 {
-        let filters = filters_for(0).unwrap();
+        let filters = filters_for(0, Policy::Host).unwrap();
         // SAFETY: the child only makes raw syscalls and exits.
         unsafe {
             let pid = libc::fork();

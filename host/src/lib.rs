@@ -35,6 +35,7 @@ mod native;
 mod process;
 mod remote;
 mod requests;
+mod rollback;
 mod serve;
 mod shared;
 #[cfg(feature = "wasm")]

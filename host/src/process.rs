@@ -32,6 +32,10 @@ pub(crate) mod exit {
     pub const UNKILLABLE: i32 = 4;
     pub const RESTART: i32 = 5;
     pub const LINK_LOST: i32 = 6;
+    /// A host that handed its stream over to its snapshot (rollback).
+    pub const HANDED_OVER: i32 = 7;
+    /// A snapshot that was not needed (a newer one replaced it).
+    pub const DROPPED: i32 = 8;
 }
 
 /// Runs a host process on stdin/stdout and returns its exit code: the
@@ -156,7 +160,7 @@ pub fn harden_process(
     dirs: &[malt_protocol::DirGrant],
     memory_limit: u64,
 ) -> Result<malt_protocol::Hardening, String> {
-    harden::apply()?;
+    harden::apply(harden::Policy::Host)?;
     harden::limit_data(memory_limit, 0)?;
     harden::restrict_files(dirs)
 }

@@ -226,6 +226,7 @@ mod tests {
             dirs: Vec::new(),
             heartbeat: None,
             warm_up: None,
+            rollback: false,
         }
     }
 

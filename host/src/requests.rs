@@ -2,6 +2,9 @@
 //! resets the guest after a trap or a kill.
 
 use super::*;
+use crate::control::Reason;
+use crate::rollback::Rollback;
+use crate::serve::Request;
 
 /// A queued request: one call or eval, or a batch of calls of one
 /// function (run in a loop here, answered with one frame).
@@ -13,20 +16,31 @@ pub(crate) enum Job {
 /// Runs requests one at a time, in arrival order.
 pub(crate) fn guest_loop(
     mut guest: Box<dyn Guest>,
-    work: Receiver<(u64, Job, ReplyMode)>,
+    mut work: Receiver<Request>,
     shared: &Shared,
     place: Place,
     mut idle: Option<crate::serve::Idle>,
+    mut rollback: Option<Rollback>,
 ) {
+    // Requests a failed hand-over took from the queue: they run first.
+    let mut given_back: std::collections::VecDeque<Request> = Default::default();
     loop {
-        let next = work.try_recv().map(|r| (r, true)).or_else(|_| {
-            // Nothing more is queued: what was held goes out now.
-            shared.flush_held();
-            match idle.as_mut().and_then(|read| read(&work)) {
-                Some(next) => Ok(next),
-                None => work.recv().map(|r| (r, true)),
-            }
-        });
+        if let Some(resumed) = rollback.as_mut().and_then(Rollback::snapshot_if_stale) {
+            // This process is the snapshot, and serves from here on.
+            work = resumed.work;
+            idle = resumed.idle;
+        }
+        let next = match given_back.pop_front() {
+            Some(request) => Ok((request, false)),
+            None => work.try_recv().map(|r| (r, true)).or_else(|_| {
+                // Nothing more is queued: what was held goes out now.
+                shared.flush_held();
+                match idle.as_mut().and_then(|read| read(&work)) {
+                    Some(next) => Ok(next),
+                    None => work.recv().map(|r| (r, true)),
+                }
+            }),
+        };
         let Ok(((id, job, mode), queued)) = next else {
             return;
         };
@@ -36,23 +50,34 @@ pub(crate) fn guest_loop(
                 .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
         let go_on = match job {
-            Job::One(work) => run_one(&mut *guest, shared, place, id, work, mode),
+            Job::One(request) => {
+                let ran = Ran {
+                    shared,
+                    place,
+                    id,
+                    mode,
+                };
+                match rollback.as_mut() {
+                    Some(rollback) => {
+                        ran.one_rolling_back(&mut *guest, request, rollback, &work, &mut given_back)
+                    }
+                    None => ran.one(&mut *guest, request),
+                }
+            }
             Job::Batch { name, args } => run_batch(&mut *guest, shared, place, id, name, args),
         };
+        if let Some(rollback) = rollback.as_mut() {
+            rollback.guest_changed();
+        }
         if !go_on {
             return;
         }
     }
 }
 
-/// How one call of a request ended: `None` when the host is shutting
-/// down (no answer is due), else its result and whether the guest trapped.
-fn run_call(
-    guest: &mut dyn Guest,
-    shared: &Shared,
-    id: u64,
-    work: &Work,
-) -> Option<(Result<Vec<u8>, Failure>, bool)> {
+/// Runs one call of a request: `None` when the host is shutting down (no
+/// answer is due).
+fn run_call(guest: &mut dyn Guest, shared: &Shared, id: u64, work: &Work) -> Option<Outcome> {
     if !shared.control.begin(id, &shared.channels) {
         return None;
     }
@@ -67,24 +92,84 @@ fn run_call(
         return None;
     }
     let trapped = matches!(outcome, Err(GuestError::Trap { .. }));
-    Some((outcome.map_err(|e| failure(e, &ended)), trapped))
+    let killed = ended.interrupted.filter(|_| ended.killed && trapped);
+    Some(Outcome {
+        result: outcome.map_err(|e| failure(e, &ended)),
+        trapped,
+        killed,
+    })
 }
 
-/// Runs one request and answers it; false when the guest loop must end.
-fn run_one(
-    guest: &mut dyn Guest,
-    shared: &Shared,
+/// How one call ended: its result, whether the guest trapped (it needs a
+/// reset), and why it was killed, if it was.
+struct Outcome {
+    result: Result<Vec<u8>, Failure>,
+    trapped: bool,
+    killed: Option<Reason>,
+}
+
+/// One request (a call or an eval) to run and answer.
+struct Ran<'a> {
+    shared: &'a Shared,
     place: Place,
     id: u64,
-    work: Work,
     mode: ReplyMode,
-) -> bool {
-    let Some((result, trapped)) = run_call(guest, shared, id, &work) else {
-        return false;
-    };
-    reply(shared, id, &work, mode, result);
-    // The caller has its answer; the next request needs a fresh guest.
-    !trapped || reset(guest, shared, place)
+}
+
+impl Ran<'_> {
+    /// Runs the request and answers it; false when the guest loop must end.
+    fn one(self, guest: &mut dyn Guest, work: Work) -> bool {
+        let Some(Outcome {
+            result, trapped, ..
+        }) = run_call(guest, self.shared, self.id, &work)
+        else {
+            return false;
+        };
+        reply(self.shared, self.id, &work, self.mode, result);
+        // The caller has its answer; the next request needs a fresh guest.
+        !trapped || reset(guest, self.shared, self.place)
+    }
+
+    /// As [`Ran::one`], but a killed request hands the stream over to the
+    /// snapshot taken before it (and this process ends there), unless
+    /// that fails: then the guest is reset as without rollback.
+    fn one_rolling_back(
+        self,
+        guest: &mut dyn Guest,
+        work: Work,
+        rollback: &mut Rollback,
+        queue: &Receiver<Request>,
+        given_back: &mut std::collections::VecDeque<Request>,
+    ) -> bool {
+        let Some(Outcome {
+            result,
+            trapped,
+            killed,
+        }) = run_call(guest, self.shared, self.id, &work)
+        else {
+            return false;
+        };
+        if let Some(reason) = killed.filter(|_| rollback.ready()) {
+            match rollback.hand_over(queue) {
+                Ok(handed_over) => {
+                    reply(
+                        self.shared,
+                        self.id,
+                        &work,
+                        self.mode,
+                        Err(reason.rolled_back()),
+                    );
+                    handed_over.exit();
+                }
+                Err((why, unrun)) => {
+                    eprintln!("malt host: rollback failed, resetting the guest: {why}");
+                    given_back.extend(unrun);
+                }
+            }
+        }
+        reply(self.shared, self.id, &work, self.mode, result);
+        !trapped || reset(guest, self.shared, self.place)
+    }
 }
 
 /// Runs a batch: each call as its own request (its own timeout, output
@@ -110,7 +195,12 @@ fn run_batch(
         if let Work::Call { args, .. } = &mut work {
             *args = input.into();
         }
-        let Some((result, trap)) = run_call(guest, shared, id, &work) else {
+        let Some(Outcome {
+            result,
+            trapped: trap,
+            ..
+        }) = run_call(guest, shared, id, &work)
+        else {
             return false;
         };
         let stop = !matches!(result, Ok(_) | Err(Failure::Remote(_)));

@@ -27,7 +27,7 @@ pub fn serve(
 }
 
 /// The manager's stream, buffered.
-type Stream = BufReader<crate::remote::Heard<Box<dyn std::io::Read + Send>>>;
+pub(crate) type Stream = BufReader<crate::remote::Heard<Box<dyn std::io::Read + Send>>>;
 
 /// The stream the reader thread reads: its own, or shared with the idle
 /// guest thread.
@@ -37,7 +37,7 @@ enum Input {
 }
 
 /// A call, eval or batch, with its id and how to answer it.
-type Request = (u64, Job, ReplyMode);
+pub(crate) type Request = (u64, Job, ReplyMode);
 
 /// Serves one worker; with a `turn`, the guest thread reads the stream
 /// itself while it is idle (see [`crate::handoff`]).
@@ -74,6 +74,16 @@ pub(crate) fn serve_stream(
         }
     }
     let shared = Shared::new(&config);
+    // Rollback (a wasm guest's host process, whose stream can be taken
+    // from the reader between frames): the keeper adopts the snapshot
+    // that takes over, which it may only ask for before the lock-down.
+    let rollback = config.rollback
+        && place == Place::Process
+        && turn.is_some()
+        && matches!(config.guest, protocol::GuestSpec::Artifact { .. });
+    if rollback && let Err(e) = crate::rollback::adopt_orphans() {
+        return fatal(&mut output, FatalKind::Harden, &e, exit::START_FAILED);
+    }
     // Everything that locks the process down happens in `prepare`, before
     // the host's other threads exist (Landlock binds a thread and the
     // threads it starts later; the thread making the engine ahead is
@@ -81,6 +91,20 @@ pub(crate) fn serve_stream(
     let (kind, guest, hardening) = match prepare(&config, &shared, place, native) {
         Ok(prepared) => prepared,
         Err(e) => return fatal(&mut output, e.kind, &e.message, exit::START_FAILED),
+    };
+    // One thread still: the keeper stays behind, this process serves.
+    let keeper = match rollback.then(crate::rollback::split_keeper) {
+        None => None,
+        Some(Ok(keeper)) => Some(keeper),
+        Some(Err(e)) => {
+            let message = format!("cannot start the keeper for rollback: {e}");
+            return fatal(
+                &mut output,
+                FatalKind::GuestStart,
+                &message,
+                exit::START_FAILED,
+            );
+        }
     };
     // The timer also bounds the guest's start.
     let timer = spawn_timer(&shared, place);
@@ -99,6 +123,15 @@ pub(crate) fn serve_stream(
         }
         Input::Own(_) => None,
     };
+    let rolls_back = match (&input, keeper) {
+        (Input::Shared(input), Some(keeper)) => Some(crate::rollback::Rollback::new(
+            shared.clone(),
+            keeper,
+            input.clone(),
+            config.heartbeat,
+        )),
+        _ => None,
+    };
     let s = shared.clone();
     let guest_thread = std::thread::Builder::new()
         .name("malt-guest".into())
@@ -111,7 +144,7 @@ pub(crate) fn serve_stream(
             let ok = started.is_ok();
             let _ = started_tx.send(started);
             if ok {
-                super::requests::guest_loop(guest, work_rx, &s, place, idle);
+                super::requests::guest_loop(guest, work_rx, &s, place, idle, rolls_back);
             }
         })
         .expect("spawn guest thread");
@@ -140,7 +173,8 @@ pub(crate) fn serve_stream(
         version: PROTOCOL_VERSION,
         malt_version: protocol::MALT_VERSION.to_string(),
         kind,
-        pid: std::process::id(),
+        // The keeper's, with rollback: the process the worker keeps.
+        pid: keeper.map_or_else(std::process::id, |pid| pid as u32),
         hardening,
     });
 
@@ -168,7 +202,7 @@ pub(crate) fn serve_stream(
 }
 
 /// Starts the timer thread: call timeouts, grace periods, start timeouts.
-fn spawn_timer(shared: &Arc<Shared>, place: Place) -> std::thread::JoinHandle<()> {
+pub(crate) fn spawn_timer(shared: &Arc<Shared>, place: Place) -> std::thread::JoinHandle<()> {
     let s = shared.clone();
     std::thread::Builder::new()
         .name("malt-timer".into())
@@ -271,7 +305,11 @@ fn prepare_wasm(
     // A wasm host runs untrusted code: lock the process first (its own
     // process only; an in-process worker shares the manager's).
     if place == Place::Process {
-        harden::apply().map_err(harden_failed)?;
+        let policy = match config.rollback {
+            true => harden::Policy::Rollback,
+            false => harden::Policy::Host,
+        };
+        harden::apply(policy).map_err(harden_failed)?;
         harden::limit_data(config.memory_limit, config.max_frame as u64).map_err(harden_failed)?;
     }
     // The engine made ahead, on a thread that the filter above covers too
@@ -456,7 +494,7 @@ fn read_loop(input: &mut Stream, shared: &Shared, work: &std::sync::mpsc::Sender
 }
 
 /// As [`read_loop`], on a stream the idle guest thread may ask for.
-fn read_loop_sharing(
+pub(crate) fn read_loop_sharing(
     input: &crate::handoff::SharedInput<Stream>,
     shared: &Shared,
     work: &std::sync::mpsc::Sender<Request>,
@@ -482,7 +520,7 @@ pub(crate) type Idle = Box<dyn FnMut(&Receiver<Request>) -> Option<(Request, boo
 /// to run: one the reader thread queued meanwhile, or one it reads. It
 /// gives the stream back before it returns. The host's end (stop, end of
 /// stream) ends the process from here.
-fn read_while_idle(
+pub(crate) fn read_while_idle(
     input: &crate::handoff::SharedInput<Stream>,
     shared: &Shared,
     work: &Receiver<Request>,

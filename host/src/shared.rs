@@ -300,7 +300,13 @@ mod tests {
         assert_eq!(written(&out), 3 * one);
         // A failure is never held (nor is what was held before it).
         shared.answer(5, Ok(None));
-        shared.answer(6, Err(Failure::Interrupted { state_lost: true }));
+        shared.answer(
+            6,
+            Err(Failure::Interrupted {
+                state_lost: true,
+                rolled_back: false,
+            }),
+        );
         let bytes = out.lock().unwrap().clone();
         let mut input = &bytes[3 * one..];
         let mut late = Vec::new();

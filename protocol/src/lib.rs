@@ -108,6 +108,12 @@ pub struct HostConfig {
     /// workers start from spares). Set only for a guest that such a call
     /// leaves as it was: the Python guest's.
     pub warm_up: Option<String>,
+    /// Roll the guest back to its state before a request that had to be
+    /// killed (an interrupt it ignored, a timeout), instead of resetting
+    /// it: the host keeps a copy-on-write fork of itself taken between
+    /// requests and hands the stream over to it. Process hosts only.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// Intervals without a byte from the other side after which a heartbeat
@@ -321,11 +327,19 @@ pub enum Failure {
     Interrupted {
         /// Whether the guest was killed and reset (its state is gone).
         state_lost: bool,
+        /// Whether the guest was killed and rolled back to its state
+        /// before the request (`HostConfig::rollback`).
+        #[serde(default)]
+        rolled_back: bool,
     },
     /// The request ran past the call timeout.
     Timeout {
         /// Whether the guest was killed and reset (its state is gone).
         state_lost: bool,
+        /// Whether the guest was killed and rolled back to its state
+        /// before the request.
+        #[serde(default)]
+        rolled_back: bool,
     },
     /// The guest trapped (panic, unreachable, stack overflow); state was reset.
     Trap(String),

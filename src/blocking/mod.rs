@@ -88,6 +88,8 @@ impl WorkerBuilder {
         fn output_limit(bytes: u64);
         /// See [`crate::WorkerBuilder::max_pending`].
         fn max_pending(requests: usize);
+        /// See [`crate::WorkerBuilder::rollback`].
+        fn rollback(on: bool);
     }
 
     /// See [`crate::WorkerBuilder::env`].

@@ -303,7 +303,10 @@ impl Shared {
             Some(
                 Error::Trap { .. }
                     | Error::Timeout
-                    | Error::Interrupted { state_lost: true }
+                    | Error::Interrupted {
+                        state_lost: true,
+                        ..
+                    }
                     | Error::LimitExceeded {
                         limit: Limit::Memory | Limit::Fuel,
                         ..

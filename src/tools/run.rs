@@ -107,6 +107,7 @@ pub fn run(path: &Path, options: &RunOptions) -> Result<i32> {
         dirs: options.dirs.clone(),
         heartbeat: None,
         warm_up: None,
+        rollback: false,
     };
     let mut wasi = crate::host::wasm::Grants::open(&config.dirs)
         .and_then(|grants| crate::host::wasm::sandbox(&config, &grants))

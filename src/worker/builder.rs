@@ -102,6 +102,7 @@ pub struct WorkerBuilder {
     heartbeat: Option<Duration>,
     /// The guest's warm-up function (see `HostConfig::warm_up`).
     warm_up: Option<String>,
+    rollback: bool,
 }
 
 impl WorkerBuilder {
@@ -125,6 +126,7 @@ impl WorkerBuilder {
             via: crate::launcher::Via::Local,
             heartbeat: Some(crate::launcher::DEFAULT_HEARTBEAT),
             warm_up: None,
+            rollback: false,
         }
     }
 
@@ -229,6 +231,25 @@ impl WorkerBuilder {
     /// (`Limit::PendingRequests`) instead of growing memory without bound.
     pub fn max_pending(mut self, requests: usize) -> Self {
         self.max_pending = requests;
+        self
+    }
+
+    /// Rolls the guest back instead of resetting it when a request has to
+    /// be killed (it ignored an interrupt past the grace period, or ran
+    /// past the call timeout): the session is as it was before that
+    /// request, and the error says so
+    /// ([`Error::Interrupted`] with `rolled_back: true`). Off by default.
+    ///
+    /// The host keeps a copy-on-write fork of itself taken between
+    /// requests; a kill hands the stream over to it. That costs a fork
+    /// between requests (about a millisecond for a Python session; taken
+    /// while the worker is idle when it can be, else before the next
+    /// request) and a second process per worker. Wasm workers in a
+    /// process of their own only: [`spawn`](Self::spawn) refuses it for
+    /// in-process and native workers. A trap, a memory or fuel limit still
+    /// resets the guest.
+    pub fn rollback(mut self, on: bool) -> Self {
+        self.rollback = on;
         self
     }
 
@@ -395,6 +416,13 @@ impl WorkerBuilder {
                     .into(),
             ));
         }
+        if self.rollback && (!wasm || in_process) {
+            return Err(refuse(
+                "rollback needs a wasm worker in a process of its own (this one is \
+                 in-process or native): the host forks itself to keep the state"
+                    .into(),
+            ));
+        }
         // The host process starts while the artifact is looked up (or
         // compiled): `connect` takes it from there.
         self.start_host_ahead();
@@ -506,6 +534,7 @@ impl WorkerBuilder {
                 dirs: self.dirs.clone(),
                 heartbeat: self.heartbeat.filter(|_| remote),
                 warm_up: self.warm_up.clone(),
+                rollback: self.rollback,
             },
             output: Arc::new(Mutex::new(output)),
             stderr_tail: Arc::new(Mutex::new(String::new())),

@@ -194,7 +194,13 @@ impl Inner {
                 worker: self.name.clone(),
                 message,
             }),
-            Failure::Interrupted { state_lost } => Error::Interrupted { state_lost },
+            Failure::Interrupted {
+                state_lost,
+                rolled_back,
+            } => Error::Interrupted {
+                state_lost,
+                rolled_back,
+            },
             Failure::Timeout { .. } => Error::Timeout,
             Failure::Trap(message) => Error::Trap {
                 worker: self.name.clone(),

@@ -139,7 +139,7 @@ async fn an_interrupt_wakes_a_guest_blocked_in_wasi(kind: Kind) {
         // Natively the OS wait cannot be woken: the worker restarts.
         let state_lost = !kind.is_wasm();
         assert!(
-            matches!(err, Error::Interrupted { state_lost: s } if s == state_lost),
+            matches!(err, Error::Interrupted { state_lost: s, .. } if s == state_lost),
             "{block:?}: {err:?}"
         );
         let after = b.bump().await;
@@ -163,7 +163,13 @@ async fn a_guest_that_goes_on_waiting_is_killed_and_reset(kind: Kind) {
         b.w.interrupt().unwrap();
         let err = finishes("the killed call", call).await.unwrap_err();
         assert!(
-            matches!(err, Error::Interrupted { state_lost: true }),
+            matches!(
+                err,
+                Error::Interrupted {
+                    state_lost: true,
+                    ..
+                }
+            ),
             "{block:?}: {err:?}"
         );
         // The worker lives on: the queued request runs on a fresh guest.

@@ -49,7 +49,13 @@ async fn interrupt_a_busy_loop_keeps_state(kind: Kind) {
     w.interrupt().unwrap();
     let err = finishes("the interrupted loop", running).await.unwrap_err();
     assert!(
-        matches!(err, Error::Interrupted { state_lost: false }),
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: false,
+                ..
+            }
+        ),
         "a cooperative stop keeps state: {err:?}"
     );
     assert!(w.is_running());
@@ -67,7 +73,13 @@ async fn interrupt_a_sleep(kind: Kind) {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::Interrupted { state_lost: false }),
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: false,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(w.remote_eval_fetch::<i64>("1 + 1").await.unwrap(), 2);
@@ -83,7 +95,13 @@ async fn interrupt_a_blocked_channel_take(kind: Kind) {
     w.interrupt().unwrap();
     let err = finishes("the interrupted take", running).await.unwrap_err();
     assert!(
-        matches!(err, Error::Interrupted { state_lost: false }),
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: false,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(w.remote_eval_fetch::<i64>("3").await.unwrap(), 3);
@@ -132,7 +150,13 @@ async fn interrupt_right_after_sending(kind: Kind) {
         w.interrupt().unwrap();
         let err = finishes("the interrupted loop", running).await.unwrap_err();
         assert!(
-            matches!(err, Error::Interrupted { state_lost: false }),
+            matches!(
+                err,
+                Error::Interrupted {
+                    state_lost: false,
+                    ..
+                }
+            ),
             "{err:?}"
         );
     }

@@ -117,7 +117,13 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
     w.interrupt().unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
     assert!(
-        matches!(err, Error::Interrupted { state_lost: true }),
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: true,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(finishes("queued", queued).await.unwrap(), 5);
@@ -128,7 +134,13 @@ async fn a_guest_that_ignores_the_interrupt_is_reset(kind: Kind) {
     w.interrupt().unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
     assert!(
-        matches!(err, Error::Interrupted { state_lost: true }),
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: true,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
@@ -446,7 +458,13 @@ async fn a_native_host_that_cannot_restart_terminates_cleanly() {
     w.interrupt().unwrap();
     let err = finishes("the killed spin", spinning).await.unwrap_err();
     assert!(
-        matches!(err, Error::Interrupted { state_lost: true }),
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: true,
+                ..
+            }
+        ),
         "{err:?}"
     );
     finishes("the worker's end", w.wait()).await;

@@ -23,5 +23,6 @@ mod interrupt;
 mod lifecycle;
 mod orphans;
 mod output;
+mod rollback;
 mod sdk;
 mod starting;

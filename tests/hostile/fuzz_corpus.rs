@@ -43,6 +43,7 @@ fn seed_frames() -> Vec<Vec<u8>> {
         }],
         heartbeat: Some(std::time::Duration::from_secs(2)),
         warm_up: None,
+        rollback: false,
     };
     let to_host = [
         ToHost::Init(Box::new(config)),

@@ -337,6 +337,7 @@ fn another_protocol_version_is_refused() {
         dirs: vec![],
         heartbeat: None,
         warm_up: None,
+        rollback: false,
     };
     init.clear();
     init.extend(malt::protocol::encode(&malt::protocol::ToHost::Init(

@@ -38,7 +38,13 @@ async fn a_c_bound_cell_is_killed(w: &Worker, after: Duration) {
     w.interrupt().unwrap();
     let err = running.await.unwrap_err();
     assert!(
-        matches!(err, Error::Interrupted { state_lost: true }),
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: true,
+                ..
+            }
+        ),
         "{err:?}"
     );
 }
@@ -256,7 +262,13 @@ async fn interrupts_raise_keyboard_interrupt_and_keep_the_namespace() {
             .expect("the interrupt ends it")
             .unwrap_err();
         assert!(
-            matches!(err, Error::Interrupted { state_lost: false }),
+            matches!(
+                err,
+                Error::Interrupted {
+                    state_lost: false,
+                    ..
+                }
+            ),
             "{code:?}: {err:?}"
         );
         assert_eq!(
@@ -401,7 +413,13 @@ async fn an_interrupt_at_any_moment_keeps_the_session() {
         w.interrupt().unwrap();
         let err = running.await.unwrap_err();
         assert!(
-            matches!(err, Error::Interrupted { state_lost: false }),
+            matches!(
+                err,
+                Error::Interrupted {
+                    state_lost: false,
+                    ..
+                }
+            ),
             "round {round}: {err:?}"
         );
         while ticks.is_ready().await.unwrap() {

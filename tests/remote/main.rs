@@ -187,6 +187,7 @@ fn write_old_init(dir: &Path) -> PathBuf {
         dirs: Vec::new(),
         heartbeat: None,
         warm_up: None,
+        rollback: false,
     };
     let path = dir.join("init.bin");
     std::fs::write(&path, protocol::encode(&ToHost::Init(Box::new(config)))).unwrap();

@@ -54,8 +54,28 @@ pub(crate) enum Reason {
 impl Reason {
     pub fn failure(self, state_lost: bool) -> Failure {
         match self {
-            Reason::Interrupt => Failure::Interrupted { state_lost },
-            Reason::Timeout => Failure::Timeout { state_lost },
+            Reason::Interrupt => Failure::Interrupted {
+                state_lost,
+                rolled_back: false,
+            },
+            Reason::Timeout => Failure::Timeout {
+                state_lost,
+                rolled_back: false,
+            },
+        }
+    }
+
+    /// The request was killed and the guest rolled back to before it.
+    pub fn rolled_back(self) -> Failure {
+        match self {
+            Reason::Interrupt => Failure::Interrupted {
+                state_lost: false,
+                rolled_back: true,
+            },
+            Reason::Timeout => Failure::Timeout {
+                state_lost: false,
+                rolled_back: true,
+            },
         }
     }
 }
@@ -125,6 +145,12 @@ impl Control {
 
     fn lock(&self) -> MutexGuard<'_, Timer> {
         self.timer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds the timer's lock (taken before a fork, so that no other
+    /// thread holds it in the copy), or `None` if another thread has it.
+    pub fn try_hold(&self) -> Option<impl Sized + '_> {
+        self.timer.try_lock().ok()
     }
 
     pub fn interrupted(&self) -> bool {

@@ -12,7 +12,7 @@ async fn main() -> Result<(), Error> {
 
     let pending = w.remote_eval::<()>("loop {}"); // already sent
     w.interrupt()?; // the worker survives
-    assert!(matches!(pending.await, Err(Error::Interrupted { state_lost: false })));
+    assert!(matches!(pending.await, Err(Error::Interrupted { state_lost: false, .. })));
 
     let answer: i64 = w.remote_eval_fetch("let x = 20; x * 2 + 2").await?;
     println!("{answer}");

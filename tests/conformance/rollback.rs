@@ -1,0 +1,157 @@
+//! Rollback (`WorkerBuilder::rollback`): a request that has to be killed
+//! leaves the guest as it was before that request, and the worker serves
+//! on: queued requests, channels, its process, its end.
+
+use std::time::Duration;
+
+use malt::{Error, Worker};
+
+use crate::common::{finishes, test_guest};
+use crate::lifecycle::{process_alive, wait_gone};
+
+/// A test-guest worker that rolls back, with a short grace period (the
+/// spin never polls for an interrupt: only a kill stops it).
+fn rolling_back() -> malt::WorkerBuilder {
+    Worker::wasm(test_guest())
+        .interrupt_grace(Duration::from_millis(50))
+        .rollback(true)
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so after ')'.
+        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+/// Runs the spin and kills it: the error it ends with.
+async fn kill_a_spin(w: &Worker, started: &malt::WorkerChannel<i64>) -> Error {
+    let spinning = w.remote_call::<()>("spin", ());
+    finishes("the spin to start", started.take()).await.unwrap();
+    w.interrupt().unwrap();
+    finishes("the killed request", spinning).await.unwrap_err()
+}
+
+fn is_rolled_back(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Interrupted {
+            state_lost: false,
+            rolled_back: true
+        }
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_request_leaves_the_guest_as_it_was_and_the_queue_runs() {
+    let w = rolling_back().spawn().await.unwrap();
+    let host = w.host_pid();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 1);
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 2);
+    // Sent behind the spin: read by the host that gets killed, run by
+    // the one that takes over.
+    let spinning = w.remote_call::<()>("spin", ());
+    let queued_add = w.remote_call::<i64>("add", (2, 3));
+    let queued_bump = w.remote_call::<u64>("bump", ());
+    finishes("the spin to start", started.take()).await.unwrap();
+    w.interrupt().unwrap();
+    let err = finishes("the killed request", spinning).await.unwrap_err();
+    assert!(is_rolled_back(&err), "{err:?}");
+    assert!(err.to_string().contains("rolled back"), "{err}");
+    assert_eq!(finishes("queued", queued_add).await.unwrap(), 5);
+    // Without rollback the guest would start over: 1.
+    assert_eq!(finishes("queued", queued_bump).await.unwrap(), 3);
+    assert!(w.is_running());
+    assert_eq!(w.host_pid(), host, "the worker's process stays the same");
+    // The host that took over rolls back too.
+    let err = kill_a_spin(&w, &started).await;
+    assert!(is_rolled_back(&err), "{err:?}");
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 4);
+    w.stop().await.unwrap();
+    assert!(wait_gone(host).await, "the worker's process ends at stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_rolls_back_too() {
+    let w = rolling_back()
+        .call_timeout(Duration::from_millis(300))
+        .spawn()
+        .await
+        .unwrap();
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 1);
+    let err = finishes("the spin", w.remote_call_fetch::<()>("spin", ()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout), "{err:?}");
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_keep_what_they_hold_across_a_rollback() {
+    let w = rolling_back().spawn().await.unwrap();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let inbox = w.worker_channel::<i64>("inbox", 8).await.unwrap();
+    inbox.put(1).await.unwrap();
+    let spinning = w.remote_call::<()>("spin", ());
+    finishes("the spin to start", started.take()).await.unwrap();
+    // Put while the request that gets killed runs, after the snapshot.
+    inbox.put(2).await.unwrap();
+    // A take that waits in the host when the stream changes hands.
+    let outbox = w.worker_channel::<i64>("outbox", 8).await.unwrap();
+    let waiting = outbox.take();
+    w.interrupt().unwrap();
+    let err = finishes("the killed request", spinning).await.unwrap_err();
+    assert!(is_rolled_back(&err), "{err:?}");
+    assert_eq!(inbox.take().await.unwrap(), 1);
+    assert_eq!(inbox.take().await.unwrap(), 2);
+    // The guest relays one value to the waiting take.
+    inbox.put(7).await.unwrap();
+    let relayed = w.remote_call_fetch::<i64>("relay", ("inbox", "outbox"));
+    assert_eq!(finishes("the relay", relayed).await.unwrap(), 7);
+    assert_eq!(finishes("the waiting take", waiting).await.unwrap(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_process_outlives_a_worker_that_rolled_back() {
+    let w = rolling_back().spawn().await.unwrap();
+    let keeper = w.host_pid();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    assert_eq!(w.remote_call_fetch::<i64>("add", (1, 1)).await.unwrap(), 2);
+    let err = kill_a_spin(&w, &started).await;
+    assert!(is_rolled_back(&err), "{err:?}");
+    assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
+    // The keeper, its serving host, and that host's snapshot.
+    let serving = children(keeper);
+    assert_eq!(serving.len(), 1, "one serving host: {serving:?}");
+    let snapshots = children(serving[0]);
+    assert_eq!(snapshots.len(), 1, "one snapshot: {snapshots:?}");
+    w.kill();
+    for pid in [keeper, serving[0], snapshots[0]] {
+        assert!(wait_gone(pid).await, "process {pid} ended with the worker");
+    }
+    assert!(!process_alive(keeper));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_is_refused_where_the_host_cannot_fork_itself() {
+    for builder in [
+        Worker::script().in_process().rollback(true),
+        Worker::native().rollback(true),
+    ] {
+        let err = builder.spawn().await.unwrap_err();
+        assert!(err.to_string().contains("rollback needs"), "{err}");
+    }
+}
