@@ -345,9 +345,17 @@ fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
-/// Splits the host process (one thread: the guest is prepared, no other
-/// thread started) into the keeper, which never returns from here, and
-/// the serving host, which returns with the keeper's pid.
+/// The keeper's pid, in a serving host that [`split_keeper`] made.
+static KEEPER: std::sync::OnceLock<libc::pid_t> = std::sync::OnceLock::new();
+
+/// The keeper's pid, if this process is a serving host with rollback.
+pub(crate) fn keeper() -> Option<libc::pid_t> {
+    KEEPER.get().copied()
+}
+
+/// Splits the host process (one thread: locked by seccomp, the engine
+/// made, the guest not loaded yet) into the keeper, which never returns
+/// from here, and the serving host, which returns with the keeper's pid.
 pub(crate) fn split_keeper() -> Result<libc::pid_t, String> {
     // SAFETY: getpid and fork in a process with one thread.
     let keeper = unsafe { libc::getpid() };
@@ -366,6 +374,7 @@ pub(crate) fn split_keeper() -> Result<libc::pid_t, String> {
             // Snapshots are reaped by the kernel: nobody waits for them.
             libc::signal(libc::SIGCHLD, libc::SIG_IGN);
         }
+        let _ = KEEPER.set(keeper);
         return Ok(keeper);
     }
     keep()

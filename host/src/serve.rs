@@ -77,11 +77,12 @@ pub(crate) fn serve_stream(
     // Rollback (a wasm guest's host process, whose stream can be taken
     // from the reader between frames): the keeper adopts the snapshot
     // that takes over, which it may only ask for before the lock-down.
-    let rollback = config.rollback
-        && place == Place::Process
+    config.rollback &= place == Place::Process
         && turn.is_some()
         && matches!(config.guest, protocol::GuestSpec::Artifact { .. });
-    if rollback && let Err(e) = crate::rollback::adopt_orphans() {
+    if config.rollback
+        && let Err(e) = crate::rollback::adopt_orphans()
+    {
         return fatal(&mut output, FatalKind::Harden, &e, exit::START_FAILED);
     }
     // Everything that locks the process down happens in `prepare`, before
@@ -92,20 +93,8 @@ pub(crate) fn serve_stream(
         Ok(prepared) => prepared,
         Err(e) => return fatal(&mut output, e.kind, &e.message, exit::START_FAILED),
     };
-    // One thread still: the keeper stays behind, this process serves.
-    let keeper = match rollback.then(crate::rollback::split_keeper) {
-        None => None,
-        Some(Ok(keeper)) => Some(keeper),
-        Some(Err(e)) => {
-            let message = format!("cannot start the keeper for rollback: {e}");
-            return fatal(
-                &mut output,
-                FatalKind::GuestStart,
-                &message,
-                exit::START_FAILED,
-            );
-        }
-    };
+    // With rollback, `prepare` left the keeper behind: this process serves.
+    let keeper = crate::rollback::keeper();
     // The timer also bounds the guest's start.
     let timer = spawn_timer(&shared, place);
     let (work_tx, work_rx) = std::sync::mpsc::channel();
@@ -318,6 +307,13 @@ fn prepare_wasm(
         Place::Process => wasm::take_ahead(config.fuel.is_some()),
         Place::InProcess => None,
     };
+    // One thread left, nothing of the guest's loaded yet (what the
+    // serving host loads, such as its memory map, is its own): the keeper
+    // stays behind here, and this process goes on to serve.
+    if config.rollback && place == Place::Process {
+        crate::rollback::split_keeper()
+            .map_err(|e| format!("cannot start the keeper for rollback: {e}"))?;
+    }
     let guest = wasm::WasmGuest::load(config, shared.clone(), place, ahead)?;
     // Loaded: from now on the process needs no file but those beneath the
     // guest's grants.

@@ -732,3 +732,60 @@ async fn channels_crashes_and_limits_in_a_python_worker() {
     assert!(err.is_terminated(), "{err:?}");
     assert!(!w.is_running());
 }
+
+/// With rollback, a cell that has to be killed (stuck in C: no loop jump
+/// to take the interrupt at) leaves the namespace as it was before the cell: the
+/// cell's own assignments are undone, earlier definitions are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cell_is_rolled_back_with_the_namespace_as_before_it() {
+    let w = python()
+        .interrupt_grace(Duration::from_millis(200))
+        .rollback(true)
+        .spawn()
+        .await
+        .unwrap();
+    w.remote_eval_wait("x = 1\ndef double(n):\n    return 2 * n")
+        .await
+        .unwrap();
+    for cell in ["x = 2\nsum(range(10 ** 15))", "x = 3\ny = 10 ** (10 ** 8)"] {
+        let running = w.remote_eval::<i64>(cell);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w.interrupt().unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .expect("the kill ends it")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Interrupted {
+                    state_lost: false,
+                    rolled_back: true
+                }
+            ),
+            "{cell:?}: {err:?}"
+        );
+        assert_eq!(
+            w.remote_eval_fetch::<i64>("x").await.unwrap(),
+            1,
+            "{cell:?}"
+        );
+        assert_eq!(
+            w.remote_call_fetch::<i64>("double", (21,)).await.unwrap(),
+            42
+        );
+    }
+    // The host that took over raises interrupts in CPython's memory too
+    // (it found the memory through its own map), and a cell that stops
+    // by itself is not rolled back: it keeps what it did.
+    let mode: String = w
+        .remote_eval_fetch("import sys; sys.modules['guest'].interrupts")
+        .await
+        .unwrap();
+    assert_eq!(mode, "memory");
+    a_spinning_cell_catches_an_interrupt(&w).await;
+    assert_eq!(
+        w.remote_eval_fetch::<String>("result").await.unwrap(),
+        "caught"
+    );
+}
