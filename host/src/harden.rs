@@ -569,14 +569,14 @@ mod tests {
     /// Runs `probe` in a forked child with the filters applied and returns
     /// its exit code (the probe's own code, or 100 + errno).
     fn in_hardened_child(probe: fn() -> i32) -> i32 {
-        in_child(probe, true)
+        in_child(probe, true, Policy::Host)
     }
 
     /// Runs `probe` in a forked child, with or without the filters (built
     /// here, before the fork, for a process id that is no process: so the
     /// probe may signal nobody, not even itself).
-    fn in_child(probe: fn() -> i32, hardened: bool) -> i32 {
-        let filters = filters_for(0, Policy::Host).unwrap();
+    fn in_child(probe: fn() -> i32, hardened: bool, policy: Policy) -> i32 {
+        let filters = filters_for(0, policy).unwrap();
         // SAFETY: the child only makes raw syscalls and exits.
         unsafe {
             let pid = libc::fork();
@@ -639,6 +639,71 @@ mod tests {
             0
         });
         assert_eq!(code, 0);
+    }
+
+    /// A host that rolls back may fork, wait for its child and give it a
+    /// death signal; nothing else a `clone` can do (a new namespace, a
+    /// process sharing its memory) and no other `prctl`.
+    #[test]
+    fn a_rollback_host_may_fork_and_nothing_more() {
+        let code = in_child(
+            || unsafe {
+                let pid = libc::fork();
+                if pid == 0 {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        libc::_exit(7);
+                    }
+                    libc::_exit(42);
+                }
+                if pid < 0 {
+                    return 100 + errno();
+                }
+                let mut status = 0;
+                if libc::waitpid(pid, &mut status, 0) != pid || libc::WEXITSTATUS(status) != 42 {
+                    return 1;
+                }
+                for flags in [
+                    libc::CLONE_NEWUSER | libc::SIGCHLD,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    libc::CLONE_FILES | libc::SIGCHLD,
+                ] {
+                    let pid = libc::syscall(
+                        libc::SYS_clone,
+                        flags as u64,
+                        0usize,
+                        0usize,
+                        0usize,
+                        0usize,
+                    );
+                    if pid == 0 {
+                        libc::_exit(0);
+                    }
+                    if pid > 0 || errno() != libc::EPERM {
+                        return 2;
+                    }
+                }
+                if libc::prctl(libc::PR_SET_DUMPABLE, 1) == 0 || errno() != libc::EPERM {
+                    return 3;
+                }
+                0
+            },
+            true,
+            Policy::Rollback,
+        );
+        assert_eq!(code, 0);
+        // The same fork, by a host that does not roll back: refused.
+        let code = in_child(
+            || unsafe {
+                let pid = libc::fork();
+                if pid == 0 {
+                    libc::_exit(0);
+                }
+                if pid > 0 { 1 } else { 100 + errno() }
+            },
+            true,
+            Policy::Host,
+        );
+        assert_eq!(code, 100 + libc::EPERM);
     }
 
     #[test]
@@ -844,14 +909,18 @@ mod tests {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         for (name, probe) in probes {
-            let open = in_child(probe, false);
+            let open = in_child(probe, false, Policy::Host);
             if name != "an x32 call" && (root || !may_be_off.contains(&name)) {
                 assert!(
                     open != 100 + libc::EPERM && open != 100 + libc::ENOSYS,
                     "{name} reaches the kernel unhardened: {open}"
                 );
             }
-            assert_eq!(in_child(probe, true), 100 + libc::EPERM, "{name} is denied");
+            assert_eq!(
+                in_child(probe, true, Policy::Host),
+                100 + libc::EPERM,
+                "{name} is denied"
+            );
         }
     }
 
@@ -879,9 +948,13 @@ mod tests {
             }),
         ];
         for (name, probe) in probes {
-            assert_eq!(in_child(probe, false), 0, "{name} works unhardened");
             assert_eq!(
-                in_child(probe, true),
+                in_child(probe, false, Policy::Host),
+                0,
+                "{name} works unhardened"
+            );
+            assert_eq!(
+                in_child(probe, true, Policy::Host),
                 100 + libc::EPERM,
                 "{name} is not allowed"
             );
@@ -910,6 +983,7 @@ mod tests {
                 0
             },
             true,
+            Policy::Host,
         );
         assert_eq!(allowed, 0);
     }
