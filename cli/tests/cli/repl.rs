@@ -99,3 +99,30 @@ fn a_python_session() {
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
+
+/// `--rollback`: Ctrl-C on a cell stuck in C (no loop jump to take the
+/// interrupt at) kills it after the grace period, and the session is as
+/// it was before that input.
+#[test]
+fn a_python_session_that_rolls_back() {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_malt"));
+    cmd.args(["repl", "--python", "--rollback"])
+        .env("NO_COLOR", "1")
+        .env("MALT_CACHE_DIR", cache_dir())
+        .env(malt::python::COMPONENT_ENV, crate::guests::python_guest());
+    let mut p = spawn_command(cmd, Some(180_000)).expect("start malt repl --python --rollback");
+    p.exp_string("malt> ").unwrap();
+    p.send_line("kept = 7").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_line("kept = 8; sum(range(10 ** 15))").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    p.send_control('c').unwrap();
+    p.exp_string("rolled back to before this input").unwrap();
+    p.exp_string("malt> ").unwrap();
+    // 801 had the cell's assignment stayed.
+    p.send_line("kept * 100 + 1").unwrap();
+    p.exp_string("701").unwrap();
+    p.exp_string("malt> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
