@@ -20,6 +20,7 @@ mod pools;
 mod python;
 mod remote;
 mod report;
+mod rollback;
 
 use floor::*;
 use report::*;
@@ -85,6 +86,11 @@ async fn run(quick: bool) -> Result<Table, Error> {
     // `-- --python` measures Python guests alone.
     if std::env::args().any(|a| a == "--python") {
         python::measure(&mut table, quick).await?;
+        return Ok(table);
+    }
+    // `-- --rollback` measures rollback alone.
+    if std::env::args().any(|a| a == "--rollback") {
+        rollback::measure(&mut table, quick).await?;
         return Ok(table);
     }
     // `-- --remote` measures workers over SSH alone.

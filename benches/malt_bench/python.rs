@@ -268,5 +268,5 @@ pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error>
     for w in &workers {
         w.stop().await?;
     }
-    Ok(())
+    super::rollback::measure(table, quick).await
 }

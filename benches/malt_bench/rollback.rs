@@ -1,0 +1,142 @@
+//! Rollback (`WorkerBuilder::rollback`) on the Python guest: what the
+//! snapshot between requests costs a request, what a rolled-back kill
+//! costs against a reset, and the memory of the worker's processes; each
+//! next to the same worker without rollback, in the same run.
+
+use super::*;
+
+/// A cell that only a kill stops: it stays inside C (no loop jump where
+/// CPython would take the interrupt).
+const STUCK_IN_C: &str = "sum(range(10 ** 15))";
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+/// PSS and private memory (KiB: what would be freed if it ended) of
+/// `pid` and its descendants.
+fn tree_pss_private_kib(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (mut pss, mut private) = (
+        field("Pss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+    );
+    for child in children(pid) {
+        let (p, u) = tree_pss_private_kib(child);
+        pss += p;
+        private += u;
+    }
+    (pss, private)
+}
+
+/// Interrupts `STUCK_IN_C` once it runs and times the interrupt to the
+/// next `1+1` (the grace period, the kill, and a rollback or a reset).
+async fn recovery(w: &Worker) -> Result<Duration, Error> {
+    let running = w.remote_eval::<i64>(STUCK_IN_C);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    w.interrupt()?;
+    let _ = running.await;
+    let _: i64 = w.remote_eval_fetch("1+1").await?;
+    Ok(start.elapsed())
+}
+
+pub(crate) async fn measure(table: &mut Table, quick: bool) -> Result<(), Error> {
+    let component = guests::python_guest();
+    let python = |rollback: bool| {
+        host(Worker::python_component(&component))
+            .interrupt_grace(Duration::from_millis(50))
+            .rollback(rollback)
+    };
+    let plain = python(false).spawn().await?;
+    let rolling = python(true).spawn().await?;
+    // A session with some state, as a notebook has.
+    for w in [&plain, &rolling] {
+        w.remote_eval_wait("data = list(range(100_000))\ndef f(x):\n    return x + 1")
+            .await?;
+    }
+    let n = if quick { 200 } else { 1_000 };
+    for (gap, what) in [
+        (Duration::ZERO, "back to back"),
+        (Duration::from_millis(5), "5 ms apart"),
+    ] {
+        let mut both = Vec::new();
+        for w in [&plain, &rolling] {
+            let mut samples = Vec::with_capacity(n);
+            for i in 0..n + n / 10 {
+                // The gap is idle time, not timed.
+                tokio::time::sleep(gap).await;
+                let start = Instant::now();
+                let _: i64 = w.remote_eval_fetch("1+1").await?;
+                if i >= n / 10 {
+                    samples.push(start.elapsed());
+                }
+            }
+            both.push(stats(samples));
+        }
+        table.timing(
+            &format!("Python with rollback: `remote_eval_fetch(\"1+1\")`, {what} (floor: without)"),
+            both[1],
+            Some(both[0]),
+            "reported",
+        );
+    }
+
+    let rounds = if quick { 3 } else { 7 };
+    let mut reset = Vec::new();
+    let mut rolled = Vec::new();
+    for _ in 0..rounds {
+        reset.push(recovery(&plain).await?);
+        rolled.push(recovery(&rolling).await?);
+    }
+    table.timing(
+        "Python: interrupt of a cell stuck in C to the next result, rolled back (floor: reset)",
+        stats(rolled),
+        Some(stats(reset)),
+        "reported",
+    );
+
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    let (plain_pss, plain_private) = tree_pss_private_kib(plain.pid());
+    let (rolling_pss, rolling_private) = tree_pss_private_kib(rolling.pid());
+    table.figure(
+        "Python with rollback: memory of one worker's processes (keeper, host, snapshot)",
+        format!(
+            "PSS {:.1} MB, private {:.1} MB",
+            mb(rolling_pss),
+            mb(rolling_private)
+        ),
+        format!(
+            "PSS {:.1} MB, private {:.1} MB without rollback",
+            mb(plain_pss),
+            mb(plain_private)
+        ),
+        format!(
+            "{:.2}× private",
+            rolling_private as f64 / plain_private.max(1) as f64
+        ),
+        "reported",
+    );
+    plain.stop().await?;
+    rolling.stop().await?;
+    Ok(())
+}
