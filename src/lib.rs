@@ -52,8 +52,10 @@
 //! blocking built-ins like `sleep` return at once): the request fails with
 //! `Interrupted { state_lost: false }` and the session is intact. A guest
 //! that does not stop within the grace period is killed (epoch
-//! interruption) and restarted fresh: `Interrupted { state_lost: true }`.
-//! Either way the worker keeps running.
+//! interruption) and restarted fresh: `Interrupted { state_lost: true }`;
+//! or, with [`WorkerBuilder::rollback`], rolled back to where it was
+//! before that request: `Interrupted { state_lost: false, rolled_back:
+//! true }`. Either way the worker keeps running.
 //!
 //! **Worker channels** ([`Worker::worker_channel`]) are named queues kept
 //! by the worker's host, shared by the manager and the guest, and usable

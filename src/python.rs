@@ -27,7 +27,9 @@
 //! `malt.sleep` and `malt.channel_take`; `try/except` catches it; code
 //! that lets it propagate ends with `Interrupted { state_lost: false }`
 //! and the namespace intact; code stuck inside C is killed after the grace
-//! period (state lost), as any guest.
+//! period (state lost), as any guest, unless the worker rolls back
+//! ([`WorkerBuilder::rollback`](crate::WorkerBuilder::rollback)): then the
+//! namespace is as it was before that cell.
 //! Guest code can `import malt` for `interrupted()`, `sleep(s)`,
 //! `channel_put/take/is_ready` and `env(name)`.
 
