@@ -104,21 +104,21 @@ async fn channels_keep_what_they_hold_across_a_rollback() {
     let w = rolling_back().spawn().await.unwrap();
     let started = w.worker_channel::<i64>("started", 1).await.unwrap();
     let inbox = w.worker_channel::<i64>("inbox", 8).await.unwrap();
-    inbox.put(1).await.unwrap();
+    finishes("a put", inbox.put(1)).await.unwrap();
     let spinning = w.remote_call::<()>("spin", ());
     finishes("the spin to start", started.take()).await.unwrap();
     // Put while the request that gets killed runs, after the snapshot.
-    inbox.put(2).await.unwrap();
+    finishes("a put", inbox.put(2)).await.unwrap();
     // A take that waits in the host when the stream changes hands.
     let outbox = w.worker_channel::<i64>("outbox", 8).await.unwrap();
     let waiting = outbox.take();
     w.interrupt().unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
     assert!(is_rolled_back(&err), "{err:?}");
-    assert_eq!(inbox.take().await.unwrap(), 1);
-    assert_eq!(inbox.take().await.unwrap(), 2);
+    assert_eq!(finishes("a take", inbox.take()).await.unwrap(), 1);
+    assert_eq!(finishes("a take", inbox.take()).await.unwrap(), 2);
     // The guest relays one value to the waiting take.
-    inbox.put(7).await.unwrap();
+    finishes("a put", inbox.put(7)).await.unwrap();
     let relayed = w.remote_call_fetch::<i64>("relay", ("inbox", "outbox"));
     assert_eq!(finishes("the relay", relayed).await.unwrap(), 7);
     assert_eq!(finishes("the waiting take", waiting).await.unwrap(), 7);
@@ -134,15 +134,66 @@ async fn no_process_outlives_a_worker_that_rolled_back() {
     assert!(is_rolled_back(&err), "{err:?}");
     assert_eq!(w.remote_call_fetch::<i64>("add", (1, 2)).await.unwrap(), 3);
     // The keeper, its serving host, and that host's snapshot.
-    let serving = children(keeper);
-    assert_eq!(serving.len(), 1, "one serving host: {serving:?}");
-    let snapshots = children(serving[0]);
-    assert_eq!(snapshots.len(), 1, "one snapshot: {snapshots:?}");
+    let (serving, snapshot) = the_snapshot(keeper, None).await;
     w.kill();
-    for pid in [keeper, serving[0], snapshots[0]] {
+    for pid in [keeper, serving, snapshot] {
         assert!(wait_gone(pid).await, "process {pid} ended with the worker");
     }
     assert!(!process_alive(keeper));
+}
+
+/// Waits for the serving host's one snapshot, other than `not` (a
+/// snapshot is forked after a reply; the one before it then exits):
+/// (serving host, snapshot).
+async fn the_snapshot(keeper: u32, not: Option<u32>) -> (u32, u32) {
+    finishes("one snapshot", async {
+        loop {
+            if let [serving] = children(keeper)[..]
+                && let [snapshot] = children(serving)[..]
+                && Some(snapshot) != not
+            {
+                return (serving, snapshot);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_snapshot_died_resets_and_loses_no_request() {
+    let w = rolling_back().spawn().await.unwrap();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let (_, fresh) = the_snapshot(w.host_pid(), None).await;
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 1);
+    // The snapshot taken after the bump, not the one of the fresh guest.
+    let (_, snapshot) = the_snapshot(w.host_pid(), Some(fresh)).await;
+    // SAFETY: a signal to a process of this test's own worker.
+    assert_eq!(unsafe { libc::kill(snapshot as i32, libc::SIGKILL) }, 0);
+    assert!(wait_gone(snapshot).await);
+    let spinning = w.remote_call::<()>("spin", ());
+    let queued = w.remote_call::<i64>("add", (2, 3));
+    finishes("the spin to start", started.take()).await.unwrap();
+    w.interrupt().unwrap();
+    let err = finishes("the killed request", spinning).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: true,
+                rolled_back: false
+            }
+        ),
+        "{err:?}"
+    );
+    // The request the failed hand-over had taken from the queue runs.
+    assert_eq!(finishes("queued", queued).await.unwrap(), 5);
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 1);
+    // And the next kill rolls back again.
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 2);
+    let err = kill_a_spin(&w, &started).await;
+    assert!(is_rolled_back(&err), "{err:?}");
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

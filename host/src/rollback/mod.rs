@@ -106,6 +106,16 @@ impl Rollback {
         if !self.stale {
             return None;
         }
+        // The stream out opens once the guest has started, as the guest
+        // thread begins: a copy taken before could never answer.
+        let open = |s: &Shared| s.out.lock().is_ok_and(|out| out.stream.is_some());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !open(&self.shared) {
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
         // A reply held back would be sent again by the copy.
         self.shared.flush_held();
         let (ours, theirs) = match socket_pair() {
