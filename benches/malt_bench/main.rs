@@ -64,15 +64,20 @@ pub(crate) async fn pipelined_rate(w: &Worker, calls: usize) -> Result<f64, Erro
 }
 
 fn pss_rss_kib(pid: u32) -> (u64, u64) {
+    let [rss, pss] = smaps_kib(pid, ["Rss:", "Pss:"]);
+    (rss, pss)
+}
+
+/// Fields (KiB) of `/proc/<pid>/smaps_rollup`, 0 where missing.
+pub(crate) fn smaps_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
+    names.map(|name| {
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
-    };
-    (field("Rss:"), field("Pss:"))
+    })
 }
 
 async fn run(quick: bool) -> Result<Table, Error> {

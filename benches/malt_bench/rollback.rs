@@ -28,18 +28,8 @@ fn children(pid: u32) -> Vec<u32> {
 /// PSS and private memory (KiB: what would be freed if it ended) of one
 /// process.
 fn pss_private_kib(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (
-        field("Pss:"),
-        field("Private_Clean:") + field("Private_Dirty:"),
-    )
+    let [pss, clean, dirty] = smaps_kib(pid, ["Pss:", "Private_Clean:", "Private_Dirty:"]);
+    (pss, clean + dirty)
 }
 
 /// PSS (KiB) of `pid` and its descendants.
