@@ -26,9 +26,11 @@ pub(crate) fn guest_loop(
     let mut given_back: std::collections::VecDeque<Request> = Default::default();
     loop {
         if let Some(resumed) = rollback.as_mut().and_then(Rollback::snapshot_if_stale) {
-            // This process is the snapshot, and serves from here on.
+            // This process is the snapshot, and serves from here on; what
+            // was given back when it was taken has run since.
             work = resumed.work;
             idle = resumed.idle;
+            given_back.clear();
         }
         let next = match given_back.pop_front() {
             Some(request) => Ok((request, false)),
@@ -150,7 +152,7 @@ impl Ran<'_> {
             return false;
         };
         if let Some(reason) = killed.filter(|_| rollback.ready()) {
-            match rollback.hand_over(queue) {
+            match rollback.hand_over(given_back, queue) {
                 Ok(handed_over) => {
                     reply(
                         self.shared,

@@ -196,6 +196,44 @@ async fn a_worker_whose_snapshot_died_resets_and_loses_no_request() {
     assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 3);
 }
 
+/// A kill among requests a failed hand-over gave back: the ones after it
+/// are handed over too and run once, on the rolled-back guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_given_back_by_a_failed_hand_over_run_once_after_a_rollback() {
+    let w = rolling_back().spawn().await.unwrap();
+    let started = w.worker_channel::<i64>("started", 1).await.unwrap();
+    let (_, snapshot) = the_snapshot(w.host_pid(), None).await;
+    // SAFETY: a signal to a process of this test's own worker.
+    assert_eq!(unsafe { libc::kill(snapshot as i32, libc::SIGKILL) }, 0);
+    assert!(wait_gone(snapshot).await);
+    let first = w.remote_call::<()>("spin", ());
+    let second = w.remote_call::<()>("spin", ());
+    let bumped = w.remote_call::<u64>("bump", ());
+    finishes("the spin to start", started.take()).await.unwrap();
+    w.interrupt().unwrap();
+    let err = finishes("the first spin", first).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Interrupted {
+                state_lost: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The second spin and the bump were given back; the second runs on a
+    // fresh guest, with a snapshot taken before it.
+    finishes("the second spin to start", started.take())
+        .await
+        .unwrap();
+    w.interrupt().unwrap();
+    let err = finishes("the second spin", second).await.unwrap_err();
+    assert!(is_rolled_back(&err), "{err:?}");
+    assert_eq!(finishes("the bump", bumped).await.unwrap(), 1);
+    assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_is_refused_where_the_host_cannot_fork_itself() {
     for builder in [

@@ -229,13 +229,15 @@ impl Rollback {
         }
     }
 
-    /// After a killed request: hands the stream over to the snapshot. On
-    /// success the caller answers the request as rolled back and calls
+    /// After a killed request: hands the stream over to the snapshot,
+    /// with the requests not run yet (`earlier` ones, then the queue's).
+    /// On success the caller answers the request as rolled back and calls
     /// [`HandedOver::exit`]; on failure (the snapshot is gone) it resets
     /// the guest as without rollback, and runs the requests given back
-    /// (taken from the queue) before the queue's others.
+    /// before the queue's others.
     pub fn hand_over(
         &mut self,
+        earlier: &mut std::collections::VecDeque<Request>,
         work: &Receiver<Request>,
     ) -> Result<HandedOver, (String, Vec<Request>)> {
         let Some(snapshot) = self.snapshot.take() else {
@@ -244,7 +246,7 @@ impl Rollback {
         // From here on the reader thread reads nothing: the stream stays
         // between two frames, nothing of the next one read.
         let stream = self.input.guest_takes();
-        let unrun: Vec<Request> = work.try_iter().collect();
+        let unrun: Vec<Request> = earlier.drain(..).chain(work.try_iter()).collect();
         let frames = unrun.iter().map(encode_request).collect();
         let takeover: Takeover = (frames, self.shared.channels.export());
         let mut socket = std::fs::File::from(snapshot.socket);
