@@ -9,6 +9,8 @@
 #[allow(dead_code)]
 mod guests;
 
+#[path = "../../tests/support/procs.rs"]
+mod procs;
 #[path = "../../tests/support/sshd.rs"]
 mod sshd;
 

@@ -4,26 +4,11 @@
 //! next to the same worker without rollback, in the same run.
 
 use super::*;
+use crate::procs::children;
 
 /// A cell that only a kill stops: it stays inside C (no loop jump where
 /// CPython would take the interrupt).
 const STUCK_IN_C: &str = "sum(range(10 ** 15))";
-
-/// The processes whose parent is `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
-            found.push(child);
-        }
-    }
-    found
-}
 
 /// PSS and private memory (KiB: what would be freed if it ended) of one
 /// process.

@@ -22,17 +22,14 @@ pub(crate) fn guest_loop(
     mut idle: Option<crate::serve::Idle>,
     mut rollback: Option<Rollback>,
 ) {
-    // Requests a failed hand-over took from the queue: they run first.
-    let mut given_back: std::collections::VecDeque<Request> = Default::default();
     loop {
         if let Some(resumed) = rollback.as_mut().and_then(Rollback::snapshot_if_stale) {
-            // This process is the snapshot, and serves from here on; what
-            // was given back when it was taken has run since.
+            // This process is the snapshot, and serves from here on.
             work = resumed.work;
             idle = resumed.idle;
-            given_back.clear();
         }
-        let next = match given_back.pop_front() {
+        let given_back = rollback.as_mut().and_then(Rollback::given_back);
+        let next = match given_back {
             Some(request) => Ok((request, false)),
             None => work.try_recv().map(|r| (r, true)).or_else(|_| {
                 // Nothing more is queued: what was held goes out now.
@@ -52,20 +49,13 @@ pub(crate) fn guest_loop(
                 .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
         let go_on = match job {
-            Job::One(request) => {
-                let ran = Ran {
-                    shared,
-                    place,
-                    id,
-                    mode,
-                };
-                match rollback.as_mut() {
-                    Some(rollback) => {
-                        ran.one_rolling_back(&mut *guest, request, rollback, &work, &mut given_back)
-                    }
-                    None => ran.one(&mut *guest, request),
-                }
+            Job::One(request) => Ran {
+                shared,
+                place,
+                id,
+                mode,
             }
+            .one(&mut *guest, request, rollback.as_mut().map(|r| (r, &work))),
             Job::Batch { name, args } => run_batch(&mut *guest, shared, place, id, name, args),
         };
         if let Some(rollback) = rollback.as_mut() {
@@ -119,29 +109,15 @@ struct Ran<'a> {
 }
 
 impl Ran<'_> {
-    /// Runs the request and answers it; false when the guest loop must end.
-    fn one(self, guest: &mut dyn Guest, work: Work) -> bool {
-        let Some(Outcome {
-            result, trapped, ..
-        }) = run_call(guest, self.shared, self.id, &work)
-        else {
-            return false;
-        };
-        reply(self.shared, self.id, &work, self.mode, result);
-        // The caller has its answer; the next request needs a fresh guest.
-        !trapped || reset(guest, self.shared, self.place)
-    }
-
-    /// As [`Ran::one`], but a killed request hands the stream over to the
-    /// snapshot taken before it (and this process ends there), unless
-    /// that fails: then the guest is reset as without rollback.
-    fn one_rolling_back(
+    /// Runs the request and answers it; false when the guest loop must
+    /// end. With rollback, a killed request hands the stream over to the
+    /// snapshot taken before it, with the `queue` (and this process ends
+    /// there), unless that fails: then the guest is reset as without.
+    fn one(
         self,
         guest: &mut dyn Guest,
         work: Work,
-        rollback: &mut Rollback,
-        queue: &Receiver<Request>,
-        given_back: &mut std::collections::VecDeque<Request>,
+        rollback: Option<(&mut Rollback, &Receiver<Request>)>,
     ) -> bool {
         let Some(Outcome {
             result,
@@ -151,25 +127,20 @@ impl Ran<'_> {
         else {
             return false;
         };
-        if let Some(reason) = killed.filter(|_| rollback.ready()) {
-            match rollback.hand_over(given_back, queue) {
+        if let (Some(reason), Some((rollback, queue))) = (killed, rollback)
+            && rollback.ready()
+        {
+            match rollback.hand_over(queue) {
                 Ok(handed_over) => {
-                    reply(
-                        self.shared,
-                        self.id,
-                        &work,
-                        self.mode,
-                        Err(reason.rolled_back()),
-                    );
+                    let rolled_back = Err(reason.rolled_back());
+                    reply(self.shared, self.id, &work, self.mode, rolled_back);
                     handed_over.exit();
                 }
-                Err((why, unrun)) => {
-                    eprintln!("malt host: rollback failed, resetting the guest: {why}");
-                    given_back.extend(unrun);
-                }
+                Err(why) => eprintln!("malt host: rollback failed, resetting the guest: {why}"),
             }
         }
         reply(self.shared, self.id, &work, self.mode, result);
+        // The caller has its answer; the next request needs a fresh guest.
         !trapped || reset(guest, self.shared, self.place)
     }
 }

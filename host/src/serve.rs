@@ -112,14 +112,20 @@ pub(crate) fn serve_stream(
         }
         Input::Own(_) => None,
     };
-    let rolls_back = match (&input, keeper) {
-        (Input::Shared(input), Some(keeper)) => Some(crate::rollback::Rollback::new(
-            shared.clone(),
-            keeper,
-            input.clone(),
-            config.heartbeat,
-        )),
-        _ => None,
+    // With rollback, the guest thread gets its `Rollback` once the stream
+    // out is open: a snapshot taken before could never answer.
+    let (rollback_tx, rollback_rx) = match (&input, keeper) {
+        (Input::Shared(input), Some(keeper)) => {
+            let rollback = crate::rollback::Rollback::new(
+                shared.clone(),
+                keeper,
+                input.clone(),
+                config.heartbeat,
+            );
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            (Some((tx, rollback)), Some(rx))
+        }
+        _ => (None, None),
     };
     let s = shared.clone();
     let guest_thread = std::thread::Builder::new()
@@ -133,7 +139,8 @@ pub(crate) fn serve_stream(
             let ok = started.is_ok();
             let _ = started_tx.send(started);
             if ok {
-                super::requests::guest_loop(guest, work_rx, &s, place, idle, rolls_back);
+                let rollback = rollback_rx.and_then(|rx| rx.recv().ok());
+                super::requests::guest_loop(guest, work_rx, &s, place, idle, rollback);
             }
         })
         .expect("spawn guest thread");
@@ -158,6 +165,9 @@ pub(crate) fn serve_stream(
         );
     }
     shared.open(Box::new(output));
+    if let Some((tx, rollback)) = rollback_tx {
+        let _ = tx.send(rollback);
+    }
     shared.send(&FromHost::Hello {
         version: PROTOCOL_VERSION,
         malt_version: protocol::MALT_VERSION.to_string(),

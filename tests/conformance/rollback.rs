@@ -8,6 +8,7 @@ use malt::{Error, Worker};
 
 use crate::common::{finishes, test_guest};
 use crate::lifecycle::{process_alive, wait_gone};
+use crate::procs::children;
 
 /// A test-guest worker that rolls back, with a short grace period (the
 /// spin never polls for an interrupt: only a kill stops it).
@@ -17,31 +18,23 @@ fn rolling_back() -> malt::WorkerBuilder {
         .rollback(true)
 }
 
-/// The processes whose parent is `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so after ')'.
-        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
-        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
-            found.push(child);
-        }
-    }
-    found
-}
-
 /// Runs the spin and kills it: the error it ends with.
 async fn kill_a_spin(w: &Worker, started: &malt::WorkerChannel<i64>) -> Error {
     let spinning = w.remote_call::<()>("spin", ());
     finishes("the spin to start", started.take()).await.unwrap();
     w.interrupt().unwrap();
     finishes("the killed request", spinning).await.unwrap_err()
+}
+
+/// Killed and reset, as without rollback.
+fn is_reset(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Interrupted {
+            state_lost: true,
+            rolled_back: false
+        }
+    )
 }
 
 fn is_rolled_back(err: &Error) -> bool {
@@ -176,16 +169,7 @@ async fn a_worker_whose_snapshot_died_resets_and_loses_no_request() {
     finishes("the spin to start", started.take()).await.unwrap();
     w.interrupt().unwrap();
     let err = finishes("the killed request", spinning).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Interrupted {
-                state_lost: true,
-                rolled_back: false
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(is_reset(&err), "{err:?}");
     // The request the failed hand-over had taken from the queue runs.
     assert_eq!(finishes("queued", queued).await.unwrap(), 5);
     assert_eq!(w.remote_call_fetch::<u64>("bump", ()).await.unwrap(), 1);
@@ -212,16 +196,7 @@ async fn requests_given_back_by_a_failed_hand_over_run_once_after_a_rollback() {
     finishes("the spin to start", started.take()).await.unwrap();
     w.interrupt().unwrap();
     let err = finishes("the first spin", first).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Interrupted {
-                state_lost: true,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(is_reset(&err), "{err:?}");
     // The second spin and the bump were given back; the second runs on a
     // fresh guest, with a snapshot taken before it.
     finishes("the second spin to start", started.take())

@@ -28,8 +28,10 @@
 //! take (the writer's, the timer's, the channels'), so none is held in the
 //! copy, and with no reply held back (the copy would send it again).
 
+use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{Receiver, Sender};
 
 use serde_bytes::ByteBuf;
@@ -51,14 +53,13 @@ pub(crate) struct Rollback {
     /// The stream, as the reader thread and the idle guest thread share it.
     input: Arc<crate::handoff::SharedInput<Stream>>,
     heartbeat: Option<std::time::Duration>,
-    snapshot: Option<Snapshot>,
+    /// Our end of the snapshot's socket (the snapshot exits when it closes).
+    snapshot: Option<File>,
     /// The guest may have changed since the snapshot was taken.
     stale: bool,
-}
-
-/// A snapshot process: our end of its socket.
-struct Snapshot {
-    socket: OwnedFd,
+    /// Requests a failed hand-over took from the queue: they run before
+    /// the queue's.
+    given_back: VecDeque<Request>,
 }
 
 /// What a snapshot that took over serves with: its queue of requests and
@@ -86,7 +87,13 @@ impl Rollback {
             heartbeat,
             snapshot: None,
             stale: true,
+            given_back: VecDeque::new(),
         }
+    }
+
+    /// The next request a failed hand-over gave back, if any.
+    pub fn given_back(&mut self) -> Option<Request> {
+        self.given_back.pop_front()
     }
 
     /// The guest ran a request: the snapshot no longer matches it.
@@ -105,16 +112,6 @@ impl Rollback {
     pub fn snapshot_if_stale(&mut self) -> Option<Resumed> {
         if !self.stale {
             return None;
-        }
-        // The stream out opens once the guest has started, as the guest
-        // thread begins: a copy taken before could never answer.
-        let open = |s: &Shared| s.out.lock().is_ok_and(|out| out.stream.is_some());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !open(&self.shared) {
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(50));
         }
         // A reply held back would be sent again by the copy.
         self.shared.flush_held();
@@ -146,21 +143,22 @@ impl Rollback {
             return None;
         }
         // The old snapshot sees its socket close and exits.
-        self.snapshot = Some(Snapshot { socket: ours });
+        self.snapshot = Some(ours);
         self.stale = false;
         None
     }
 
     /// In a snapshot: waits until the serving host hands over (then
     /// serves) or drops this snapshot (then exits).
-    fn wait_to_take_over(&mut self, socket: OwnedFd) -> Resumed {
+    fn wait_to_take_over(&mut self, mut socket: File) -> Resumed {
         let serving = unsafe { libc::getppid() };
         // SAFETY: prctl and getppid have no memory-safety preconditions.
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         }
-        let mut socket = std::fs::File::from(socket);
-        let Ok(takeover) = read_message(&mut socket) else {
+        let takeover = protocol::read_frame(&mut socket, usize::MAX)
+            .and_then(|body| protocol::decode::<Takeover>(&body));
+        let Ok(takeover) = takeover else {
             // SAFETY: ends this copy without running the serving host's
             // exit handlers or flushing its buffers.
             unsafe { libc::_exit(exit::DROPPED) };
@@ -220,6 +218,9 @@ impl Rollback {
             .expect("spawn the reader thread");
         self.input = input.clone();
         self.stale = true;
+        // What a failed hand-over gave back when this copy was taken has
+        // run since.
+        self.given_back.clear();
         let s = shared.clone();
         Resumed {
             work: work_rx,
@@ -230,31 +231,35 @@ impl Rollback {
     }
 
     /// After a killed request: hands the stream over to the snapshot,
-    /// with the requests not run yet (`earlier` ones, then the queue's).
-    /// On success the caller answers the request as rolled back and calls
-    /// [`HandedOver::exit`]; on failure (the snapshot is gone) it resets
-    /// the guest as without rollback, and runs the requests given back
-    /// before the queue's others.
-    pub fn hand_over(
-        &mut self,
-        earlier: &mut std::collections::VecDeque<Request>,
-        work: &Receiver<Request>,
-    ) -> Result<HandedOver, (String, Vec<Request>)> {
-        let Some(snapshot) = self.snapshot.take() else {
-            return Err(("no snapshot".into(), Vec::new()));
-        };
+    /// with the requests not run yet (those given back, then the
+    /// queue's). On success the caller answers the request as rolled back
+    /// and calls [`HandedOver::exit`]; on failure (the snapshot is gone)
+    /// it resets the guest as without rollback, and the requests taken
+    /// are given back.
+    pub fn hand_over(&mut self, work: &Receiver<Request>) -> Result<HandedOver, String> {
+        let mut socket = self.snapshot.take().ok_or("no snapshot")?;
         // From here on the reader thread reads nothing: the stream stays
         // between two frames, nothing of the next one read.
         let stream = self.input.guest_takes();
-        let unrun: Vec<Request> = earlier.drain(..).chain(work.try_iter()).collect();
-        let frames = unrun.iter().map(encode_request).collect();
+        let before = self.given_back.len();
+        self.given_back.extend(work.try_iter());
+        // Taken from the queue: no longer waiting there.
+        let taken = self.given_back.len() - before;
+        self.shared
+            .queued
+            .fetch_sub(taken, std::sync::atomic::Ordering::AcqRel);
+        let frames = self.given_back.iter().map(encode_request).collect();
         let takeover: Takeover = (frames, self.shared.channels.export());
-        let mut socket = std::fs::File::from(snapshot.socket);
-        let sent = rmp_serde::to_vec(&takeover)
-            .map_err(|e| e.to_string())
-            .and_then(|body| write_message(&mut socket, &body).map_err(|e| e.to_string()));
         let mut ack = [0u8; 1];
-        match sent.and_then(|()| socket.read_exact(&mut ack).map_err(|e| e.to_string())) {
+        let handed = protocol::encode_capped(&takeover, usize::MAX)
+            .map_err(|e| e.to_string())
+            .and_then(|frame| {
+                socket
+                    .write_all(&frame)
+                    .and_then(|()| socket.read_exact(&mut ack))
+                    .map_err(|e| e.to_string())
+            });
+        match handed {
             Ok(()) => {
                 // Held, never given back: this process reads no more.
                 std::mem::forget(stream);
@@ -268,7 +273,7 @@ impl Rollback {
                 // exits.
                 drop(socket);
                 self.input.guest_gives_back(stream);
-                Err((format!("the snapshot did not take over: {e}"), unrun))
+                Err(format!("the snapshot did not take over: {e}"))
             }
         }
     }
@@ -279,7 +284,7 @@ impl Rollback {
 pub(crate) struct HandedOver {
     shared: Arc<Shared>,
     /// Closed when this process exits: the snapshot waits for that.
-    _socket: std::fs::File,
+    _socket: File,
 }
 
 impl HandedOver {
@@ -332,32 +337,11 @@ fn encode_request((id, job, reply): &Request) -> ByteBuf {
     }))
 }
 
-fn write_message(socket: &mut std::fs::File, body: &[u8]) -> std::io::Result<()> {
-    socket.write_all(&(body.len() as u64).to_le_bytes())?;
-    socket.write_all(body)
-}
-
-fn read_message(socket: &mut std::fs::File) -> Result<Takeover, String> {
-    let mut len = [0u8; 8];
-    socket.read_exact(&mut len).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; u64::from_le_bytes(len) as usize];
-    socket.read_exact(&mut body).map_err(|e| e.to_string())?;
-    rmp_serde::from_slice(&body).map_err(|e| e.to_string())
-}
-
-fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair fills both descriptors, which we then own.
-    unsafe {
-        if libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        ) < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
-    }
+/// A connected pair of stream sockets, as files: the filter allows
+/// `read` and `write` on them (std's socket calls, `send` and `recv`, it
+/// refuses).
+fn socket_pair() -> std::io::Result<(File, File)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let file = |s: UnixStream| File::from(std::os::fd::OwnedFd::from(s));
+    Ok((file(ours), file(theirs)))
 }
